@@ -1,0 +1,171 @@
+"""Flash core attention for megatron-core's local spec.
+
+megatron's local ``DotProductAttention`` materialises the full [b, h, s, s] score matrix and needs
+the CUDA RNG tracker; this module is a drop-in replacement (same constructor and ``forward``
+signature) that calls a fused kernel instead:
+
+* CUDA / CPU: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+  kernels on CUDA); sliding-window layers use FlexAttention with a block-sparse mask on CUDA and
+  SDPA with an explicit boolean mask on CPU.
+* Ascend: ``torch_npu.npu_fusion_attention`` (causal = sparse_mode 2, band = sparse_mode 4).
+
+The window comes from ``config.window_size`` / ``config.window_attn_skip_freq`` exactly as
+megatron's own attention reads them (``is_layer_window_attention``), so a per-layer pattern set on
+the config reaches the kernel. A window of W means query i sees keys i-W < j <= i.
+
+Learnable per-head sink logits (``config.softmax_type == "learnable"``, megatron's
+``softmax_offset``) add one virtual key per head whose score is the sink logit and whose value is
+zero: the attention weights of real keys are softmax over [scores, sink].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import is_layer_window_attention
+
+from megatron_attnedit import platform
+
+
+def layer_window(config, layer_number: int) -> Optional[int]:
+    """The window W of this (1-indexed) layer, or None for full causal attention."""
+    if not is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        return None
+    left = config.window_size[0]
+    # megatron / flash-attn convention: (left, right) with left = W - 1 keys before the query.
+    return None if left is None or left < 0 else int(left) + 1
+
+
+def window_mask(sq: int, sk: int, window: Optional[int], device) -> torch.Tensor:
+    """Boolean [sq, sk] mask, True where attention is allowed (bottom-right aligned causal)."""
+    q = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+    k = torch.arange(sk, device=device).unsqueeze(0)
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+def reference_attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch.Tensor] = None):
+    """Dense-mask attention in fp32 on [b, h, s, d] tensors; the ground truth kernels are tested against."""
+    b, h, sq, _ = q.shape
+    hk = k.shape[1]
+    if hk != h:
+        k = k.repeat_interleave(h // hk, dim=1)
+        v = v.repeat_interleave(h // hk, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    mask = window_mask(sq, k.shape[2], window, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sink is not None:
+        sink_col = sink.float().view(1, h, 1, 1).expand(b, h, sq, 1)
+        probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch.Tensor] = None):
+    """Causal (optionally windowed, optionally with sinks) attention on [b, h, s, d] tensors."""
+    plat = platform.active().name
+    if plat == "npu":
+        from megatron_attnedit.attention.npu import npu_attention
+
+        return npu_attention(q, k, v, scale, window, sink)
+    sq, sk = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    if sink is None and (window is None or window >= sk) and sq == sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if plat == "cuda" and sink is None and q.dtype in (torch.bfloat16, torch.float16) and sq == sk:
+        from megatron_attnedit.attention.flex import flex_window_attention
+
+        return flex_window_attention(q, k, v, scale, window)
+    allowed = window_mask(sq, sk, window, q.device)
+    if sink is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    return _attention_with_sink(q, k, v, scale, allowed, sink, gqa)
+
+
+def _attention_with_sink(q, k, v, scale, allowed, sink, gqa):
+    # One extra key per head: zero key and zero value, score = sink logit (as an additive bias).
+    b, h, sq, d = q.shape
+    bias = torch.zeros(sq, allowed.shape[1], dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    bias = bias.view(1, 1, sq, -1).expand(b, h, sq, -1)
+    sink_col = sink.to(q.dtype).view(1, h, 1, 1).expand(b, h, sq, 1)
+    bias = torch.cat([bias, sink_col], dim=-1)
+    hk = k.shape[1]
+    if gqa:
+        k = k.repeat_interleave(h // hk, dim=1)
+        v = v.repeat_interleave(h // hk, dim=1)
+    k = torch.cat([k, k.new_zeros(b, h, 1, k.shape[-1])], dim=2)
+    v = torch.cat([v, v.new_zeros(b, h, 1, v.shape[-1])], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+class FlashCoreAttention(MegatronModule):
+    """Same interface as ``megatron.core.transformer.dot_product_attention.DotProductAttention``."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("FlashCoreAttention does not support context parallelism; use the TE spec")
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size() if pg_collection is None else pg_collection.tp.size()
+        self.layer_number = max(1, layer_number)
+        self.heads_per_partition = config.num_attention_heads // tp
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.window = layer_window(config, self.layer_number)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if config.softmax_type == "learnable":
+            # Sink logits, one per local head; start at -inf-like so the layer starts as plain softmax.
+            self.softmax_offset = torch.nn.Parameter(
+                torch.full((self.heads_per_partition,), -20.0, dtype=config.params_dtype)
+            )
+            setattr(self.softmax_offset, "tensor_model_parallel", True)
+            setattr(self.softmax_offset, "partition_dim", 0)
+            setattr(self.softmax_offset, "partition_stride", 1)
+        elif config.softmax_type == "vanilla":
+            self.softmax_offset = None
+        else:
+            raise ValueError(f"softmax_type {config.softmax_type!r} is not supported by FlashCoreAttention")
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("FlashCoreAttention: packed sequences and attention bias need the TE spec")
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        out = attention(q, k, v, self.softmax_scale, self.window, self.softmax_offset)
+        # [b, h, s, d] -> [s, b, h*d]
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = {}
+        if self.softmax_offset is not None:
+            state = {"softmax_offset": self.softmax_offset}
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"softmax_offset": 0}, sharded_offsets)

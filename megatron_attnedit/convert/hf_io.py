@@ -1,0 +1,180 @@
+"""Reading HF safetensors checkpoints one tensor at a time, and loading them into a megatron shard.
+
+``HFCheckpoint`` opens a model directory (single file or sharded with an index), checks it before
+anything is written anywhere (missing shards, truncated files, pickle weights) and hands out
+tensors lazily. ``load_into_model`` fills one rank's megatron model (its pipeline stage, TP and
+EP shard) from it through a mapping table; every rank reads only the slices it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from safetensors import safe_open
+
+from megatron_attnedit.convert import mapping
+
+
+class CheckpointError(ValueError):
+    """Bad input checkpoint; the message is one line saying what is wrong and what to do."""
+
+
+INDEX = "model.safetensors.index.json"
+
+
+class HFCheckpoint:
+    def __init__(self, hf_dir: str, allow_pickle: bool = False):
+        self.dir = hf_dir
+        if not os.path.isdir(hf_dir):
+            raise CheckpointError(f"{hf_dir} is not a directory; --hf-dir must be a Hugging Face model directory")
+        self.weight_map: Dict[str, str] = {}
+        self._pickle: Optional[Dict[str, torch.Tensor]] = None
+        idx = os.path.join(hf_dir, INDEX)
+        single = os.path.join(hf_dir, "model.safetensors")
+        if os.path.isfile(idx):
+            with open(idx) as f:
+                self.weight_map = dict(json.load(f)["weight_map"])
+        elif os.path.isfile(single):
+            self.weight_map = {k: "model.safetensors" for k in _header_keys(single)}
+        else:
+            bins = sorted(x for x in os.listdir(hf_dir) if x.endswith(".bin") or x.endswith(".pt"))
+            if bins and not allow_pickle:
+                raise CheckpointError(
+                    f"{hf_dir} holds pickle weights ({bins[0]}) which can run arbitrary code when loaded; "
+                    "convert them to safetensors or pass --allow-pickle if you trust the source"
+                )
+            if not bins:
+                raise CheckpointError(f"no model.safetensors or {INDEX} in {hf_dir}")
+            self._pickle = {}
+            for b in bins:
+                self._pickle.update(torch.load(os.path.join(hf_dir, b), map_location="cpu", weights_only=True))
+            self.weight_map = {k: "<pickle>" for k in self._pickle}
+        self._check_files()
+        self._handles: Dict[str, object] = {}
+
+    def _check_files(self) -> None:
+        for fname in sorted(set(self.weight_map.values())):
+            if fname == "<pickle>":
+                continue
+            path = os.path.join(self.dir, fname)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"shard {fname} listed in {INDEX} is missing from {self.dir}; re-download or re-copy it")
+            _check_safetensors(path)
+
+    def keys(self) -> List[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name} not found in {self.dir}; is this the right model family?")
+        if self._pickle is not None:
+            return self._pickle[name]
+        fname = self.weight_map[name]
+        h = self._handles.get(fname)
+        if h is None:
+            h = safe_open(os.path.join(self.dir, fname), framework="pt")
+            self._handles[fname] = h
+        return h.get_tensor(name)
+
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.dir, f)) for f in set(self.weight_map.values()) if f != "<pickle>")
+
+
+def _header_keys(path: str) -> List[str]:
+    return [k for k in _read_header(path) if k != "__metadata__"]
+
+
+def _read_header(path: str) -> dict:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header); re-download or re-copy it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path} is truncated (header of {n} bytes in a {size}-byte file); re-download or re-copy it")
+        try:
+            return json.loads(f.read(n))
+        except ValueError:
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+
+
+def _check_safetensors(path: str) -> None:
+    header = _read_header(path)
+    n = struct.unpack("<Q", open(path, "rb").read(8))[0]
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = os.path.getsize(path)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated ({size} bytes, needs {8 + n + end}); re-download or re-copy it")
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+
+
+def global_name(local: str, layer_offset: int, expert_offset: int) -> str:
+    """Local module-state-dict name of this rank -> name with global layer and expert indices."""
+    m = _LAYER.match(local)
+    if not m:
+        return local
+    rest = m.group(2)
+    e = _EXPERT.match(rest)
+    if e:
+        rest = f"{e.group(1)}{int(e.group(2)) + expert_offset}{e.group(3)}"
+    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{rest}"
+
+
+def rank_offsets(model) -> tuple:
+    """(first global layer, first global expert) of this rank's model."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    layer_offset = get_transformer_layer_offset(model.config)
+    n_exp = model.config.num_moe_experts or 0
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    expert_offset = parallel_state.get_expert_model_parallel_rank() * (n_exp // ep) if n_exp else 0
+    return layer_offset, expert_offset
+
+
+def trainable_items(model) -> Iterable:
+    """(local name, tensor) of the module state dict, without megatron's _extra_state entries."""
+    for k, v in model.state_dict(keep_vars=True).items():
+        if k.endswith("_extra_state") or not isinstance(v, torch.Tensor):
+            continue
+        yield k, v
+
+
+@torch.no_grad()
+def load_into_model(model, ckpt: HFCheckpoint, table) -> None:
+    """Fill this rank's model from an HF checkpoint through ``table`` (a ModelTable)."""
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    etp_size = parallel_state.get_expert_tensor_parallel_world_size()
+    layer_offset, expert_offset = rank_offsets(model)
+    tied = bool(table.cfg.get("tie_word_embeddings"))
+    for local, param in trainable_items(model):
+        name = global_name(local, layer_offset, expert_offset)
+        if tied and name == "output_layer.weight":
+            name = "embedding.word_embeddings.weight"
+        try:
+            rule, layer, expert = table.rule_for(name)
+        except KeyError:
+            raise CheckpointError(f"no conversion rule for megatron parameter {name}") from None
+        _, hf_names = rule.format(layer, expert)
+        full = mapping.to_megatron(rule, [ckpt.get(h) for h in hf_names], table.shapes)
+        r, s = (etp_rank, etp_size) if rule.expert else (tp_rank, tp_size)
+        shard = mapping.tp_shard(rule, full, r, s)
+        if tuple(shard.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"shape mismatch for {name}: checkpoint gives {tuple(shard.shape)}, model has {tuple(param.shape)}; "
+                "does config.json match the weights?"
+            )
+        param.data.copy_(shard.to(param.dtype))

@@ -1,0 +1,353 @@
+"""Qwen3 (dense) and Qwen3-MoE on megatron-core: HF config -> TransformerConfig + layer specs.
+
+The HF ``config.json`` is the single description of the model; everything megatron needs is
+derived from it here and nowhere else. Layer specs are built fresh per layer from a per-layer
+description (attention kind, dense or MoE MLP) and sliced per pipeline stage, so attention
+targets can swap the attention of any layer without touching a shared spec.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megatron_attnedit.attention.core import FlashCoreAttention
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
+
+# Public configs (DESIGN.md section 5); only the fields the builder reads.
+PRESETS: Dict[str, dict] = {
+    "qwen3-8b": dict(
+        model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_hidden_layers=36, hidden_size=4096,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
+        vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, attention_bias=False, hidden_act="silu", torch_dtype="bfloat16",
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_hidden_layers=48, hidden_size=2048,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001, vocab_size=151936,
+        tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+        attention_bias=False, hidden_act="silu", torch_dtype="bfloat16",
+    ),
+    # Debug presets: same structure, toy sizes (used by the tests).
+    "qwen3-debug": dict(
+        model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_hidden_layers=4, hidden_size=64,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=256,
+        tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=512,
+        attention_bias=False, hidden_act="silu", torch_dtype="float32",
+    ),
+    "qwen3-moe-debug": dict(
+        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_hidden_layers=4, hidden_size=64,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[0], router_aux_loss_coef=0.001, vocab_size=256,
+        tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=512,
+        attention_bias=False, hidden_act="silu", torch_dtype="float32",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message is one line saying what to do."""
+
+
+def load_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found; --hf-dir must be a Hugging Face model directory")
+    with open(path) as f:
+        cfg = json.load(f)
+    check_hf_config(cfg)
+    return cfg
+
+
+def check_hf_config(cfg: dict) -> None:
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"unsupported hidden_act {act!r}; Qwen3 uses silu")
+    rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
+    if rs and rs.get("rope_type", rs.get("type", "default")) not in ("default", None):
+        raise ConfigError(f"rope scaling {rs} is not supported; use a checkpoint without rope_scaling")
+
+
+def rope_theta(cfg: dict) -> float:
+    if "rope_theta" in cfg:
+        return float(cfg["rope_theta"])
+    return float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
+def head_dim(cfg: dict) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def num_experts(cfg: dict) -> int:
+    """Routed experts per MoE layer (transformers 5 writes ``num_local_experts``, 4.x ``num_experts``)."""
+    return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+
+
+def moe_layer_pattern(cfg: dict) -> List[int]:
+    """1 where layer i has routed experts, 0 where it is dense (HF Qwen3MoE's rule)."""
+    n = cfg["num_hidden_layers"]
+    if cfg["model_type"] != "qwen3_moe" or not num_experts(cfg):
+        return [0] * n
+    step = int(cfg.get("decoder_sparse_step", 1))
+    only = set(cfg.get("mlp_only_layers") or [])
+    return [int(i not in only and step > 0 and (i + 1) % step == 0) for i in range(n)]
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    """How to build (not what): precision, parallel layout, implementation choices."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    params_dtype: torch.dtype = torch.float32
+    bf16: bool = False
+    sequence_parallel: bool = False
+    spec: str = "local"  # local | te
+    moe_dispatcher: str = "allgather"  # allgather (CPU-safe) | alltoall (GPU)
+    grouped_gemm: bool = False  # our torch._grouped_mm experts (GPU); SequentialMLP otherwise
+    use_cpu_initialization: bool = True
+    perform_initialization: bool = True
+    recompute_granularity: Optional[str] = None
+    recompute_modules: Optional[List[str]] = None
+    extra: Dict[str, object] = dataclasses.field(default_factory=dict)  # raw TransformerConfig fields
+
+
+def check_parallel(cfg: dict, tp: int, pp: int, ep: int) -> None:
+    """The divisibility rules of the layout, as one clear line each."""
+    kv = cfg["num_key_value_heads"]
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConfigError("parallel sizes must be >= 1")
+    if kv % tp != 0:
+        raise ConfigError(f"TP={tp} does not divide num_key_value_heads={kv}; TP splits whole query groups, choose a divisor of {kv}")
+    if cfg["num_attention_heads"] % tp != 0:
+        raise ConfigError(f"TP={tp} does not divide num_attention_heads={cfg['num_attention_heads']}")
+    if cfg["num_hidden_layers"] % pp != 0:
+        raise ConfigError(f"PP={pp} does not divide num_hidden_layers={cfg['num_hidden_layers']}; choose a divisor")
+    if ep > 1:
+        ne = num_experts(cfg)
+        if cfg["model_type"] != "qwen3_moe" or ne == 0:
+            raise ConfigError(f"EP={ep} asked for a dense model; expert parallelism needs qwen3_moe")
+        if ne % ep != 0:
+            raise ConfigError(f"EP={ep} does not divide num_experts={ne}; choose a divisor")
+    if cfg["vocab_size"] % tp != 0:
+        pass  # megatron pads the vocabulary itself; the converter handles the padding
+
+
+def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerConfig, **overrides) -> TransformerConfig:
+    """megatron TransformerConfig for an HF Qwen3 / Qwen3-MoE config."""
+    check_hf_config(cfg)
+    check_parallel(cfg, opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.expert_model_parallel_size)
+    kw = dict(
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_query_groups=cfg["num_key_value_heads"],
+        kv_channels=head_dim(cfg),
+        ffn_hidden_size=cfg["intermediate_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=bool(cfg.get("attention_bias", False)),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=opts.tensor_model_parallel_size,
+        pipeline_model_parallel_size=opts.pipeline_model_parallel_size,
+        expert_model_parallel_size=opts.expert_model_parallel_size,
+        sequence_parallel=opts.sequence_parallel and opts.tensor_model_parallel_size > 1,
+        params_dtype=opts.params_dtype,
+        bf16=opts.bf16,
+        pipeline_dtype=opts.params_dtype,
+        use_cpu_initialization=opts.use_cpu_initialization,
+        perform_initialization=opts.perform_initialization,
+        init_method_std=float(cfg.get("initializer_range", 0.02)),
+    )
+    if opts.recompute_granularity:
+        kw["recompute_granularity"] = opts.recompute_granularity
+        if opts.recompute_modules:
+            kw["recompute_modules"] = list(opts.recompute_modules)
+    pattern = moe_layer_pattern(cfg)
+    if any(pattern):
+        kw.update(
+            num_moe_experts=num_experts(cfg),
+            moe_router_topk=int(cfg["num_experts_per_tok"]),
+            moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+            moe_layer_freq=pattern,
+            # HF: softmax over all experts, top-k, then renormalise iff norm_topk_prob. megatron's
+            # default (top-k on logits, softmax over the k) is exactly the renormalised case.
+            moe_router_pre_softmax=not bool(cfg.get("norm_topk_prob", False)),
+            moe_router_score_function="softmax",
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type=opts.moe_dispatcher,
+            moe_router_dtype="fp32",
+        )
+    kw.update(opts.extra)
+    kw.update(overrides)
+    return config_class(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer specs
+# --------------------------------------------------------------------------------------------
+
+
+def _norm(opts: BuildOptions):
+    return LocalSpecProvider().layer_norm(rms_norm=True, for_qk=False)
+
+
+def gqa_attention_spec(opts: BuildOptions) -> ModuleSpec:
+    """The teacher's attention: fused QKV, per-head q/k RMSNorm, our flash core attention."""
+    if opts.spec == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True).submodules.self_attention
+    backend = LocalSpecProvider()
+    qk_norm = backend.layer_norm(rms_norm=True, for_qk=True)
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=backend.column_parallel_linear(),
+            core_attention=FlashCoreAttention,
+            linear_proj=backend.row_parallel_linear(),
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+
+
+def mlp_spec(opts: BuildOptions, moe: bool) -> ModuleSpec:
+    if opts.spec == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=1 if moe else None, moe_grouped_gemm=moe).submodules.mlp
+    spec = get_mlp_module_spec_for_backend(LocalSpecProvider(), num_experts=1 if moe else None)
+    if moe and opts.grouped_gemm:
+        from megatron_attnedit.models.experts import grouped_experts_spec
+
+        spec.submodules.experts = grouped_experts_spec()
+    return spec
+
+
+def layer_spec(attention: ModuleSpec, mlp: ModuleSpec, opts: BuildOptions) -> ModuleSpec:
+    norm = _norm(opts) if opts.spec == "local" else IdentityOp
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm if (opts.spec == "local" or mlp.module.__name__ == "MoELayer") else IdentityOp,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys follow the TE layout whatever the spec, as Megatron-LM does.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            }
+            if opts.spec == "local"
+            else {},
+        ),
+    )
+
+
+AttentionSpecFn = Callable[[int], ModuleSpec]  # global 0-based layer index -> attention spec
+
+
+def block_spec(
+    cfg: dict,
+    config: TransformerConfig,
+    opts: BuildOptions,
+    attention_for_layer: Optional[AttentionSpecFn] = None,
+    pp_rank: Optional[int] = None,
+) -> TransformerBlockSubmodules:
+    """Fresh per-layer specs for this pipeline stage."""
+    attention_for_layer = attention_for_layer or (lambda i: gqa_attention_spec(opts))
+    pattern = moe_layer_pattern(cfg)
+    specs = [layer_spec(attention_for_layer(i), mlp_spec(opts, bool(pattern[i])), opts) for i in range(len(pattern))]
+    if pp_rank is None:
+        from megatron.core import parallel_state
+
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
+    n_local = len(specs) // config.pipeline_model_parallel_size
+    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + n_local], layer_norm=_norm(opts))
+
+
+def build_model(
+    cfg: dict,
+    opts: BuildOptions,
+    config: Optional[TransformerConfig] = None,
+    attention_for_layer: Optional[AttentionSpecFn] = None,
+) -> GPTModel:
+    """A GPTModel for this rank (its pipeline stage and TP/EP shard) on the current device."""
+    from megatron.core import parallel_state
+
+    config = config or transformer_config(cfg, opts)
+    pre = parallel_state.is_pipeline_first_stage()
+    post = parallel_state.is_pipeline_last_stage()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(cfg, config, opts, attention_for_layer),
+        vocab_size=padded_vocab_size(cfg["vocab_size"], opts.tensor_model_parallel_size),
+        max_sequence_length=int(cfg.get("max_position_embeddings", 4096)),
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(rope_theta(cfg)),
+    )
+    from megatron_attnedit import platform
+
+    return model.to(platform.active().device)
+
+
+def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
+    """Pad to a multiple of 128 (and of 128 x TP only when 128 does not split over TP), so that
+    for the usual power-of-two TP the padded size -- and so the checkpoint -- is layout-free."""
+    padded = ((vocab + multiple - 1) // multiple) * multiple
+    if padded % tp:
+        m = multiple * tp
+        padded = ((vocab + m - 1) // m) * m
+    return padded
+
+
+def config_for_preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

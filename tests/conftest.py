@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny HF checkpoints written by transformers, and a torchrun launcher."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = os.path.join(ROOT, "tests", "workers")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``tests/workers/<script>`` (or a path) on ``nproc`` gloo processes on 127.0.0.1."""
+    path = script if os.path.isabs(script) else os.path.join(WORKERS, script)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", path, *map(str, args),
+    ]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """{'dense': dir, 'moe': dir}: random-weight Qwen3 and Qwen3-MoE checkpoints, fp32."""
+    from megatron_attnedit.testing import make_tiny_hf
+
+    base = tmp_path_factory.mktemp("hf")
+    out = {}
+    for kind, preset in (("dense", "qwen3-debug"), ("moe", "qwen3-moe-debug")):
+        d = str(base / kind)
+        make_tiny_hf(d, preset, seed=1)
+        out[kind] = d
+    return out
