@@ -1,0 +1,292 @@
+"""Teacher and student on the same ranks, with the same TP/PP/EP layout, sharing frozen weights.
+
+The teacher is built and loaded like any model, then frozen (eval mode, ``requires_grad=False``).
+The student is built by the attention target (``models.student.build_student``) and initialised
+from the teacher (``init_student_from_teacher``). Then every student module that
+
+* lies outside the attention (``self_attention`` is always the student's own), and
+* holds no trainable parameter, and
+* has exactly the teacher's structure and values (same class, names, shapes, dtypes, tensors)
+
+is replaced by the teacher's module object: the student's attribute points at the teacher's
+module, the student's own copy is freed. Embedding, norms, MLP/MoE, the final norm and the
+output layer then exist once in memory -- what lets a 30B teacher and its student share a node.
+Sharing is decided by value equality, so it can never change what the student computes.
+
+When a stage trains those modules (stage 2 with ``trainable="all"``) nothing is shared: the
+student keeps the copies ``build_student`` made. Megatron's DDP and optimizer only see parameters
+with ``requires_grad``, so shared (frozen) teacher weights get no gradient buffer and no optimizer
+state. Tied embeddings: the output layer uses the (shared, frozen) word embedding; under PP the
+last stage's copy is a separate frozen parameter whose gradient is None, which megatron's
+embedding all-reduce skips.
+
+Cost to know: the student is built complete before sharing, so building holds the non-attention
+weights twice for a moment; they are freed before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from megatron_attnedit.models import qwen3
+
+TRAINABLE_SETS = ("attention", "all")
+_NEVER_SHARED = "self_attention"
+
+
+class DistillError(qwen3.ConfigError):
+    """A teacher/student pairing problem; one line saying what is wrong and what to do."""
+
+
+@dataclasses.dataclass
+class Colocated:
+    """This rank's teacher and student, and what they share."""
+
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    shared: List[str]  # student module paths that are the teacher's module objects
+    trainable: str  # "attention" | "all"
+
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pair
+# ----------------------------------------------------------------------------------------------
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_teacher(hf_cfg: dict, opts: qwen3.BuildOptions, load: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+    """This rank's teacher shard, filled by ``load(model)`` and frozen."""
+    teacher = qwen3.build_model(hf_cfg, opts)
+    load(teacher)
+    return freeze(teacher)
+
+
+def hf_loader(hf_dir: str, hf_cfg: dict, opts: qwen3.BuildOptions) -> Callable[[torch.nn.Module], None]:
+    """A ``load`` for ``build_teacher`` reading a Hugging Face checkpoint directory."""
+
+    def load(model):
+        from megatron_attnedit.convert import hf_io
+        from megatron_attnedit.convert.qwen3 import ModelTable
+
+        hf_io.load_into_model(model, hf_io.HFCheckpoint(hf_dir), ModelTable(hf_cfg, tp=opts.tensor_model_parallel_size))
+
+    return load
+
+
+def colocate(
+    hf_cfg: dict,
+    target,
+    opts: qwen3.BuildOptions,
+    load_teacher: Callable[[torch.nn.Module], None],
+    trainable: str = "attention",
+    student_hf_cfg: Optional[dict] = None,
+) -> Colocated:
+    """Build the teacher (loaded, frozen) and the student (initialised from it) on this rank.
+
+    ``target`` is the attention target (``attention.targets.TargetConfig``); ``trainable`` is
+    ``"attention"`` (only the target's new attention trains; everything else is shared with the
+    teacher) or ``"all"`` (the student owns and trains every weight). ``student_hf_cfg`` defaults
+    to the teacher's config.
+    """
+    if trainable not in TRAINABLE_SETS:
+        raise DistillError(f"trainable set {trainable!r} unknown; use one of {', '.join(TRAINABLE_SETS)}")
+    student_hf_cfg = student_hf_cfg or hf_cfg
+    check_configs(hf_cfg, student_hf_cfg)
+    teacher = build_teacher(hf_cfg, opts, load_teacher)
+    api = _student_api()
+    student = api.build_student(student_hf_cfg, target, opts)
+    check_pair(teacher, student)
+    api.init_student_from_teacher(student, teacher, student_hf_cfg, target)
+    attention = set_trainable(student, target, trainable)
+    shared = share_frozen_modules(teacher, student) if trainable == "attention" else []
+    if not attention:
+        raise DistillError(f"target {getattr(target, 'name', target)!r} reports no trainable attention parameters on this rank")
+    return Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable)
+
+
+def check_configs(teacher_cfg: dict, student_cfg: dict) -> None:
+    """Teacher and student must agree on what they exchange: vocabulary and hidden size."""
+    for key, what in (("vocab_size", "vocabulary size"), ("hidden_size", "hidden size")):
+        if teacher_cfg.get(key) != student_cfg.get(key):
+            raise DistillError(
+                f"teacher and student {what} differ ({teacher_cfg.get(key)} vs {student_cfg.get(key)}); "
+                "distillation needs the student built from the teacher's config"
+            )
+
+
+def check_pair(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """The built models agree on vocabulary, hidden size and layer layout (one clear line if not)."""
+    t, s = _unwrap(teacher), _unwrap(student)
+    if t.vocab_size != s.vocab_size:
+        raise DistillError(
+            f"teacher and student vocabulary size differ ({t.vocab_size} vs {s.vocab_size}); "
+            "distillation needs the student built from the teacher's config"
+        )
+    if t.config.hidden_size != s.config.hidden_size:
+        raise DistillError(
+            f"teacher and student hidden size differ ({t.config.hidden_size} vs {s.config.hidden_size}); "
+            "distillation needs the student built from the teacher's config"
+        )
+    if len(t.decoder.layers) != len(s.decoder.layers):
+        raise DistillError(
+            f"teacher and student hold {len(t.decoder.layers)} vs {len(s.decoder.layers)} layers on this rank; "
+            "build both with the same layer count and pipeline layout"
+        )
+
+
+def set_trainable(student: torch.nn.Module, target, trainable: str) -> List[torch.nn.Parameter]:
+    """requires_grad on the student: the target's attention parameters (and everything for "all").
+    Returns the attention parameters."""
+    s = _unwrap(student)
+    api = _student_api()
+    attention: Dict[int, torch.nn.Parameter] = {}
+    for layer in s.decoder.layers:
+        for p in _params(api.trainable_attention_params(target, layer)):
+            attention[id(p)] = p
+    for p in s.parameters():
+        p.requires_grad_(trainable == "all" or id(p) in attention)
+    return list(attention.values())
+
+
+def share_frozen_modules(teacher: torch.nn.Module, student: torch.nn.Module) -> List[str]:
+    """Point every shareable student module at the teacher's (see the module docstring)."""
+    shared: List[str] = []
+    _share(_unwrap(teacher), _unwrap(student), "", shared)
+    return shared
+
+
+def _share(t: torch.nn.Module, s: torch.nn.Module, prefix: str, shared: List[str]) -> None:
+    for name, s_child in list(s.named_children()):
+        t_child = getattr(t, name, None)
+        if name == _NEVER_SHARED or not isinstance(t_child, torch.nn.Module) or s_child is t_child:
+            continue
+        path = f"{prefix}{name}"
+        if _identical_frozen(t_child, s_child):
+            setattr(s, name, t_child)
+            shared.append(path)
+        else:
+            _share(t_child, s_child, path + ".", shared)
+
+
+def _identical_frozen(t: torch.nn.Module, s: torch.nn.Module) -> bool:
+    if type(t) is not type(s) or any(p.requires_grad for p in s.parameters()):
+        return False
+    # any module containing the attention is never shared as a whole
+    if any(n.split(".")[-1] == _NEVER_SHARED for n, _ in s.named_modules()):
+        return False
+    ts, ss = t.state_dict(keep_vars=True), s.state_dict(keep_vars=True)
+    ts = {k: v for k, v in ts.items() if isinstance(v, torch.Tensor)}
+    ss = {k: v for k, v in ss.items() if isinstance(v, torch.Tensor)}
+    if not ss or ts.keys() != ss.keys():
+        return False
+    return all(ts[k].shape == ss[k].shape and ts[k].dtype == ss[k].dtype and torch.equal(ts[k], ss[k]) for k in ss)
+
+
+def build_pair(cfg, plat, trainable: str = "attention") -> Colocated:
+    """The co-located pair described by a run config: teacher = ``cfg.model`` (HF weights from
+    ``model.hf_dir``, random for a preset or with ``model.random_init``), student = ``cfg.target``."""
+    from megatron_attnedit.training import objective as obj
+
+    if not cfg.target.name:
+        raise DistillError("distillation needs a student attention target: set target.name (e.g. mla, gate_swa)")
+    hf = obj.hf_config(cfg)
+    opts = obj.build_options(cfg, plat)
+    if cfg.model.hf_dir and not cfg.model.random_init:
+        load = hf_loader(cfg.model.hf_dir, hf, opts)
+    else:
+        load = lambda model: None  # noqa: E731  (random teacher: benchmarks and plumbing tests)
+    return colocate(hf, _target(cfg.target), opts, load, trainable=trainable)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accounting
+# ----------------------------------------------------------------------------------------------
+
+
+def storages(*models: torch.nn.Module) -> set:
+    """Unique storages (data pointers) of all parameters and buffers of ``models``."""
+    out = set()
+    for m in models:
+        for t in list(m.parameters()) + list(m.buffers()):
+            out.add(t.untyped_storage().data_ptr())
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron wrappers (DDP, Float16Module)."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _params(items: Iterable) -> Iterable[torch.nn.Parameter]:
+    """Accept parameters or (name, parameter) pairs."""
+    for x in items:
+        yield x[1] if isinstance(x, tuple) else x
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention-target API this module builds on (models/student.py, attention/targets.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _target(cfg_target):
+    """The targets module's TargetConfig for the run config's ``target`` section."""
+    try:
+        from megatron_attnedit.attention.targets import TargetConfig
+    except ImportError:
+        return cfg_target
+    return TargetConfig(cfg_target.name, dict(cfg_target.options))
+
+
+class _StudentAPI:
+    def __init__(self):
+        from megatron_attnedit.attention import targets
+        from megatron_attnedit.models import student
+
+        self.targets, self.student = targets, student
+
+    def build_student(self, hf_cfg, target, opts):
+        return self.student.build_student(hf_cfg, target, opts)
+
+    def init_student_from_teacher(self, student, teacher, hf_cfg, target):
+        return self.student.init_student_from_teacher(student, teacher, hf_cfg, target)
+
+    def trainable_attention_params(self, target, layer):
+        return self.targets.get_target(target.name).trainable_attention_params(layer)
+
+
+class _FallbackGQA:
+    """Stand-in until models/student.py exists: the teacher's architecture, attention random."""
+
+    def build_student(self, hf_cfg, target, opts):
+        return qwen3.build_model(hf_cfg, opts)
+
+    @torch.no_grad()
+    def init_student_from_teacher(self, student, teacher, hf_cfg, target):
+        t = dict(teacher.named_parameters())
+        for n, p in student.named_parameters():
+            if ".self_attention." not in n:
+                p.copy_(t[n])
+
+    def trainable_attention_params(self, target, layer):
+        return list(layer.self_attention.parameters())
+
+
+def _student_api():
+    try:
+        return _StudentAPI()
+    except ImportError:
+        return _FallbackGQA()
