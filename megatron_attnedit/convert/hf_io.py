@@ -12,7 +12,7 @@ import json
 import os
 import re
 import struct
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -54,8 +54,8 @@ class HFCheckpoint:
             for b in bins:
                 self._pickle.update(torch.load(os.path.join(hf_dir, b), map_location="cpu", weights_only=True))
             self.weight_map = {k: "<pickle>" for k in self._pickle}
+        self._headers: Dict[str, dict] = {}
         self._check_files()
-        self._handles: Dict[str, object] = {}
 
     def _check_files(self) -> None:
         for fname in sorted(set(self.weight_map.values())):
@@ -64,7 +64,10 @@ class HFCheckpoint:
             path = os.path.join(self.dir, fname)
             if not os.path.isfile(path):
                 raise CheckpointError(f"shard {fname} listed in {INDEX} is missing from {self.dir}; re-download or re-copy it")
-            _check_safetensors(path)
+            self._headers[fname] = _check_safetensors(path)
+        for name, fname in self.weight_map.items():
+            if fname != "<pickle>" and name not in self._headers[fname]:
+                raise CheckpointError(f"{INDEX} places {name} in {fname}, which does not hold it; the index does not match the files")
 
     def keys(self) -> List[str]:
         return list(self.weight_map)
@@ -75,11 +78,23 @@ class HFCheckpoint:
         if self._pickle is not None:
             return self._pickle[name]
         fname = self.weight_map[name]
-        h = self._handles.get(fname)
-        if h is None:
-            h = safe_open(os.path.join(self.dir, fname), framework="pt")
-            self._handles[fname] = h
-        return h.get_tensor(name)
+        entry = self._headers[fname][name]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            with safe_open(os.path.join(self.dir, fname), framework="pt") as h:
+                return h.get_tensor(name)
+        return _read_tensor(os.path.join(self.dir, fname), entry, 8 + self._headers[fname]["__header_len__"])
+
+    def info(self, name: str) -> Tuple[torch.dtype, Tuple[int, ...]]:
+        """(dtype, shape) of a tensor, from the file header (no data read)."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name} not found in {self.dir}; is this the right model family?")
+        if self._pickle is not None:
+            t = self._pickle[name]
+            return t.dtype, tuple(t.shape)
+        entry = self._headers[self.weight_map[name]][name]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name} has dtype {entry['dtype']}, which the converter does not handle")
+        return SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
 
     def nbytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.dir, f)) for f in set(self.weight_map.values()) if f != "<pickle>")
@@ -104,13 +119,47 @@ def _read_header(path: str) -> dict:
             raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
 
 
-def _check_safetensors(path: str) -> None:
+def _check_safetensors(path: str) -> dict:
+    """The header of a complete safetensors file (tensor entries only, plus ``__header_len__``)."""
     header = _read_header(path)
-    n = struct.unpack("<Q", open(path, "rb").read(8))[0]
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     size = os.path.getsize(path)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated ({size} bytes, needs {8 + n + end}); re-download or re-copy it")
+    out = {k: v for k, v in header.items() if k != "__metadata__"}
+    out["__header_len__"] = n
+    return out
+
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format description)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_tensor(path: str, entry: dict, data_start: int) -> torch.Tensor:
+    """Read one tensor with a plain file read into a fresh buffer.
+
+    Not through safetensors' mmap: pages of a mapped file count in the process RSS as they are
+    touched, so reading a whole checkpoint through the map grows RSS to the checkpoint size; a
+    plain read leaves them in the page cache only, and memory stays at one tensor.
+    """
+    begin, end = entry["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(data_start + begin)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise CheckpointError(f"{path} ended early while reading a tensor; re-download or re-copy it")
+            got += n
+    return buf.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Thin CLI over megatron_attnedit.convert (hf_to_mcore); `python checkpoints_tools/hf_to_mcore.py --help`."""
+
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# megatron-core warns at import about apex / transformer-engine being absent: noise for a converter
+warnings.filterwarnings("ignore")
+
+if __name__ == "__main__":
+    from megatron_attnedit.convert.cli import hf_to_mcore_main
+
+    sys.exit(hf_to_mcore_main())

@@ -1,0 +1,96 @@
+"""Command lines of the converters (``checkpoints_tools/hf_to_mcore.py``, ``mcore_to_hf.py``).
+
+User mistakes -- bad config, bad or incomplete input, an output that would clobber something --
+end with one ``error: ...`` line on stderr and exit status 2, no traceback, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, List, Optional
+
+USER_ERROR = 2
+
+
+def _user_errors():
+    from megatron_attnedit.convert.hf_io import CheckpointError
+    from megatron_attnedit.models.qwen3 import ConfigError
+
+    return (ConfigError, CheckpointError)
+
+
+def _run(fn: Callable) -> int:
+    try:
+        report = fn()
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # platform start-up reports its problems this way
+        if isinstance(e.code, str):
+            msg = e.code[len("error: "):] if e.code.startswith("error: ") else e.code
+            print(f"error: {_one_line(msg)}", file=sys.stderr)
+            return USER_ERROR
+        raise
+    except Exception as e:
+        if isinstance(e, _user_errors()) or isinstance(e, OSError):
+            print(f"error: {_one_line(str(e))}", file=sys.stderr)
+            return USER_ERROR
+        raise
+    print(report.line(), flush=True)
+    return 0
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="hf_to_mcore.py",
+        description="Convert a Hugging Face Qwen3 / Qwen3-MoE checkpoint into a megatron-core checkpoint.",
+    )
+    ap.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    ap.add_argument("--save-dir", required=True, help="megatron save directory (gets iter_0000000/ and latest_checkpointed_iteration.txt)")
+    ap.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    ap.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    ap.add_argument("--expert-model-parallel-size", type=int, default=1)
+    ap.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist",
+                    help="torch_dist: distributed checkpoint, loads at any TP/PP/EP (default); torch: legacy per-rank files")
+    ap.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --save-dir")
+    ap.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (they can run code when loaded)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+
+    def go():
+        from megatron_attnedit.convert.converters import hf_to_mcore
+
+        return hf_to_mcore(
+            a.hf_dir, a.save_dir, a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.expert_model_parallel_size,
+            ckpt_format=a.ckpt_format, overwrite=a.overwrite, allow_pickle=a.allow_pickle, progress=not a.no_progress,
+        )
+
+    return _run(go)
+
+
+def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="mcore_to_hf.py",
+        description="Convert a megatron-core checkpoint (torch_dist or legacy torch, any layout) into a sharded HF safetensors checkpoint.",
+    )
+    ap.add_argument("--load-dir", required=True, help="megatron save directory (or one iter_XXXXXXX/ inside it)")
+    ap.add_argument("--save-dir", required=True, help="HF output directory")
+    ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    ap.add_argument("--dtype", default="auto", help="auto (as stored), bfloat16, float16 or float32")
+    ap.add_argument("--overwrite", action="store_true", help="replace an HF checkpoint already in --save-dir")
+    ap.add_argument("--allow-pickle", action="store_true", help="unpickle arbitrary objects in common.pt / rank files")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+
+    def go():
+        from megatron_attnedit.convert.converters import mcore_to_hf, parse_dtype
+
+        return mcore_to_hf(a.load_dir, a.save_dir, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
+                           dtype=parse_dtype(a.dtype), allow_pickle=a.allow_pickle, progress=not a.no_progress)
+
+    return _run(go)

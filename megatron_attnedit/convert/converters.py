@@ -1,0 +1,352 @@
+"""HF <-> megatron checkpoint conversion, end to end (the CLIs in checkpoints_tools/ are thin
+wrappers over ``hf_to_mcore`` and ``mcore_to_hf``).
+
+Both directions stream one parameter at a time and check everything they can before writing a
+byte: the config (model type, parallel sizes), the input files (missing shards, truncation,
+pickle), key coverage both ways (every HF tensor consumed, every megatron parameter produced)
+and every shape. Output goes to a hidden sibling directory renamed into place at the end, so an
+error or an interrupt never leaves anything that looks like a checkpoint.
+
+Single process, CPU; megatron is initialised at TP=PP=EP=1 here only to read the model's
+checkpoint layout off a meta-device build (see ``layout.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import resource
+import shutil
+import tempfile
+import time
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from megatron_attnedit.convert import checkpoint as ckpt_dirs
+from megatron_attnedit.convert import mapping
+from megatron_attnedit.convert.hf_io import INDEX, CheckpointError, HFCheckpoint
+from megatron_attnedit.convert.layout import check_table_covers, hf_shapes_of, megatron_shape_from_hf, model_layout, ordered_params
+
+CKPT_FORMATS = ("torch_dist", "torch")
+# HF entries a Qwen3 checkpoint may carry that hold no weights of their own
+_IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass
+class Report:
+    direction: str
+    out_dir: str
+    bytes_written: int
+    seconds: float
+    rss_before: int  # peak RSS before the first tensor was read (imports, torch, megatron, planning)
+    rss_peak: int
+    largest_tensor: int  # bytes of the largest single tensor converted
+
+    def line(self) -> str:
+        gb = self.bytes_written / 1e9
+        return (
+            f"{self.direction}: wrote {gb:.3f} GB to {self.out_dir} in {self.seconds:.2f} s "
+            f"({gb / max(self.seconds, 1e-9):.3f} GB/s); peak RSS {self.rss_peak / 1e9:.3f} GB "
+            f"({self.rss_before / 1e9:.3f} GB before streaming; largest tensor {self.largest_tensor / 1e9:.3f} GB)"
+        )
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Output directories
+# --------------------------------------------------------------------------------------------
+
+
+def _looks_like_checkpoint(d: str) -> bool:
+    names = set(os.listdir(d))
+    return bool(
+        ckpt_dirs.TRACKER in names
+        or "release" in names
+        or any(n.startswith("iter_") for n in names)
+        or INDEX in names
+        or "config.json" in names
+        or any(n.endswith(".safetensors") for n in names)
+        or "metadata.json" in names
+        or any(n.startswith("mp_rank_") for n in names)
+    )
+
+
+def check_output_dir(path: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
+    """Refuse an output that would clobber a checkpoint (without --overwrite), anything that is not a
+    checkpoint (even with it), or the input itself."""
+    real = os.path.realpath(path)
+    for s in sources:
+        rs = os.path.realpath(s)
+        if real == rs or rs.startswith(real + os.sep):
+            raise CheckpointError(f"--save-dir {path} would replace the input {s}; choose another directory")
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--save-dir {path} exists and is not a directory")
+    if not os.listdir(path):
+        return
+    if not _looks_like_checkpoint(path):
+        raise CheckpointError(f"--save-dir {path} is not empty and does not look like a checkpoint; refusing to write there, choose another directory")
+    if not overwrite:
+        raise CheckpointError(f"--save-dir {path} already holds a checkpoint; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str) -> Iterator[str]:
+    """Yield a hidden temporary sibling of ``path``; on success it replaces ``path``, on any error
+    (or interrupt) it is removed."""
+    path = os.path.abspath(path)
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+        os.rmdir(old)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
+def _dir_bytes(d: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared set-up
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_megatron_single_process() -> None:
+    """CPU platform and megatron parallel state at TP=PP=EP=1, unless already set up so."""
+    from megatron_attnedit import platform
+
+    plat = platform._ACTIVE or platform.init_platform("cpu")  # a caller's platform choice stands
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        platform.init_distributed(plat, 1, 1, 1)
+    if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise RuntimeError("conversion runs in a single process (megatron initialised at TP=PP=1)")
+
+
+def check_hf_keys(ckpt: HFCheckpoint, table) -> None:
+    """Every HF tensor is consumed by the table and every table entry is in the checkpoint."""
+    want = set(table.hf_names())
+    have = set(ckpt.keys())
+    tied = bool(table.cfg.get("tie_word_embeddings"))
+    extra = sorted(k for k in have - want if not k.endswith(_IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight"))
+    missing = sorted(want - have)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{ckpt.dir} lacks tensor(s) {', '.join(missing[:3])}{more} that a {table.cfg['model_type']} model needs; is config.json right for these weights?")
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise CheckpointError(f"{ckpt.dir} holds tensor(s) {', '.join(extra[:3])}{more} that no conversion rule consumes; is config.json right for these weights?")
+
+
+def _table(cfg: dict, tp: int, padded_vocab: Optional[int] = None):
+    from megatron_attnedit.convert.qwen3 import ModelTable
+
+    table = ModelTable(cfg, tp=tp)
+    if padded_vocab is not None:
+        table.shapes = dataclasses.replace(table.shapes, padded_vocab_size=int(padded_vocab))
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# HF -> megatron
+# --------------------------------------------------------------------------------------------
+
+
+def hf_to_mcore(
+    hf_dir: str,
+    save_dir: str,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    ckpt_format: str = "torch_dist",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> Report:
+    """Convert an HF Qwen3 / Qwen3-MoE checkpoint into a megatron checkpoint (see checkpoint.py for
+    the layout). torch_dist is layout-free (TP/PP/EP are validated and recorded; TP also sets the
+    vocabulary padding); torch writes one file per TP/PP/EP rank."""
+    from megatron_attnedit.models import qwen3
+
+    t0 = time.time()
+    tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
+    if ckpt_format not in CKPT_FORMATS:
+        raise qwen3.ConfigError(f"unknown --ckpt-format {ckpt_format!r}; use torch_dist or torch")
+    check_output_dir(save_dir, overwrite, sources=[hf_dir])
+    cfg = qwen3.load_hf_config(hf_dir)
+    qwen3.check_parallel(cfg, tp, pp, ep)
+    ckpt = HFCheckpoint(hf_dir, allow_pickle=allow_pickle)
+    table = _table(cfg, tp)
+    check_hf_keys(ckpt, table)
+
+    ensure_megatron_single_process()
+    layout = model_layout(cfg, table.shapes.padded_vocab_size)
+    check_table_covers(layout, table)
+    entries = ordered_params(layout, table)
+    dtype_of = {}
+    for name, hf_names, rule in entries:
+        infos = [ckpt.info(h) for h in hf_names]
+        dtype_of[name] = infos[0][0]
+        got = megatron_shape_from_hf(rule, table.shapes, [s for _, s in infos])
+        if got != layout.params[name]:
+            raise CheckpointError(
+                f"{', '.join(hf_names)} in {hf_dir} make {name} of shape {got}, the model from config.json has {layout.params[name]}; "
+                "does config.json match the weights?"
+            )
+    largest = max(torch.Size(ckpt.info(h)[1]).numel() * ckpt.info(h)[0].itemsize for h in ckpt.keys() if h in set(table.hf_names()))
+
+    def materialize(name: str) -> torch.Tensor:
+        rule, layer, expert = table.rule_for(name)
+        _, hf_names = rule.format(layer, expert)
+        return mapping.to_megatron(rule, [ckpt.get(h) for h in hf_names], table.shapes).to(dtype_of[name])
+
+    meta = ckpt_dirs.conversion_metadata(cfg, tp, pp, ep, table.shapes.padded_vocab_size, ckpt_format, dtype_of[entries[0][0]])
+    # common.pt (torch_dist) must unpickle under torch.load's weights_only default, which megatron's
+    # own load uses: no argparse.Namespace there. Legacy rank files carry Megatron-LM's ``args``.
+    header = {"checkpoint_version": 3.0, "iteration": 0, ckpt_dirs.ATTNEDIT_KEY: meta}
+    if ckpt_format == "torch":
+        header["args"] = ckpt_dirs.megatron_args(meta)
+    rss_before = peak_rss()
+    with atomic_output_dir(save_dir) as tmp:
+        iter_dir = os.path.join(tmp, ckpt_dirs.iter_dir_name(0))
+        if ckpt_format == "torch_dist":
+            total = sum(torch.Size(layout.params[n]).numel() * dtype_of[n].itemsize for n, _, _ in entries)
+            with _progress(total, "hf_to_mcore", progress) as bar:
+                from megatron_attnedit.convert import dist_ckpt
+
+                dist_ckpt.write(iter_dir, layout, [n for n, _, _ in entries], dtype_of.__getitem__, materialize, header, bar.update)
+        else:
+            from megatron_attnedit.convert import legacy
+
+            rank_map = legacy.RankMap(cfg, tp, pp, ep, qwen3.num_experts(cfg))
+            with _progress(legacy.total_bytes(layout, table, rank_map, dtype_of), "hf_to_mcore", progress) as bar:
+                legacy.write(iter_dir, layout, table, rank_map, materialize, header, bar.update)
+        ckpt_dirs.copy_hf_assets(hf_dir, iter_dir)
+        with open(os.path.join(tmp, ckpt_dirs.TRACKER), "w") as f:
+            f.write("0")  # written last: its presence means the checkpoint is complete
+        written = _dir_bytes(tmp)
+    return Report("hf_to_mcore", save_dir, written, time.time() - t0, rss_before, peak_rss(), largest)
+
+
+# --------------------------------------------------------------------------------------------
+# megatron -> HF
+# --------------------------------------------------------------------------------------------
+
+
+def mcore_to_hf(
+    load_dir: str,
+    save_dir: str,
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+    dtype: Optional[torch.dtype] = None,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> Report:
+    """Convert a megatron checkpoint (either format, any layout) written by ``hf_to_mcore`` or
+    ``checkpoint.save_mcore_checkpoint`` into a sharded HF safetensors checkpoint."""
+    from megatron_attnedit.convert.hf_writer import ShardedSafetensorsWriter, parse_size, write_hf_config_files
+    from megatron_attnedit.models import qwen3
+
+    t0 = time.time()
+    try:
+        max_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise qwen3.ConfigError(str(e)) from None
+    check_output_dir(save_dir, overwrite, sources=[load_dir])
+    meta = ckpt_dirs.read_checkpoint_metadata(load_dir, allow_pickle)
+    if meta.get("target"):
+        raise CheckpointError(f"{load_dir} holds a student with attention target {meta['target']!r}; exporting it needs that target's table, not available here")
+    if meta.get("model_family") != "qwen3":
+        raise CheckpointError(f"{load_dir} holds model family {meta.get('model_family')!r}; this converter handles qwen3")
+    cfg = meta["hf_config"]
+    qwen3.check_hf_config(cfg)
+    table = _table(cfg, meta["tensor_model_parallel_size"], meta["padded_vocab_size"])
+
+    ensure_megatron_single_process()
+    layout = model_layout(cfg, meta["padded_vocab_size"])
+    check_table_covers(layout, table)
+    entries = ordered_params(layout, table)
+    if meta["format"] == "torch_dist":
+        from megatron_attnedit.convert.dist_ckpt import ChunkReader
+
+        dist_reader = ChunkReader(meta["iter_dir"])
+        dist_reader.check(layout)
+        dist_reader.check_no_leftovers(layout)
+        read = lambda n: dist_reader.read(layout.chunks[n], layout.params[n])  # noqa: E731
+        src_dtype = lambda n: dist_reader.dtype(layout.chunks[n])  # noqa: E731
+        reader = None
+    else:
+        from megatron_attnedit.convert.legacy import LegacyReader
+
+        reader = LegacyReader(meta["iter_dir"], meta, table, allow_pickle)
+        read, src_dtype = reader.read, reader.dtype
+
+    plan = []
+    for name, hf_names, rule in entries:
+        out_dtype = dtype or src_dtype(name)
+        for h, shape in zip(hf_names, hf_shapes_of(rule, table.shapes, layout.params[name])):
+            plan.append((h, shape, out_dtype))
+    rss_before = peak_rss()
+    largest = max(torch.Size(s).numel() * d.itemsize for _, s, d in plan)
+    with atomic_output_dir(save_dir) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, plan, max_bytes)
+        try:
+            with _progress(writer.total, "mcore_to_hf", progress) as bar:
+                for name, hf_names, rule in entries:
+                    full = read(name)
+                    for h, t in zip(hf_names, mapping.to_hf(rule, full, table.shapes)):
+                        t = t.to(dtype) if dtype is not None else t
+                        writer.add(h, t)
+                        bar.update(t.numel() * t.element_size())
+                        del t
+                    del full
+        finally:
+            writer.abort()
+        if reader is not None:
+            left = reader.leftovers()
+            reader.close()
+            if left:
+                raise CheckpointError(f"{meta['iter_dir']} holds entries no parameter maps to ({', '.join(left[:3])}); does its config match?")
+        writer.close()
+        write_hf_config_files(tmp, cfg, meta["hf_assets_dir"], dtype)
+        written = _dir_bytes(tmp)
+    return Report("mcore_to_hf", save_dir, written, time.time() - t0, rss_before, peak_rss(), largest)
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name in (None, "", "auto"):
+        return None
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if name not in table:
+        from megatron_attnedit.models.qwen3 import ConfigError
+
+        raise ConfigError(f"unknown --dtype {name!r}; use auto, bfloat16, float16 or float32")
+    return table[name]
