@@ -5,9 +5,14 @@ the CUDA RNG tracker; this module is a drop-in replacement (same constructor and
 signature) that calls a fused kernel instead:
 
 * CUDA / CPU: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
-  kernels on CUDA); sliding-window layers use FlexAttention with a block-sparse mask on CUDA and
-  SDPA with an explicit boolean mask on CPU.
-* Ascend: ``torch_npu.npu_fusion_attention`` (causal = sparse_mode 2, band = sparse_mode 4).
+  kernels on CUDA) for full causal attention; sliding-window layers (and layers with sinks) use
+  FlexAttention with a block-sparse mask on CUDA (``flex.py``) and SDPA with an explicit boolean
+  mask on CPU.
+* Ascend: ``torch_npu.npu_fusion_attention`` (causal = sparse_mode 2/3, band = sparse_mode 4;
+  ``npu.py``).
+
+A window that covers the whole key sequence is plain causal attention and takes the causal path,
+so a sliding-window layer with W >= sequence length computes bit for bit what a full layer does.
 
 The window comes from ``config.window_size`` / ``config.window_attn_skip_freq`` exactly as
 megatron's own attention reads them (``is_layer_window_attention``), so a per-layer pattern set on
@@ -69,20 +74,26 @@ def reference_attention(q, k, v, scale: float, window: Optional[int], sink: Opti
 
 
 def attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch.Tensor] = None):
-    """Causal (optionally windowed, optionally with sinks) attention on [b, h, s, d] tensors."""
+    """Causal (optionally windowed, optionally with sinks) attention on [b, h, s, d] tensors.
+
+    q [b, h, sq, dk], k [b, hk, sk, dk], v [b, hk, sk, dv] with hk dividing h (GQA); dv may differ
+    from dk (MLA). Queries are aligned to the end of the keys (query i is at position i + sk - sq).
+    """
     plat = platform.active().name
+    sq, sk = q.shape[2], k.shape[2]
+    if window is not None and window >= sk:
+        window = None  # the window covers every key: plain causal attention
     if plat == "npu":
         from megatron_attnedit.attention.npu import npu_attention
 
         return npu_attention(q, k, v, scale, window, sink)
-    sq, sk = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
-    if sink is None and (window is None or window >= sk) and sq == sk:
+    if sink is None and window is None and sq == sk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if plat == "cuda" and sink is None and q.dtype in (torch.bfloat16, torch.float16) and sq == sk:
+    if plat == "cuda":
         from megatron_attnedit.attention.flex import flex_window_attention
 
-        return flex_window_attention(q, k, v, scale, window)
+        return flex_window_attention(q, k, v, scale, window, sink)
     allowed = window_mask(sq, sk, window, q.device)
     if sink is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
@@ -118,6 +129,8 @@ class FlashCoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -127,12 +140,14 @@ class FlashCoreAttention(MegatronModule):
         tp = parallel_state.get_tensor_model_parallel_world_size() if pg_collection is None else pg_collection.tp.size()
         self.layer_number = max(1, layer_number)
         self.heads_per_partition = config.num_attention_heads // tp
-        head_dim = config.kv_channels
+        # MLA passes its query/key width (no-RoPE + RoPE part) and its softmax scale explicitly.
+        head_dim = k_channels or config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.window = layer_window(config, self.layer_number)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         if config.softmax_type == "learnable":
-            # Sink logits, one per local head; start at -inf-like so the layer starts as plain softmax.
+            # Sink logits, one per local head; start at -inf-like so the layer starts as plain softmax
+            # (targets may set another start value in their initializer).
             self.softmax_offset = torch.nn.Parameter(
                 torch.full((self.heads_per_partition,), -20.0, dtype=config.params_dtype)
             )

@@ -1,0 +1,422 @@
+"""MLA target: megatron-core's MLASelfAttention in the DeepSeek layout (DESIGN.md section 4).
+
+Per MLA layer ("M" in the pattern; "G" keeps the teacher's GQA attention, copied):
+  latent  c = RMSNorm(x W_dkv)      kv_lora_rank wide, cached    k_pe = RoPE(x W_kpe)  shared by all heads, cached
+  key_h   = [c W_uk,h ; k_pe]       value_h = c W_uv,h           query_h = [x W_q,h (no RoPE) ; RoPE(x W_qr,h)]
+  (q_lora_rank set: the query goes through its own RMSNormed latent as well), heads = teacher's,
+  heads x v_head_dim = the teacher's o_proj input, so linear_proj is the teacher's o_proj.
+KV cache per token per layer: (kv_lora_rank + qk_pos_emb_head_dim) x bytes -- (512 + 64) x 2 = 1152 B
+against 2 x 8 x 128 x 2 = 4096 B for Qwen3-8B's GQA. Parameter names and layouts are DeepSeek's
+(q_proj | q_a_proj/q_a_layernorm/q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj;
+the RoPE part stored pair-interleaved, which megatron de-interleaves exactly as DeepSeek's code).
+
+Qwen3's qk-norm (treatment). Qwen3 RMS-normalises every query and key head before RoPE:
+k_g = g_k * (x W_k,g) / rms(x W_k,g), a per-head, per-token division that no latent can carry -- a
+key read out of the shared latent by a linear map cannot be renormalised per head without leaving
+the DeepSeek layout (and with it weight absorption and stock inference code). The student has no
+q/k-norm: ``svd`` folds the norm weight g into the projections and replaces the per-token 1/rms by
+one constant per head, s = E[rms] / E[rms^2] (the least-squares scale; from calibration inputs when
+given, else from the weights assuming isotropic normalised inputs). That is the one approximation
+of ``svd`` at full rank; tests/test_targets_mla.py pins the error it leaves on the toy model and
+checks that everything else is exact.
+
+``svd`` initializer (MHA2MLA / TransMLA style), computed on the full (TP-gathered) teacher weights
+in float64, broadcast from TP rank 0 and sliced into this rank's shards:
+* RoPE: the student keeps dr/2 of the teacher's hd/2 rotary frequency pairs in the decoupled part
+  (``rope_frequencies: high`` keeps the highest ones with rotary base theta^(dr/hd), so its
+  frequencies equal the teacher's; ``uniform`` keeps every (hd/dr)-th with the teacher's base).
+  The teacher has one key per KV group, MLA one shared RoPE key: per frequency pair the shared key
+  is the top principal direction over the groups, and each query head is scaled by its group's
+  component, exact for one KV group. The other frequency pairs go to the no-RoPE part unrotated
+  (position-free, the low frequencies for ``high``).
+* K (no-RoPE part) and V of all groups are factorised jointly, W = U S V^T, in the coordinates of
+  the input before the input_layernorm weight gamma (x = gamma * n, rms(n) = 1): W_dkv = V_r^T /
+  gamma, W_ukv = U_r S_r. Then the latent V_r^T n has rms ~1 and at kv_lora_rank = hidden exactly
+  rms(n) = 1, so DeepSeek's latent RMSNorm (weight 1) is a no-op where the factorisation is exact.
+* Softmax scale: the student divides by sqrt(qk_head_dim + dr), the teacher by sqrt(head_dim);
+  the query weights absorb the ratio.
+``random`` (the paper): megatron's random init for everything but o_proj, which is inherited.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.common.embeddings import RotaryEmbedding
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.multi_latent_attention import (
+    MLASelfAttention,
+    MLASelfAttentionSubmodules,
+    MultiLatentAttention,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+from megatron_attnedit.attention.core import FlashCoreAttention
+from megatron_attnedit.attention.targets import AttentionTarget, check_int, expand_pattern, gqa_kv_bytes_per_token_per_layer
+from megatron_attnedit.convert import mapping
+from megatron_attnedit.convert.mapping import Rule
+from megatron_attnedit.convert.qwen3 import GQA_ATTENTION, H, P, gqa_attention_rules, shapes
+from megatron_attnedit.models.qwen3 import ConfigError, gqa_attention_spec, head_dim, rope_theta
+
+KINDS = {"M": "multi-head latent attention", "G": "the teacher's GQA attention"}
+
+
+def _fix_mla_without_te() -> None:
+    """megatron-core 0.16.1 without transformer-engine: extensions.transformer_engine builds its
+    classes on a MagicMock, so multi_latent_attention.TELinear is a MagicMock *instance* (not None)
+    and MultiLatentAttention's isinstance(linear_proj, TELinear) raises TypeError. platform.py's
+    flag fix tests ``TELinear is None`` and misses this case; this check covers both."""
+    from megatron.core.transformer import multi_latent_attention as mla_mod
+
+    if mla_mod.HAVE_TE and not isinstance(mla_mod.TELinear, type):
+        mla_mod.HAVE_TE = False
+
+
+_fix_mla_without_te()
+
+
+class RotarySelfAttention(SelfAttention):
+    """The teacher's GQA attention for mixed MLA/GQA students. GPTModel computes no rotary
+    embedding when the config says multi_latent_attention, and megatron's RoPE would then use the
+    MLA (pair-interleaved) layout; this layer makes its own embedding with the teacher's base and
+    applies RoPE in the teacher's layout, exactly as the teacher's layer does."""
+
+    computes_own_rope = True
+
+    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None, rotary_base: float = 10000.0):
+        gqa_config = copy.copy(config)
+        gqa_config.multi_latent_attention = False
+        super().__init__(gqa_config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        self.own_rotary = RotaryEmbedding(
+            self.config.kv_channels, rotary_percent=1.0, rotary_base=rotary_base, use_cpu_initialization=self.config.use_cpu_initialization
+        )
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if kwargs.get("rotary_pos_emb") is None:
+            seq = hidden_states.size(0) * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
+            kwargs["rotary_pos_emb"] = self.own_rotary(seq)
+        return super().forward(hidden_states, attention_mask, **kwargs)
+
+
+class MLATarget(AttentionTarget):
+    name = "mla"
+    DEFAULTS = {
+        "pattern": "M",  # M (MLA) / G (teacher GQA), tiled string or per-layer list
+        "init": "svd",  # svd | random
+        "q_lora_rank": None,  # None: full-rank query projection (DeepSeek-V2-Lite style)
+        "kv_lora_rank": 512,
+        "qk_head_dim": None,  # no-RoPE query/key width; None: the teacher's head_dim
+        "qk_pos_emb_head_dim": None,  # decoupled RoPE width; None: head_dim / 2
+        "v_head_dim": None,  # None: the teacher's head_dim
+        "rope_frequencies": "high",  # high | uniform: which teacher RoPE pairs the RoPE part keeps
+        "inherit_o_proj": True,
+    }
+
+    # -- options -------------------------------------------------------------------------------
+    def resolve(self, hf_cfg, options):
+        o = super().resolve(hf_cfg, options)
+        hd, hidden = head_dim(hf_cfg), int(hf_cfg["hidden_size"])
+        o["qk_head_dim"] = hd if o["qk_head_dim"] is None else o["qk_head_dim"]
+        o["qk_pos_emb_head_dim"] = hd // 2 if o["qk_pos_emb_head_dim"] is None else o["qk_pos_emb_head_dim"]
+        o["v_head_dim"] = hd if o["v_head_dim"] is None else o["v_head_dim"]
+        expand_pattern(o["pattern"], hf_cfg["num_hidden_layers"], KINDS)
+        if o["init"] not in ("svd", "random"):
+            raise ConfigError(f"mla init {o['init']!r} is unknown; use svd or random")
+        if o["rope_frequencies"] not in ("high", "uniform"):
+            raise ConfigError(f"rope_frequencies {o['rope_frequencies']!r} is unknown; use high or uniform")
+        check_int(o, "kv_lora_rank", 1, hidden, why=f" (at most hidden_size={hidden}: a wider latent cannot hold more)")
+        if o["q_lora_rank"] is not None:
+            check_int(o, "q_lora_rank", 1, hidden, why=f" (at most hidden_size={hidden}), or null for a full query projection")
+        check_int(o, "qk_head_dim", 1)
+        check_int(o, "v_head_dim", 1)
+        dr = check_int(o, "qk_pos_emb_head_dim", 2, hd, why=f" (RoPE pairs taken from the teacher's head_dim={hd})")
+        if dr % 2:
+            raise ConfigError(f"qk_pos_emb_head_dim={dr} must be even (RoPE rotates pairs)")
+        if o["rope_frequencies"] == "uniform" and hd % dr:
+            raise ConfigError(f"rope_frequencies uniform needs qk_pos_emb_head_dim dividing head_dim={hd}, got {dr}")
+        heads = int(hf_cfg["num_attention_heads"])
+        if o["inherit_o_proj"] or o["init"] == "svd":
+            if heads * o["v_head_dim"] != heads * hd:
+                raise ConfigError(
+                    f"heads x v_head_dim = {heads} x {o['v_head_dim']} = {heads * o['v_head_dim']} differs from the teacher's "
+                    f"o_proj input {heads * hd}; set v_head_dim={hd} or inherit_o_proj: false with init: random"
+                )
+        if o["init"] == "svd":
+            if hf_cfg.get("attention_bias"):
+                raise ConfigError("init svd does not factorise q/k/v biases (attention_bias: true); use init: random")
+            if not o["inherit_o_proj"]:
+                raise ConfigError("init svd reproduces the teacher's values, so it needs inherit_o_proj: true")
+            if o["qk_head_dim"] < hd - dr:
+                raise ConfigError(f"init svd needs qk_head_dim >= head_dim - qk_pos_emb_head_dim = {hd - dr} to hold the non-RoPE key part")
+        return o
+
+    def validate_layout(self, hf_cfg, options, build_opts):
+        o = self.resolve(hf_cfg, options)
+        tp = build_opts.tensor_model_parallel_size
+        if build_opts.spec != "local":
+            raise ConfigError("mla needs the local spec (spec: local)")
+        width = o["kv_lora_rank"] + o["qk_pos_emb_head_dim"]
+        if width % tp:
+            raise ConfigError(f"TP={tp} must divide kv_lora_rank + qk_pos_emb_head_dim = {width} (the latent projection is split over TP)")
+        if o["q_lora_rank"] is not None and o["q_lora_rank"] % tp:
+            raise ConfigError(f"TP={tp} must divide q_lora_rank={o['q_lora_rank']}")
+
+    def layer_kinds(self, hf_cfg, options) -> List[str]:
+        return expand_pattern(self.resolve(hf_cfg, options)["pattern"], hf_cfg["num_hidden_layers"], KINDS)
+
+    def rotary_base(self, hf_cfg, o) -> float:
+        theta = rope_theta(hf_cfg)
+        if o["rope_frequencies"] == "high":
+            return theta ** (o["qk_pos_emb_head_dim"] / head_dim(hf_cfg))
+        return theta
+
+    # -- model ---------------------------------------------------------------------------------
+    def config_overrides(self, hf_cfg, options):
+        o = self.resolve(hf_cfg, options)
+        return MLATransformerConfig, dict(
+            multi_latent_attention=True,
+            q_lora_rank=o["q_lora_rank"],
+            kv_lora_rank=o["kv_lora_rank"],
+            qk_head_dim=o["qk_head_dim"],
+            qk_pos_emb_head_dim=o["qk_pos_emb_head_dim"],
+            v_head_dim=o["v_head_dim"],
+            rope_type="rope",
+            rotary_base=self.rotary_base(hf_cfg, o),
+            rotary_percent=1.0,
+            rotary_scaling_factor=1.0,
+            mscale=1.0,
+            mscale_all_dim=0.0,
+        )
+
+    def attention_spec(self, layer, hf_cfg, options, build_opts):
+        if self.layer_kinds(hf_cfg, options)[layer] == "G":
+            spec = gqa_attention_spec(build_opts)
+            return ModuleSpec(
+                module=RotarySelfAttention,
+                params=dict(spec.params, rotary_base=rope_theta(hf_cfg)),
+                submodules=spec.submodules,
+            )
+        backend = LocalSpecProvider()
+        norm = backend.layer_norm(rms_norm=True, for_qk=True)
+        col = backend.column_parallel_linear()
+        return ModuleSpec(
+            module=MLASelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=MLASelfAttentionSubmodules(
+                linear_q_proj=col,
+                linear_q_down_proj=col,
+                linear_q_up_proj=col,
+                linear_kv_down_proj=col,
+                linear_kv_up_proj=col,
+                core_attention=FlashCoreAttention,
+                linear_proj=backend.row_parallel_linear(),
+                q_layernorm=norm,
+                kv_layernorm=norm,
+            ),
+        )
+
+    def attention_rules(self, layer, hf_cfg, options):
+        if self.layer_kinds(hf_cfg, options)[layer] == "G":
+            return gqa_attention_rules(hf_cfg)
+        o = self.resolve(hf_cfg, options)
+        a, h = P + "self_attention.", H + "self_attn."
+        rules = [GQA_ATTENTION[0]]  # input_layernorm
+        if o["q_lora_rank"] is None:
+            rules.append(Rule(a + "linear_q_proj.weight", (h + "q_proj.weight",), "copy", 0))
+        else:
+            rules += [
+                Rule(a + "linear_q_down_proj.weight", (h + "q_a_proj.weight",), "copy", 0),
+                Rule(a + "q_layernorm.weight", (h + "q_a_layernorm.weight",)),
+                Rule(a + "linear_q_up_proj.weight", (h + "q_b_proj.weight",), "copy", 0),
+            ]
+        rules += [
+            Rule(a + "linear_kv_down_proj.weight", (h + "kv_a_proj_with_mqa.weight",), "copy", 0),
+            Rule(a + "kv_layernorm.weight", (h + "kv_a_layernorm.weight",)),
+            Rule(a + "linear_kv_up_proj.weight", (h + "kv_b_proj.weight",), "copy", 0),
+            Rule(a + "linear_proj.weight", (h + "o_proj.weight",), "copy", 1),
+        ]
+        return rules
+
+    def trainable_attention_params(self, layer_module):
+        attn = layer_module.self_attention
+        return list(attn.parameters()) if isinstance(attn, MultiLatentAttention) else []
+
+    def kv_bytes_per_token(self, hf_cfg, options, context, bytes_per_elem=2):
+        o = self.resolve(hf_cfg, options)
+        mla = (o["kv_lora_rank"] + o["qk_pos_emb_head_dim"]) * bytes_per_elem
+        gqa = gqa_kv_bytes_per_token_per_layer(hf_cfg, bytes_per_elem)
+        return float(sum(mla if k == "M" else gqa for k in self.layer_kinds(hf_cfg, options)))
+
+    # -- init ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_teacher(self, student_attn, teacher_attn, layer, hf_cfg, options, input_norm_weight=None, calibration=None, **extra):
+        """``input_norm_weight``: the layer's input_layernorm weight (gamma; ones if None).
+        ``calibration``: the teacher's normalised inputs of this layer, [..., hidden] (optional;
+        used for the qk-norm scales, the latent norm weight and the shared RoPE key)."""
+        o = self.resolve(hf_cfg, options)
+        if not isinstance(student_attn, MultiLatentAttention):  # a G layer: the teacher's attention
+            student_attn.load_state_dict(teacher_attn.state_dict())
+            return
+        if o["inherit_o_proj"]:
+            student_attn.linear_proj.weight.copy_(teacher_attn.linear_proj.weight)
+        if o["init"] == "random":
+            return
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        qkv = _gather_rows(teacher_attn.linear_qkv.weight, group, tp)
+        wq, wk, wv = mapping.to_hf(Rule("", (), "qkv", 0), qkv, shapes(hf_cfg))
+        eps = float(hf_cfg.get("rms_norm_eps", 1e-6))
+        full = svd_student_weights(
+            wq, wk, wv, teacher_attn.q_layernorm.weight, teacher_attn.k_layernorm.weight,
+            input_norm_weight, calibration, hf_cfg, o, eps,
+        )
+        for name, w in full.items():
+            param = student_attn.get_parameter(name)
+            w = _broadcast_from_tp0(w.to(param.device, torch.float32).contiguous(), group, tp)
+            shard = torch.chunk(w, tp, dim=0)[rank] if name.startswith("linear_") else w
+            if tuple(shard.shape) != tuple(param.shape):
+                raise RuntimeError(f"mla svd init: {name} computed {tuple(shard.shape)}, module has {tuple(param.shape)}")
+            param.copy_(shard.to(param.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The svd initializer on full tensors (no megatron, no distribution; float64)
+# --------------------------------------------------------------------------------------------
+
+
+def selected_pairs(hd: int, dr: int, mode: str) -> List[int]:
+    """Teacher RoPE pair indices j (dims j and j + hd/2) kept in the student's RoPE part, in order."""
+    n = dr // 2
+    return list(range(n)) if mode == "high" else [i * (hd // dr) for i in range(n)]
+
+
+def qk_norm_scales(w_heads: torch.Tensor, gamma: torch.Tensor, calib: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """Per head, the constant s minimising E || s W x - W x / rms(W x) ||^2, i.e. E[rms] / E[rms^2].
+    w_heads [n, hd, d]; calib [N, d] normalised inputs, or None for isotropic inputs (x = gamma n,
+    E[n n^T] = I), where rms^2 concentrates at ||W diag(gamma)||_F^2 / hd."""
+    hd = w_heads.shape[1]
+    if calib is None:
+        ms = (w_heads * gamma.view(1, 1, -1)).pow(2).sum(dim=(1, 2)) / hd
+        return 1.0 / torch.sqrt(ms + eps)
+    y = torch.einsum("nkd,td->ntk", w_heads, calib)
+    rms = torch.sqrt(y.pow(2).mean(-1) + eps)  # [n, N]
+    return rms.mean(-1) / rms.pow(2).mean(-1)
+
+
+def _low_rank(m: torch.Tensor, gamma: torch.Tensor, rank: int):
+    """(down [rank, d], up [rows, rank]) with up @ down @ (gamma * n) ~ m @ (gamma * n); the
+    factorisation is done on m diag(gamma) so that down (gamma n) = V_r^T n has orthonormal rows."""
+    mn = m * gamma.view(1, -1)
+    u, s, vh = torch.linalg.svd(mn, full_matrices=True)
+    k = min(rank, s.numel())
+    up = torch.zeros(m.shape[0], rank, dtype=m.dtype)
+    up[:, :k] = u[:, :k] * s[:k]
+    down = vh[:rank] / gamma.view(1, -1)
+    return down, up
+
+
+def _latent_norm_weight(down: torch.Tensor, calib: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """RMSNorm weight of a latent: 1 for isotropic inputs, else the mean rms of the latent (the
+    least-squares value, so normalising changes the latent as little as possible on average)."""
+    if calib is None:
+        return torch.ones(down.shape[0], dtype=down.dtype)
+    lat = calib @ down.T
+    return torch.sqrt(lat.pow(2).mean(-1) + eps).mean().expand(down.shape[0]).clone()
+
+
+def svd_student_weights(wq, wk, wv, q_norm_w, k_norm_w, gamma, calib, hf_cfg, o, eps) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) MLA weights from the teacher's full projections; names are the MLA module's."""
+    f = lambda t: t.detach().to("cpu", torch.float64)
+    wq, wk, wv, q_norm_w, k_norm_w = map(f, (wq, wk, wv, q_norm_w, k_norm_w))
+    heads, groups, hd, d = int(hf_cfg["num_attention_heads"]), int(hf_cfg["num_key_value_heads"]), head_dim(hf_cfg), int(hf_cfg["hidden_size"])
+    per = heads // groups
+    dn, dr, dv, r = o["qk_head_dim"], o["qk_pos_emb_head_dim"], o["v_head_dim"], o["kv_lora_rank"]
+    gamma = torch.ones(d, dtype=torch.float64) if gamma is None else f(gamma)
+    tiny = 1e-6 * gamma.abs().max()
+    gamma = torch.where(gamma.abs() < tiny, torch.where(gamma < 0, -tiny, tiny), gamma)
+    x = None if calib is None else f(calib).reshape(-1, d)
+
+    wq_h = wq.view(heads, hd, d)
+    wk_g = wk.view(groups, hd, d)
+    # Linearised qk-norm: g * W x * s (one constant per head / group).
+    s_q = qk_norm_scales(wq_h, gamma, x, eps)
+    s_k = qk_norm_scales(wk_g, gamma, x, eps)
+    q_t = wq_h * q_norm_w.view(1, hd, 1) * s_q.view(heads, 1, 1) * math.sqrt(dn + dr) / math.sqrt(hd)
+    k_t = wk_g * k_norm_w.view(1, hd, 1) * s_k.view(groups, 1, 1)
+    v_g = wv.view(groups, hd, d)
+
+    pairs = selected_pairs(hd, dr, o["rope_frequencies"])
+    rest = [j for j in range(hd // 2) if j not in set(pairs)]
+    rest_dims = rest + [j + hd // 2 for j in rest]
+
+    # Shared RoPE key: per kept pair, the top principal direction over the KV groups.
+    k_pe = torch.zeros(dr, d, dtype=torch.float64)
+    q_pe = torch.zeros(heads, dr, d, dtype=torch.float64)
+    for i, j in enumerate(pairs):
+        rows = k_t[:, [j, j + hd // 2], :]  # [groups, 2, d]
+        if x is None:
+            proj = rows * gamma.view(1, 1, -1)
+            cov = torch.einsum("gpd,hpd->gh", proj, proj)
+        else:
+            y = torch.einsum("gpd,td->gpt", rows, x)
+            cov = torch.einsum("gpt,hpt->gh", y, y)
+        u = torch.linalg.eigh(cov).eigenvectors[:, -1]
+        u = u if u.sum() >= 0 else -u
+        k_pe[2 * i : 2 * i + 2] = torch.einsum("g,gpd->pd", u, rows)
+        for hh in range(heads):
+            q_pe[hh, 2 * i : 2 * i + 2] = u[hh // per] * q_t[hh, [j, j + hd // 2], :]
+
+    # Query: [no-RoPE (rest dims, zero-padded to dn) ; RoPE part] per head.
+    q_full = torch.zeros(heads, dn + dr, d, dtype=torch.float64)
+    q_full[:, : len(rest_dims)] = q_t[:, rest_dims, :]
+    q_full[:, dn:] = q_pe
+    q_full = q_full.reshape(heads * (dn + dr), d)
+
+    # Joint low-rank K (no-RoPE part) and V of all groups.
+    nr = len(rest_dims)
+    m = torch.cat([k_t[:, rest_dims, :].reshape(groups * nr, d), v_g.reshape(groups * hd, d)], dim=0)
+    down, up = _low_rank(m, gamma, r)
+    up_k, up_v = up[: groups * nr].view(groups, nr, r), up[groups * nr :].view(groups, hd, r)
+    kv_up = torch.zeros(heads, dn + dv, r, dtype=torch.float64)
+    for hh in range(heads):
+        kv_up[hh, :nr] = up_k[hh // per]
+        kv_up[hh, dn:] = up_v[hh // per]
+    out = {
+        "linear_kv_down_proj.weight": torch.cat([down, k_pe], dim=0),
+        "kv_layernorm.weight": _latent_norm_weight(down, x, eps),
+        "linear_kv_up_proj.weight": kv_up.reshape(heads * (dn + dv), r),
+    }
+    if o["q_lora_rank"] is None:
+        out["linear_q_proj.weight"] = q_full
+    else:
+        q_down, q_up = _low_rank(q_full, gamma, o["q_lora_rank"])
+        out["linear_q_down_proj.weight"] = q_down
+        out["q_layernorm.weight"] = _latent_norm_weight(q_down, x, eps)
+        out["linear_q_up_proj.weight"] = q_up
+    return out
+
+
+def _gather_rows(w: torch.Tensor, group, tp: int) -> torch.Tensor:
+    if tp == 1:
+        return w.detach()
+    parts = [torch.empty_like(w) for _ in range(tp)]
+    dist.all_gather(parts, w.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+def _broadcast_from_tp0(w: torch.Tensor, group, tp: int) -> torch.Tensor:
+    """Every TP rank computed the same thing; make it bit-identical regardless of the LAPACK build."""
+    if tp == 1:
+        return w
+    dist.broadcast(w, src=dist.get_global_rank(group, 0), group=group)
+    return w
