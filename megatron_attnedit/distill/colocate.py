@@ -49,6 +49,7 @@ class Colocated:
     student: torch.nn.Module
     shared: List[str]  # student module paths that are the teacher's module objects
     trainable: str  # "attention" | "all"
+    vocab_size: Optional[int] = None  # the real (unpadded) vocabulary size, for the losses
 
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
@@ -113,7 +114,7 @@ def colocate(
     shared = share_frozen_modules(teacher, student) if trainable == "attention" else []
     if not attention:
         raise DistillError(f"target {getattr(target, 'name', target)!r} reports no trainable attention parameters on this rank")
-    return Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable)
+    return Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable, vocab_size=int(hf_cfg["vocab_size"]))
 
 
 def check_configs(teacher_cfg: dict, student_cfg: dict) -> None:
@@ -244,10 +245,8 @@ def _params(items: Iterable) -> Iterable[torch.nn.Parameter]:
 
 def _target(cfg_target):
     """The targets module's TargetConfig for the run config's ``target`` section."""
-    try:
-        from megatron_attnedit.attention.targets import TargetConfig
-    except ImportError:
-        return cfg_target
+    from megatron_attnedit.attention.targets import TargetConfig
+
     return TargetConfig(cfg_target.name, dict(cfg_target.options))
 
 
@@ -268,25 +267,5 @@ class _StudentAPI:
         return self.targets.get_target(target.name).trainable_attention_params(layer)
 
 
-class _FallbackGQA:
-    """Stand-in until models/student.py exists: the teacher's architecture, attention random."""
-
-    def build_student(self, hf_cfg, target, opts):
-        return qwen3.build_model(hf_cfg, opts)
-
-    @torch.no_grad()
-    def init_student_from_teacher(self, student, teacher, hf_cfg, target):
-        t = dict(teacher.named_parameters())
-        for n, p in student.named_parameters():
-            if ".self_attention." not in n:
-                p.copy_(t[n])
-
-    def trainable_attention_params(self, target, layer):
-        return list(layer.self_attention.parameters())
-
-
-def _student_api():
-    try:
-        return _StudentAPI()
-    except ImportError:
-        return _FallbackGQA()
+def _student_api() -> _StudentAPI:
+    return _StudentAPI()
