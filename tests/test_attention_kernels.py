@@ -1,0 +1,122 @@
+"""Attention kernels against the dense-mask reference (core.reference_attention), fp32 on CPU.
+
+CPU SDPA paths run as in training; FlexAttention runs eagerly (the CUDA build compiles the same
+call); the Ascend kernel cannot run here, so its argument construction is checked against the band
+semantics documented for npu_fusion_attention.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from megatron_attnedit import platform
+from megatron_attnedit.attention import core, flex, npu
+
+platform.init_platform("cpu")
+warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+
+TOL = 2e-6
+
+# (heads, kv heads, q len, k len, dk, dv)
+SHAPES = [(4, 4, 40, 40, 16, 16), (4, 2, 40, 40, 16, 16), (4, 1, 9, 40, 24, 16)]
+WINDOWS = [None, 1, 7, 100]
+
+
+def _qkv(h, hk, sq, sk, dk, dv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, h, sq, dk, generator=g)
+    k = torch.randn(2, hk, sk, dk, generator=g)
+    v = torch.randn(2, hk, sk, dv, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("sinks", [False, True], ids=["nosink", "sink"])
+def test_cpu_and_flex_match_reference(shape, window, sinks):
+    h, hk, sq, sk, dk, dv = shape
+    q, k, v = _qkv(h, hk, sq, sk, dk, dv)
+    sink = torch.linspace(-2.0, 1.0, h) if sinks else None
+    scale = dk**-0.5
+    ref = core.reference_attention(q, k, v, scale, window, sink)
+    got = core.attention(q, k, v, scale, window, sink)
+    assert (got - ref).abs().max().item() <= TOL
+    fx = flex.flex_window_attention(q, k, v, scale, window if window is None or window < sk else None, sink)
+    assert (fx - ref).abs().max().item() <= TOL
+
+
+def test_window_covering_sequence_is_bitwise_causal():
+    q, k, v = _qkv(4, 2, 32, 32, 16, 16)
+    full = core.attention(q, k, v, 0.25, None)
+    assert torch.equal(core.attention(q, k, v, 0.25, 32), full)
+    assert not torch.equal(core.attention(q, k, v, 0.25, 31), full)
+
+
+def test_window_semantics():
+    m = core.window_mask(6, 6, 3, "cpu")
+    # query i sees keys i-3 < j <= i
+    assert m[5].tolist() == [False, False, False, True, True, True]
+    assert m[1].tolist() == [True, True, False, False, False, False]
+
+
+def test_flex_block_masks_are_cached():
+    flex.clear_caches()
+    a = flex.block_mask(256, 256, 64, "cpu")
+    assert flex.block_mask(256, 256, 64, "cpu") is a
+    assert flex.block_mask(256, 256, 32, "cpu") is not a
+    # the band of a 64-key window touches at most 2 of the 128-key blocks per query block
+    dense = a.to_dense()[0, 0]
+    assert dense.sum(-1).max().item() <= 2
+
+
+def _band_mask_from_npu_args(sq, sk, kw):
+    """Masked positions as documented for npu_fusion_attention (True = masked): sparse_mode 2 is
+    upper-left causal, 3 lower-right causal, 4 a band pre_tockens back / next_tockens ahead,
+    aligned lower-right: masked = triu(k=next+1+sk-sq) + tril(k=-pre-1+sk-sq)."""
+    i = torch.arange(sq).unsqueeze(1)
+    j = torch.arange(sk).unsqueeze(0)
+    mode = kw["sparse_mode"]
+    if mode == 2:
+        return j > i
+    off = sk - sq
+    if mode == 3:
+        return j > i + off
+    assert mode == 4
+    return (j > i + off + kw["next_tockens"]) | (j < i + off - kw["pre_tockens"])
+
+
+@pytest.mark.parametrize("sq,sk", [(64, 64), (8, 64)])
+@pytest.mark.parametrize("window", [None, 1, 5, 63, 64, 200])
+def test_npu_arguments_give_the_window(sq, sk, window):
+    w = window if window is None or window < sk else None  # core.attention's normalisation
+    kw = npu.fusion_attention_args(sq, sk, heads=4, scale=0.125, window=w)
+    assert kw["input_layout"] == "BNSD" and kw["head_num"] == 4 and kw["scale"] == 0.125
+    allowed = ~_band_mask_from_npu_args(sq, sk, kw)
+    assert torch.equal(allowed, core.window_mask(sq, sk, w, "cpu"))
+
+
+def test_npu_compressed_mask():
+    m = npu.compressed_mask("cpu")
+    assert m.shape == (2048, 2048) and m.dtype == torch.bool
+    assert not m[5, 5] and m[5, 6] and not m[6, 5]
+
+
+def test_core_module_handles_mla_widths():
+    """FlashCoreAttention with MLA's k_channels/v_channels (query/key 24 wide, values 16)."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        platform.init_distributed(platform.active())
+    cfg = SimpleNamespace(
+        context_parallel_size=1, num_attention_heads=4, kv_channels=16, window_size=None, window_attn_skip_freq=None,
+        attention_dropout=0.0, softmax_type="vanilla", params_dtype=torch.float32,
+    )
+    mod = core.FlashCoreAttention(cfg, 1, None, "self", softmax_scale=None, k_channels=24, v_channels=16)
+    assert abs(mod.softmax_scale - 24**-0.5) < 1e-12
+    q, k, v = _qkv(4, 4, 10, 10, 24, 16)
+    out = mod(*(x.permute(2, 0, 1, 3) for x in (q, k, v)))
+    ref = core.reference_attention(q, k, v, 24**-0.5, None).permute(2, 0, 1, 3).reshape(10, 2, 64)
+    assert (out - ref).abs().max().item() <= TOL
