@@ -20,18 +20,22 @@ installed.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+# Launcher knobs (env): block-mask tile size, torch.compile mode, and extra Triton kernel options
+# as JSON (tile sizes, warps, stages, BLOCKS_ARE_CONTIGUOUS...); launch/bench_attention.py sweeps
+# them and prints the best set.
 BLOCK_SIZE = int(os.environ.get("ATTNEDIT_FLEX_BLOCK", "128"))
+COMPILE_MODE = os.environ.get("ATTNEDIT_FLEX_COMPILE_MODE") or None
+KERNEL_OPTIONS: Optional[dict] = json.loads(os.environ.get("ATTNEDIT_FLEX_KERNEL_OPTIONS", "null"))
 
 _COMPILED: Dict[str, Callable] = {}
 _BLOCK_MASKS: Dict[Tuple, object] = {}
 _MASK_CACHE_LIMIT = 64
-# Extra Triton options for the compiled kernel (tile sizes, warps, stages); the benchmark sweeps them.
-KERNEL_OPTIONS: Optional[dict] = None
 
 
 def _flex_fn(device_type: str) -> Callable:
@@ -40,7 +44,10 @@ def _flex_fn(device_type: str) -> Callable:
     if fn is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        fn = flex_attention if device_type == "cpu" else torch.compile(flex_attention, dynamic=False)
+        if device_type == "cpu":
+            fn = flex_attention
+        else:
+            fn = torch.compile(flex_attention, dynamic=False, mode=COMPILE_MODE)
         _COMPILED[device_type] = fn
     return fn
 
@@ -119,4 +126,6 @@ def flex_window_attention(
 
 
 def clear_caches() -> None:
+    """Forget block masks and compiled kernels (after changing BLOCK_SIZE or COMPILE_MODE)."""
     _BLOCK_MASKS.clear()
+    _COMPILED.clear()
