@@ -149,6 +149,19 @@ def test_gate_swa_open_gate_and_full_window_reproduce_teacher(dense, gate):
     assert diff <= TOL
 
 
+def test_students_of_the_moe_teacher(env, tiny_hf):
+    """Targets only touch attention: MoE layers are copied and the open-gate student is the teacher."""
+    from megatron_attnedit.models.forward import forward_logits
+
+    cfg, teacher = teacher_from_hf(tiny_hf["moe"])
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    ref = forward_logits(teacher, tokens)
+    _, swa = student_for(cfg, teacher, "gate_swa", {"window": SEQ, "pattern": "SF"})
+    assert (forward_logits(swa, tokens) - ref).abs().max().item() <= TOL
+    _, mixed = student_for(cfg, teacher, "mla", {"kv_lora_rank": 16, "qk_pos_emb_head_dim": 8, "pattern": "GM"})
+    assert torch.isfinite(forward_logits(mixed, tokens)).all()
+
+
 def test_gate_swa_window_matches_dense_reference(dense):
     cfg, teacher = dense
     w = 5
