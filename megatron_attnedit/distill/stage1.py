@@ -69,7 +69,7 @@ class _Capture:
             hidden = self.inputs.pop(i)
             out, bias = output
             target = out if bias is None else out + bias
-            with torch.enable_grad():
+            with torch.set_grad_enabled(self.stage.training):
                 pred = targets.attention_forward(self.stage.student.decoder.layers[i], hidden.detach(), self.stage.rotary)
                 self.losses[i] = losses.normalized_mse(pred, target, sp_group=self.stage.sp_group)
 
@@ -100,6 +100,7 @@ class Stage1:
         self.num_trained = len(self.trained_global)
         self.num_layers = cfg.num_layers
         self.rotary = None
+        self.training = True
         self.capture = _Capture(self)
         self._reset_sums()
 
@@ -114,6 +115,7 @@ class Stage1:
         t = self.teacher
         seq_len = tokens.shape[1]
         self.rotary = targets.rotary_pos_emb_for(self.student, seq_len)
+        self.training = torch.is_grad_enabled()  # False in the loop's evaluation (forward only)
         self.capture.losses = {}
         self.capture.active = True
         try:
@@ -142,7 +144,7 @@ class Stage1:
             return pipeline.carry(hidden, local), None
 
         def loss_func(output_tensor):
-            # This stage's share of the loss; the whole-model value is stage1/loss in step_metrics().
+            # This stage's share of the loss; the whole-model value is "loss" in step_metrics().
             return output_tensor, {}
 
         return local, loss_func
@@ -152,9 +154,10 @@ class Stage1:
         return [layer_metric_name(i, self.num_layers) for i in self.trained_global]
 
     def step_metrics(self) -> Dict[str, torch.Tensor]:
-        """Per-layer losses of every stage and their mean (``stage1/loss``), as ``[sum, count]``
-        pairs: summed over ranks then divided, they are averages over micro-batches and
-        data-parallel ranks whatever the pipeline layout. Every rank returns every name."""
+        """Per-layer losses of every stage and their mean, as ``[sum, count]`` pairs: summed over
+        ranks then divided, they are averages over micro-batches and data-parallel ranks whatever
+        the pipeline layout. Every rank returns every name. ``loss`` replaces the value the loop
+        took from ``loss_func``, which under PP holds only the last stage's layers."""
         n = float(self._micro_batches)
         local = set(self.layer_offset + i for i in self.trained_local)
         out = {}
@@ -164,7 +167,7 @@ class Stage1:
         # the mean over layers: every stage adds its layers' sums, one stage (the last) the count
         total = self._layer_sums.sum() / max(1, self.num_trained)
         last = torch.tensor(n if self.student.post_process else 0.0, dtype=torch.float64, device=self.device)
-        out["stage1/loss"] = torch.stack([total, last])
+        out["loss"] = torch.stack([total, last])
         self._reset_sums()
         return out
 

@@ -160,12 +160,14 @@ class Stage2:
         return losses.kl_divergence(s_logits, t_logits, mask, self.temperature, self.vocab_size, self.tp_group)
 
     def step_metrics(self) -> Dict[str, torch.Tensor]:
-        """``stage2/{loss,kl,feature[,ce]}`` as ``[sum, count]`` pairs (summed over ranks, then
-        divided); the feature term is summed over pipeline stages, the count comes from the last."""
+        """``loss`` and ``stage2/{kl,feature,ce}`` as ``[sum, count]`` pairs (summed over ranks, then
+        divided); the feature term is summed over pipeline stages, the count comes from the last.
+        ``loss`` replaces the loop's value from ``loss_func`` (there, under PP, the feature terms of
+        earlier stages are missing)."""
         n = torch.tensor(float(self._micro_batches) if self.student.post_process else 0.0, dtype=torch.float64, device=self.device)
         s = self._sums
         total = self.kl_weight * s["kl"] + s["feature"] + self.ce_weight * s["ce"]
-        out = {"stage2/loss": torch.stack([total, n]), "stage2/kl": torch.stack([s["kl"], n])}
+        out = {"loss": torch.stack([total, n]), "stage2/kl": torch.stack([s["kl"], n])}
         if self.num_feature_layers:
             out["stage2/feature"] = torch.stack([s["feature"], n])
         if self.ce_weight > 0:
