@@ -122,8 +122,9 @@ def _fix_megatron_without_te() -> None:
     from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
-    # HAVE_TE stays True there while TELinear is None: isinstance(x, None) raises TypeError.
-    if multi_latent_attention.TELinear is None:
+    # HAVE_TE stays True there while TELinear is None or a mock stand-in (megatron builds its TE
+    # classes on a MagicMock when TE is absent): isinstance(x, TELinear) then raises TypeError.
+    if not isinstance(multi_latent_attention.TELinear, type):
         multi_latent_attention.HAVE_TE = False
     # The router calls te_general_gemm when it is not None, but without TE it is never defined.
     if not hasattr(moe_utils, "te_general_gemm"):
