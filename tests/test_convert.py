@@ -36,7 +36,7 @@ def hf(tiny_hf, tmp_path_factory):
     base = tmp_path_factory.mktemp("hf_more")
     out = dict(tiny_hf)
     out["tied"] = str(base / "tied")
-    make_tiny_hf(out["tied"], "qwen3-debug", seed=3, tie_word_embeddings=True)
+    make_tiny_hf(out["tied"], "qwen3-debug", seed=3, tie_word_embeddings=True, vocab_size=250)  # padded to 256
     out["sharded"] = str(base / "sharded")  # several safetensors files + index
     make_tiny_hf(out["sharded"], "qwen3-debug", seed=2, max_shard_size="20KB")
     return out

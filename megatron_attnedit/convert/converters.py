@@ -178,6 +178,26 @@ def _table(cfg: dict, tp: int, padded_vocab: Optional[int] = None):
 # HF -> megatron
 # --------------------------------------------------------------------------------------------
 
+# transforms that only place HF tensors one after another along dim 0 (then zero padding)
+_PLACEMENTS = ("copy", "vocab", "gate_up")
+
+
+def read_megatron_tensor(ckpt: HFCheckpoint, rule, hf_names, shapes, shape, dtype) -> torch.Tensor:
+    """``mapping.to_megatron`` of the HF tensors, with one copy in memory where the transform is a
+    placement (copy, vocabulary padding, [gate; up]): the HF tensors are read straight into their
+    rows of the result. Other transforms (qkv interleaving) read the inputs, then transform."""
+    infos = [ckpt.info(h) for h in hf_names]
+    if rule.transform in _PLACEMENTS and len(shape) > 0 and all(d == dtype for d, _ in infos):
+        out = torch.empty(shape, dtype=dtype)
+        row = 0
+        for h, (_, s) in zip(hf_names, infos):
+            ckpt.get(h, out=out[row : row + s[0]])
+            row += s[0]
+        out[row:].zero_()  # padded vocabulary rows, as to_megatron pads
+        return out
+    return mapping.to_megatron(rule, [ckpt.get(h) for h in hf_names], shapes).to(dtype)
+
+
 
 def hf_to_mcore(
     hf_dir: str,
@@ -225,7 +245,7 @@ def hf_to_mcore(
     def materialize(name: str) -> torch.Tensor:
         rule, layer, expert = table.rule_for(name)
         _, hf_names = rule.format(layer, expert)
-        return mapping.to_megatron(rule, [ckpt.get(h) for h in hf_names], table.shapes).to(dtype_of[name])
+        return read_megatron_tensor(ckpt, rule, hf_names, table.shapes, layout.params[name], dtype_of[name])
 
     meta = ckpt_dirs.conversion_metadata(cfg, tp, pp, ep, table.shapes.padded_vocab_size, ckpt_format, dtype_of[entries[0][0]])
     # common.pt (torch_dist) must unpickle under torch.load's weights_only default, which megatron's

@@ -66,6 +66,40 @@ class _LazySavePlanner(SavePlanner):
         return self.resolve(write_item)
 
 
+class _StreamingFileWriter(dcp.FileSystemWriter):
+    """One file, items written in plan order, nothing kept after it is written.
+
+    torch 2.13's FileSystemWriter keeps every tensor it has written in a dict until the file is
+    closed (for its safetensors option), which would hold a whole model whose keys are per layer
+    (MoE) in memory. This writes each item as ``torch.save`` bytes at the current offset -- the
+    same records DCP's reader reads -- and drops it.
+    """
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner):
+        from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
+        from torch.distributed.checkpoint.storage import WriteResult
+        from torch.futures import Future
+
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        results = []
+        with open(os.path.join(str(self.path), name), "wb") as f:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                offset = f.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    f.write(data.getbuffer())
+                else:
+                    torch.save(data, f)
+                del data
+                length = f.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length)))
+            f.flush()
+            os.fsync(f.fileno())
+        fut: Future = Future()
+        fut.set_result(results)
+        return fut
+
+
 def _chunk_item(c: Chunk, dtype: torch.dtype) -> WriteItem:
     return WriteItem(
         index=MetadataIndex(c.key, torch.Size(c.offsets)),
@@ -124,10 +158,12 @@ def write(
             current.clear()  # drop the previous parameter before making the next
             current[name] = materialize(name)
         t = c.of(current[name])
-        on_bytes(t.numel() * t.element_size())
+        if t.untyped_storage().nbytes() != t.nbytes:
+            t = t.clone()  # torch.save would write the view's whole storage
+        on_bytes(t.nbytes)
         return t
 
-    writer = dcp.FileSystemWriter(iter_dir, single_file_per_rank=True, thread_count=1, sync_files=False)
+    writer = _StreamingFileWriter(iter_dir, single_file_per_rank=True, thread_count=1)
     dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(items, resolve), no_dist=True)
     current.clear()
     torch.save(common, os.path.join(iter_dir, "common.pt"))
@@ -204,7 +240,31 @@ class ChunkReader:
     def dtype(self, chunks: List[Chunk]) -> torch.dtype:
         return self.metadata.state_dict_metadata[chunks[0].key].properties.dtype
 
+    def _stored_as_is(self, c: Chunk, shape: Tuple[int, ...]):
+        """Index of the stored chunk that is exactly ``c``, when ``c`` is the whole parameter."""
+        whole = c.view == (tuple(shape), tuple(torch.empty(shape, device="meta").stride()), 0)
+        if not whole:
+            return None
+        for i, sc in enumerate(self.metadata.state_dict_metadata[c.key].chunks):
+            if tuple(sc.offsets) == c.offsets and tuple(sc.sizes) == c.sizes:
+                return i
+        return None
+
+    def _load_stored(self, key: str, offsets: Tuple[int, ...], i: int) -> torch.Tensor:
+        from torch.distributed.checkpoint.utils import _create_file_view
+
+        info = self.metadata.storage_data[MetadataIndex(key, torch.Size(offsets), i)]
+        with open(os.path.join(self.dir, info.relative_path), "rb") as f:
+            return torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+
     def read(self, chunks: List[Chunk], shape: Tuple[int, ...]) -> torch.Tensor:
+        """The full TP=1 parameter. A parameter stored as one chunk (the usual case for what the
+        converter wrote) is loaded as is -- one copy in memory; otherwise chunks are read into a
+        buffer through DCP's resharding reads."""
+        if len(chunks) == 1:
+            i = self._stored_as_is(chunks[0], shape)
+            if i is not None:
+                return self._load_stored(chunks[0].key, chunks[0].offsets, i).view(shape)
         full = torch.empty(shape, dtype=self.dtype(chunks))
         items, targets = [], {}
         for c in chunks:

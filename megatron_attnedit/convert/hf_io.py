@@ -72,17 +72,20 @@ class HFCheckpoint:
     def keys(self) -> List[str]:
         return list(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tensor ``name``; read straight into ``out`` (contiguous, same dtype and shape) if given."""
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name} not found in {self.dir}; is this the right model family?")
-        if self._pickle is not None:
-            return self._pickle[name]
+        if self._pickle is not None or self._headers[self.weight_map[name]][name]["dtype"] not in SAFETENSORS_DTYPES:
+            if self._pickle is not None:
+                t = self._pickle[name]
+            else:
+                with safe_open(os.path.join(self.dir, self.weight_map[name]), framework="pt") as h:
+                    t = h.get_tensor(name)
+            return t if out is None else out.copy_(t)
         fname = self.weight_map[name]
         entry = self._headers[fname][name]
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            with safe_open(os.path.join(self.dir, fname), framework="pt") as h:
-                return h.get_tensor(name)
-        return _read_tensor(os.path.join(self.dir, fname), entry, 8 + self._headers[fname]["__header_len__"])
+        return _read_tensor(os.path.join(self.dir, fname), entry, 8 + self._headers[fname]["__header_len__"], out)
 
     def info(self, name: str) -> Tuple[torch.dtype, Tuple[int, ...]]:
         """(dtype, shape) of a tensor, from the file header (no data read)."""
@@ -141,7 +144,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def _read_tensor(path: str, entry: dict, data_start: int) -> torch.Tensor:
+def _read_tensor(path: str, entry: dict, data_start: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Read one tensor with a plain file read into a fresh buffer.
 
     Not through safetensors' mmap: pages of a mapped file count in the process RSS as they are
@@ -149,7 +152,15 @@ def _read_tensor(path: str, entry: dict, data_start: int) -> torch.Tensor:
     plain read leaves them in the page cache only, and memory stays at one tensor.
     """
     begin, end = entry["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)
+    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+    if out is not None:
+        if out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}")
+        buf = out.view(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
+    else:
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+    if buf.numel() != end - begin:
+        raise CheckpointError(f"{path}: header size of a tensor does not match its dtype and shape; the file is damaged")
     with open(path, "rb", buffering=0) as f:
         f.seek(data_start + begin)
         view = memoryview(buf.numpy())
@@ -159,7 +170,7 @@ def _read_tensor(path: str, entry: dict, data_start: int) -> torch.Tensor:
             if not n:
                 raise CheckpointError(f"{path} ended early while reading a tensor; re-download or re-copy it")
             got += n
-    return buf.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return out if out is not None else buf.view(dtype).reshape(shape)
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
