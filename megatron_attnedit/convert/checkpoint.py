@@ -80,7 +80,7 @@ def megatron_args(meta: dict) -> argparse.Namespace:
 
     cfg = meta["hf_config"]
     dtype = getattr(torch, meta["dtype"])
-    pattern = qwen3.moe_layer_pattern(cfg)
+    moe = any(qwen3.moe_layer_pattern(cfg))
     ns = argparse.Namespace(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -109,10 +109,10 @@ def megatron_args(meta: dict) -> argparse.Namespace:
         pipeline_model_parallel_size=meta["pipeline_model_parallel_size"],
         expert_model_parallel_size=meta["expert_model_parallel_size"],
         expert_tensor_parallel_size=meta["tensor_model_parallel_size"],
-        num_experts=qwen3.num_experts(cfg) or None if any(pattern) else None,
-        moe_router_topk=int(cfg.get("num_experts_per_tok", 2)) if any(pattern) else None,
-        moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]) if any(pattern) else None,
-        moe_layer_freq=pattern if any(pattern) else 1,
+        num_experts=qwen3.num_experts(cfg) if moe else None,
+        moe_router_topk=int(cfg["num_experts_per_tok"]) if moe else None,
+        moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]) if moe else None,
+        moe_layer_freq=qwen3.moe_layer_pattern(cfg) if moe else 1,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

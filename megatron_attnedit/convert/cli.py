@@ -35,8 +35,19 @@ def _free_memory_promptly() -> None:
         pass
 
 
+def _interrupt_on_sigterm() -> None:
+    # a job scheduler's SIGTERM takes the same clean-up path as Ctrl-C: no partial output left
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _run(fn: Callable) -> int:
     _free_memory_promptly()
+    _interrupt_on_sigterm()
     try:
         report = fn()
     except KeyboardInterrupt:

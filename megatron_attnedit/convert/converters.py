@@ -13,21 +13,19 @@ checkpoint layout off a meta-device build (see ``layout.py``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import resource
-import shutil
-import tempfile
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
 from megatron_attnedit.convert import mapping
-from megatron_attnedit.convert.hf_io import INDEX, CheckpointError, HFCheckpoint
+from megatron_attnedit.convert.hf_io import CheckpointError, HFCheckpoint
 from megatron_attnedit.convert.layout import check_table_covers, hf_shapes_of, megatron_shape_from_hf, model_layout, ordered_params
+from megatron_attnedit.convert.outdir import atomic_output_dir, check_output_dir, dir_bytes
 
 CKPT_FORMATS = ("torch_dist", "torch")
 # HF entries a Qwen3 checkpoint may carry that hold no weights of their own
@@ -64,75 +62,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # --------------------------------------------------------------------------------------------
-# Output directories
-# --------------------------------------------------------------------------------------------
-
-
-def _looks_like_checkpoint(d: str) -> bool:
-    names = set(os.listdir(d))
-    return bool(
-        ckpt_dirs.TRACKER in names
-        or "release" in names
-        or any(n.startswith("iter_") for n in names)
-        or INDEX in names
-        or "config.json" in names
-        or any(n.endswith(".safetensors") for n in names)
-        or "metadata.json" in names
-        or any(n.startswith("mp_rank_") for n in names)
-    )
-
-
-def check_output_dir(path: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
-    """Refuse an output that would clobber a checkpoint (without --overwrite), anything that is not a
-    checkpoint (even with it), or the input itself."""
-    real = os.path.realpath(path)
-    for s in sources:
-        rs = os.path.realpath(s)
-        if real == rs or rs.startswith(real + os.sep):
-            raise CheckpointError(f"--save-dir {path} would replace the input {s}; choose another directory")
-    if not os.path.exists(path):
-        return
-    if not os.path.isdir(path):
-        raise CheckpointError(f"--save-dir {path} exists and is not a directory")
-    if not os.listdir(path):
-        return
-    if not _looks_like_checkpoint(path):
-        raise CheckpointError(f"--save-dir {path} is not empty and does not look like a checkpoint; refusing to write there, choose another directory")
-    if not overwrite:
-        raise CheckpointError(f"--save-dir {path} already holds a checkpoint; pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str) -> Iterator[str]:
-    """Yield a hidden temporary sibling of ``path``; on success it replaces ``path``, on any error
-    (or interrupt) it is removed."""
-    path = os.path.abspath(path)
-    parent, base = os.path.dirname(path), os.path.basename(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-        os.rmdir(old)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-
-
-def _dir_bytes(d: str) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
-
-
-# --------------------------------------------------------------------------------------------
 # Shared set-up
 # --------------------------------------------------------------------------------------------
 
@@ -155,6 +84,7 @@ def check_hf_keys(ckpt: HFCheckpoint, table) -> None:
     want = set(table.hf_names())
     have = set(ckpt.keys())
     tied = bool(table.cfg.get("tie_word_embeddings"))
+    # a tied checkpoint may still store lm_head (a copy of the embedding): the embedding is the source
     extra = sorted(k for k in have - want if not k.endswith(_IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight"))
     missing = sorted(want - have)
     if missing:
@@ -198,7 +128,6 @@ def read_megatron_tensor(ckpt: HFCheckpoint, rule, hf_names, shapes, shape, dtyp
     return mapping.to_megatron(rule, [ckpt.get(h) for h in hf_names], shapes).to(dtype)
 
 
-
 def hf_to_mcore(
     hf_dir: str,
     save_dir: str,
@@ -240,7 +169,7 @@ def hf_to_mcore(
                 f"{', '.join(hf_names)} in {hf_dir} make {name} of shape {got}, the model from config.json has {layout.params[name]}; "
                 "does config.json match the weights?"
             )
-    largest = max(torch.Size(ckpt.info(h)[1]).numel() * ckpt.info(h)[0].itemsize for h in ckpt.keys() if h in set(table.hf_names()))
+    largest = max(torch.Size(s).numel() * d.itemsize for d, s in map(ckpt.info, table.hf_names()))
 
     def materialize(name: str) -> torch.Tensor:
         rule, layer, expert = table.rule_for(name)
@@ -271,7 +200,7 @@ def hf_to_mcore(
         ckpt_dirs.copy_hf_assets(hf_dir, iter_dir)
         with open(os.path.join(tmp, ckpt_dirs.TRACKER), "w") as f:
             f.write("0")  # written last: its presence means the checkpoint is complete
-        written = _dir_bytes(tmp)
+        written = dir_bytes(tmp)
     return Report("hf_to_mcore", save_dir, written, time.time() - t0, rss_before, peak_rss(), largest)
 
 
@@ -326,6 +255,7 @@ def mcore_to_hf(
         from megatron_attnedit.convert.legacy import LegacyReader
 
         reader = LegacyReader(meta["iter_dir"], meta, table, allow_pickle)
+        reader.check(layout)
         read, src_dtype = reader.read, reader.dtype
 
     plan = []
@@ -348,15 +278,12 @@ def mcore_to_hf(
                         del t
                     del full
         finally:
-            writer.abort()
-        if reader is not None:
-            left = reader.leftovers()
-            reader.close()
-            if left:
-                raise CheckpointError(f"{meta['iter_dir']} holds entries no parameter maps to ({', '.join(left[:3])}); does its config match?")
+            writer.abort()  # closes a shard left open by an error
+            if reader is not None:
+                reader.close()
         writer.close()
         write_hf_config_files(tmp, cfg, meta["hf_assets_dir"], dtype)
-        written = _dir_bytes(tmp)
+        written = dir_bytes(tmp)
     return Report("mcore_to_hf", save_dir, written, time.time() - t0, rss_before, peak_rss(), largest)
 
 

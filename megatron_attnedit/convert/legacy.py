@@ -39,8 +39,8 @@ class RankMap:
         self.experts_per_rank = num_experts // ep if num_experts else 0
         self.tied = bool(cfg.get("tie_word_embeddings", False))
 
-    def place(self, name: str) -> Tuple[Optional[int], Optional[int], str]:
-        """(pp stage or None for "first"/"last" handled by caller, ep rank or None if replicated, local name)."""
+    def place(self, name: str) -> Tuple[int, Optional[int], str]:
+        """(pipeline stage, expert-parallel rank or None when every EP rank holds it, local name)."""
         m = _LAYER.match(name)
         if not m:
             stage = 0 if name.startswith("embedding.") else self.pp - 1
@@ -141,7 +141,6 @@ class LegacyReader:
             if ATTNEDIT_KEY not in state or "model" not in state:
                 raise CheckpointError(f"{files[d]} is not a rank file written by this project (no '{ATTNEDIT_KEY}' / 'model')")
             self.states[r] = state["model"]
-        self.used = {r: set() for r in self.states}
 
     def _get(self, r: Tuple[int, int, int], local: str, name: str) -> torch.Tensor:
         sd = self.states[r]
@@ -161,21 +160,29 @@ class LegacyReader:
         for tp_rank in range(self.map.tp):
             r = (tp_rank, stage, owner or 0)
             shards.append(self._get(r, local, name))
-            self.used[r].add(local)
         return mapping.tp_unshard(rule, shards)
 
-    def leftovers(self) -> List[str]:
-        """Rank-file entries no parameter read (besides extra state and the tied output copy)."""
-        out = []
+    def check(self, layout: ModelLayout) -> None:
+        """Each rank file holds exactly the entries its part of the model has (``_extra_state``
+        entries may be absent), before anything is converted."""
+        want: Dict[Tuple[int, int, int], set] = {r: set() for r in self.states}
+        for name in list(layout.params) + layout.extra_state:
+            stage, owner, local = self.map.place(name)
+            for r in want:
+                if r[1] == stage and (owner is None or owner == r[2]):
+                    want[r].add(local)
+        if self.map.tied and self.map.pp > 1:
+            for r in want:
+                if r[1] == self.map.pp - 1:
+                    want[r].add("output_layer.weight")  # the last stage's copy of the tied embedding
         for r, sd in self.states.items():
-            for k in sd:
-                if k in self.used[r] or k.endswith("_extra_state") or (k == "output_layer.weight" and self.map.tied):
-                    continue
-                # dense (non-expert) entries are duplicated on every EP rank; only rank 0's are read
-                if r[2] != 0 and not _EXPERT.match(k):
-                    continue
-                out.append(f"{self.map.dir_name(*r)}:{k}")
-        return out
+            where = f"{self.dir}/{self.map.dir_name(*r)}"
+            missing = sorted(k for k in want[r] - set(sd) if not k.endswith("_extra_state"))
+            extra = sorted(set(sd) - want[r])
+            if missing:
+                raise CheckpointError(f"{where} lacks {', '.join(missing[:3])}; the checkpoint does not match its config")
+            if extra:
+                raise CheckpointError(f"{where} holds {', '.join(extra[:3])}, which the model from its config does not have; does the config match?")
 
     def close(self) -> None:
         self.states.clear()
