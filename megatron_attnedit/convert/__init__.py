@@ -1,0 +1,12 @@
+"""HF <-> megatron checkpoint conversion.
+
+mapping.py, qwen3.py   the declarative tables (read both ways)
+hf_io.py               reading HF safetensors one tensor at a time; filling a megatron shard from HF
+layout.py              megatron's checkpoint layout, read off a meta-device model
+dist_ckpt.py           streaming torch_dist writer and chunk reader
+legacy.py              legacy per-rank (mp_rank_*) files
+hf_writer.py           streaming sharded safetensors writer
+checkpoint.py          checkpoint directories and metadata; save/load for training code
+                       (save_mcore_checkpoint, load_mcore_checkpoint_into_model, read_checkpoint_metadata)
+converters.py          hf_to_mcore / mcore_to_hf end to end; cli.py, outdir.py around them
+"""
