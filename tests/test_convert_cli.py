@@ -88,6 +88,7 @@ def cases(tiny_hf, tmp_path_factory):
         dict(name="hf-first", tool="mcore_to_hf", argv=["--load-dir", out("first"), "--save-dir", out("hf-first"), "--no-progress"]),
         dict(name="hf-exists", tool="mcore_to_hf", argv=["--load-dir", out("first"), "--save-dir", out("hf-first"), "--no-progress"]),
         dict(name="hf-exists-overwrite", tool="mcore_to_hf", argv=["--load-dir", out("first"), "--save-dir", out("hf-first"), "--overwrite", "--no-progress"]),
+        dict(name="hf-bf16", tool="mcore_to_hf", argv=["--load-dir", out("first"), "--save-dir", out("hf-bf16"), "--dtype", "bfloat16", "--no-progress"]),
         h2m("pickle-allowed", d["pickle"], "--allow-pickle", "--ckpt-format", "torch"),
         dict(name="hf-pickle-allowed", tool="mcore_to_hf", argv=["--load-dir", out("pickle-allowed"), "--save-dir", out("hf-pickle-allowed"), "--no-progress"]),
     ]
@@ -141,6 +142,14 @@ def test_existing_checkpoint_refused_then_overwritten(cases, tiny_hf):
     assert cfg["model_type"] == "qwen3_moe"
     back, src = HFCheckpoint(str(w / "out" / "hf-first")), HFCheckpoint(tiny_hf["moe"])
     assert set(back.keys()) == set(src.keys()) and all(torch.equal(back.get(k), src.get(k)) for k in src.keys())
+
+
+def test_export_cast_to_bf16(cases, tiny_hf):
+    result, w, _ = cases
+    assert result["hf-bf16"]["rc"] == 0
+    back, src = HFCheckpoint(str(w / "out" / "hf-bf16")), HFCheckpoint(tiny_hf["moe"])
+    assert all(torch.equal(back.get(k), src.get(k).to(torch.bfloat16)) for k in src.keys())
+    assert json.load(open(w / "out" / "hf-bf16" / "config.json"))["dtype"] == "bfloat16"
 
 
 def test_pickle_weights_with_allow_pickle(cases, tiny_hf):
