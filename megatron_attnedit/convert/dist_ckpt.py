@@ -2,9 +2,9 @@
 
 Writing: the write plan (one item per checkpoint chunk, i.e. per layer of a stacked tensor,
 per half of a ``[gate; up]`` fc1, per expert) comes from ``layout.model_layout``; the data of
-an item is produced only when torch.distributed.checkpoint's FileSystemWriter asks for it
-(``resolve_data``). With ``thread_count=1`` the writer resolves and writes items one at a time,
-so memory holds one parameter (plus one chunk copy) at a time, never the model.
+an item is produced only when the storage writer asks for it (``resolve_data``); the writer
+(``_StreamingFileWriter``) resolves, writes and drops items one at a time, so memory holds one
+parameter (plus a copy of one chunk when a parameter has several) at a time, never the model.
 
 Reading: one parameter at a time, through DCP's resharding reads (``create_read_items_for_chunk_list``)
 straight into a buffer of that parameter -- whatever TP/PP/EP the checkpoint was saved at.
