@@ -4,8 +4,10 @@ Layout (Megatron-LM's): ``<save>/iter_0000010/`` (a dist_checkpointing directory
 ``<save>/latest_checkpointed_iteration.txt``. A checkpoint holds the trained model only (never the
 teacher), the optimizer (sharded like the distributed optimizer), the LR scheduler, every rank's
 RNG states (one ShardedObject per rank), the objective's extra state, the iteration and the data
-position (consumed samples), plus the resolved run config (``config.yaml``) and the model's HF
-config (``model_config.json``) for exporters.
+position (consumed samples), plus the resolved run config (``config.yaml``). The converters' metadata
+(``convert.checkpoint.ATTNEDIT_KEY``: HF config, attention target, padded vocabulary, layout) and
+the HF side files (``hf_assets/``: config, tokenizer) travel inside, so ``mcore_to_hf.py`` and
+``load_mcore_checkpoint_into_model`` take a training checkpoint as it is.
 
 Atomicity: every rank writes into ``iter_XXXXXXX.tmp``; after all have finished, rank 0 renames it
 to ``iter_XXXXXXX`` and only then rewrites ``latest_checkpointed_iteration.txt`` (via a temporary
@@ -16,7 +18,6 @@ The save directory must be on a file system shared by all nodes (as for Megatron
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import shutil
@@ -25,6 +26,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_attnedit.convert import checkpoint as ckpt_dirs
 
 LATEST = "latest_checkpointed_iteration.txt"
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # Megatron-LM default; optimizer reshardable over DP
@@ -56,18 +59,6 @@ def latest_iteration(root: str) -> Optional[int]:
     if not os.path.isfile(os.path.join(iter_dir(root, it), "metadata.json")):
         raise CheckpointError(f"{path} names iteration {it} but {iter_dir(root, it)} is missing or incomplete")
     return it
-
-
-def resolve_checkpoint_dir(path: str) -> str:
-    """A checkpoint root (with latest_checkpointed_iteration.txt) or one dist-checkpoint directory."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory {path} not found")
-    it = latest_iteration(path)
-    if it is not None:
-        return iter_dir(path, it)
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        return path
-    raise CheckpointError(f"{path} is not a megatron checkpoint (no {LATEST} and no metadata.json)")
 
 
 def _unwrap(m):
@@ -132,7 +123,7 @@ def _per_rank(key: str, data):
 class Checkpointer:
     """Saves and restores everything a resumed run needs (see the module docstring)."""
 
-    def __init__(self, cfg, plat, models: List[torch.nn.Module], optimizer, scheduler, objective, hf_config: Optional[dict] = None):
+    def __init__(self, cfg, plat, models: List[torch.nn.Module], optimizer, scheduler, objective, hf_config: dict):
         self.cfg, self.plat = cfg, plat
         self.models, self.optimizer, self.scheduler, self.objective = models, optimizer, scheduler, objective
         self.hf_config = hf_config
@@ -166,6 +157,8 @@ class Checkpointer:
         sd = _model_sharded_state_dict(self.models)
         sd["optimizer"] = self.optimizer.sharded_state_dict(sd, is_loading=False, metadata=SHARDING)
         sd.update(
+            {ckpt_dirs.ATTNEDIT_KEY: self._conversion_metadata()},
+            checkpoint_version=3.0,
             scheduler=self.scheduler.state_dict(),
             iteration=state.iteration,
             consumed_samples=state.consumed_samples,
@@ -177,9 +170,7 @@ class Checkpointer:
         if dist.get_rank() == 0:
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 f.write(self.cfg.to_yaml())
-            if self.hf_config is not None:
-                with open(os.path.join(tmp, "model_config.json"), "w") as f:
-                    json.dump(self.hf_config, f, indent=1)
+            self._copy_hf_assets(tmp)
             if os.path.isdir(final):  # the same iteration saved again (after a resume)
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -192,6 +183,26 @@ class Checkpointer:
             self._prune(state.iteration)
         dist.barrier()
         return final
+
+    def _conversion_metadata(self) -> dict:
+        from megatron_attnedit.models.qwen3 import padded_vocab_size
+
+        lay = self._layout()
+        tp, pp, ep = (lay[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
+        dtype = next(p for m in self.models for p in _unwrap(m).parameters()).dtype
+        meta = ckpt_dirs.conversion_metadata(self.hf_config, tp, pp, ep, padded_vocab_size(self.hf_config["vocab_size"], tp),
+                                             "torch_dist", dtype, target=self.cfg.target.name)
+        meta["target_options"] = dict(self.cfg.target.options)
+        return meta
+
+    def _copy_hf_assets(self, iter_path: str) -> None:
+        """HF config/tokenizer files next to the weights (from model.hf_dir, else the tokenizer)."""
+        src = self.cfg.model.hf_dir or self.cfg.tokenizer_dir
+        if src and os.path.isdir(src):
+            ckpt_dirs.copy_hf_assets(src, iter_path)
+        elif src and src.endswith(".model") and os.path.isfile(src):
+            os.makedirs(os.path.join(iter_path, ckpt_dirs.ASSETS), exist_ok=True)
+            shutil.copyfile(src, os.path.join(iter_path, ckpt_dirs.ASSETS, "tokenizer.model"))
 
     def _prune(self, newest: int) -> None:
         keep = self.cfg.checkpoint.keep_last_n
@@ -266,39 +277,8 @@ def _unshare_adam_steps(optimizer) -> None:
 
 
 def load_model_weights(models, path: str) -> str:
-    """Initialise ``models`` from the model part of a megatron checkpoint (root or iteration dir)."""
-    fn = _converter_loader()
-    if fn is not None:
-        for m in models:
-            fn(_unwrap(m), path)
-        return path
-    from megatron.core import dist_checkpointing
-
-    d = resolve_checkpoint_dir(path)
-    sd = _model_sharded_state_dict(models)
-    try:
-        loaded = dist_checkpointing.load(sd, d)
-    except Exception as e:  # megatron raises assorted errors for missing keys / shapes
-        raise CheckpointError(f"cannot load model weights from {d}: {str(e).splitlines()[0][:300]}") from None
-    _load_model_state(models, loaded)
-    return d
-
-
-def _converter_loader():
-    """``load_mcore_checkpoint_into_model`` of megatron_attnedit.convert, when that exists."""
-    import importlib
-    import pkgutil
-
-    import megatron_attnedit.convert as pkg
-
-    name = "load_mcore_checkpoint_into_model"
-    if hasattr(pkg, name):
-        return getattr(pkg, name)
-    for info in pkgutil.iter_modules(pkg.__path__):
-        try:
-            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        except ImportError:
-            continue
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    return None
+    """Initialise ``models`` from the model part of a megatron checkpoint (a save directory or one
+    iteration directory) written by this loop or by checkpoints_tools/hf_to_mcore.py."""
+    for m in models:
+        meta = ckpt_dirs.load_mcore_checkpoint_into_model(_unwrap(m), path)
+    return meta["iter_dir"]

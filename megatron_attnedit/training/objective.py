@@ -191,13 +191,13 @@ class LMObjective(Objective):
 
     def build(self, cfg: Config, plat) -> List[torch.nn.Module]:
         hf = hf_config(cfg)
-        attention_for_layer = None
         if cfg.target.name:
-            from megatron_attnedit.attention import targets  # the attention-target registry
+            from megatron_attnedit.attention.targets import TargetConfig
+            from megatron_attnedit.models.student import build_student
 
-            attention_for_layer = targets.attention_for_layer(hf, build_options(cfg, plat), cfg.target.name, cfg.target.options)
-        model = build_gpt(cfg, plat, hf, attention_for_layer)
-        if cfg.model.hf_dir and not cfg.model.random_init and not cfg.target.name:
+            return [build_student(hf, TargetConfig(cfg.target.name, dict(cfg.target.options)), build_options(cfg, plat))]
+        model = build_gpt(cfg, plat, hf)
+        if cfg.model.hf_dir and not cfg.model.random_init:
             load_hf_weights(model, cfg.model.hf_dir, hf)
         return [model]
 
