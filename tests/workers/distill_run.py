@@ -29,7 +29,8 @@ def parse():
     ap.add_argument("--data-pool", type=int, default=0, help="draw batches from this many fixed micro-batches (0: fresh each step)")
     ap.add_argument("--save-init", default=None, help="write the student's initial trainable weights here")
     ap.add_argument("--load-init", default=None, help="start the student from weights written by --save-init")
-    ap.add_argument("--perturb-layer", type=int, default=None, help="add noise to this global layer's attention first")
+    ap.add_argument("--perturb-layer", type=int, default=None,
+                    help="before training: stage-1 metrics of the first batch with and without noise on this layer's attention")
     ap.add_argument("--out", required=True)
     return ap.parse_args()
 
@@ -39,6 +40,44 @@ def global_named_trainable(student):
 
     off, eoff = rank_offsets(student)
     return {global_name(n, off, eoff): p for n, p in student.named_parameters() if p.requires_grad}
+
+
+def reduced(metrics):
+    """[sum, count] pairs summed over all ranks, divided."""
+    names = sorted(metrics)
+    vec = torch.stack([metrics[n] for n in names]).double()
+    torch.distributed.all_reduce(vec)
+    return {n: (vec[i, 0] / vec[i, 1]).item() for i, n in enumerate(names)}
+
+
+def teacher_forcing_check(a, stage, student, named, vocab):
+    """Stage-1 metrics on one batch, then again after adding noise to one layer's attention
+    (restored afterwards): only that layer's loss may change."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_attnedit.models import forward
+
+    tok = torch.randint(0, vocab, (a.mbs, a.seq), generator=torch.Generator().manual_seed(5))
+    batch = {"tokens": tok, "labels": tok, "position_ids": forward.position_ids(tok), "loss_mask": torch.ones(a.mbs, a.seq)}
+
+    def measure():
+        with torch.no_grad():
+            get_forward_backward_func()(forward_step_func=stage.forward_step, data_iterator=iter([batch]), model=[student],
+                                        num_microbatches=1, seq_length=a.seq, micro_batch_size=a.mbs, forward_only=True)
+        return reduced(stage.step_metrics())
+
+    before = measure()
+    saved = {k: p.detach().clone() for k, p in named.items()}
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for k, p in named.items():
+            if k.startswith(f"decoder.layers.{a.perturb_layer}."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    after = measure()
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(saved[k])
+    return {"before": before, "after": after}
 
 
 def main():
@@ -85,13 +124,6 @@ def main():
         with torch.no_grad():
             for k, p in named.items():
                 p.copy_(init[k])
-    if a.perturb_layer is not None:
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for k, p in named.items():
-                if k.startswith(f"decoder.layers.{a.perturb_layer}."):
-                    p.add_(torch.randn(p.shape, generator=g) * 0.5)
-
     if a.stage == 1:
         from megatron_attnedit.distill.stage1 import Stage1
 
@@ -100,6 +132,9 @@ def main():
         from megatron_attnedit.distill.stage2 import Stage2
 
         stage = Stage2(pair, **json.loads(a.stage2_options))
+    perturb = None
+    if a.perturb_layer is not None:
+        perturb = teacher_forcing_check(a, stage, student, named, hf["vocab_size"])
     opt = torch.optim.Adam(pair.trainable_parameters(), lr=a.lr)
     gen = torch.Generator().manual_seed(99)
     V = hf["vocab_size"]
@@ -122,15 +157,12 @@ def main():
             p.grad = None
         fb(forward_step_func=stage.forward_step, data_iterator=iter(batches), model=[student],
            num_microbatches=a.micro_batches, seq_length=a.seq, micro_batch_size=a.mbs, forward_only=False)
-        metrics = stage.step_metrics()
-        # [sum, count] pairs: sum over all ranks, divide
-        names = sorted(metrics)
-        vec = torch.stack([metrics[n] for n in names]).double()
-        torch.distributed.all_reduce(vec)
-        history.append({n: (vec[i, 0] / vec[i, 1]).item() for i, n in enumerate(names)})
+        history.append(reduced(stage.step_metrics()))
         opt.step()
     if torch.distributed.get_rank() == 0:
-        torch.save({"metrics": history, "storages": store}, a.out)
+        torch.save({"metrics": history, "storages": store, "perturb": perturb,
+                    "n_trainable": sum(p.numel() for p in pair.trainable_parameters()),
+                    "n_student": sum(p.numel() for p in student.parameters())}, a.out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

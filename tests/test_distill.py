@@ -1,0 +1,179 @@
+"""Progressive distillation on CPU: co-location, stage 1 (teacher-forced, layer-wise) and stage 2 (KL).
+
+Two drivers:
+* ``workers/distill_run.py`` runs the objectives under megatron's schedule with a plain Adam on a
+  fixed pool of micro-batches: fitting power of every layer, teacher forcing, storage sharing.
+* the training loop itself (``megatron_attnedit/train.py`` under torchrun) on a small indexed
+  dataset: stage 1 -> checkpoint -> stage 2, and the same first losses at TP=2 and PP=2 as at TP=1.
+"""
+
+import json
+import os
+import types
+
+import pytest
+import torch
+
+from conftest import torchrun
+
+TRAIN = "distill_train.py"
+MLA_RANDOM = {"kv_lora_rank": 32, "init": "random"}
+GATE_SWA = {"window": 8, "pattern": "SSSF"}
+
+
+def drive(tmp_path, hf_dir, *args, nproc=1):
+    out = tmp_path / f"run{len(list(tmp_path.glob('run*.pt')))}.pt"
+    torchrun("distill_run.py", "--hf-dir", hf_dir, "--out", out, *args, nproc=nproc)
+    return torch.load(out)
+
+
+def layer_losses(metrics):
+    return {k: v for k, v in metrics.items() if k.startswith("stage1/layer_")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 1 mechanics (schedule driver)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target,options", [("mla", MLA_RANDOM), ("gate_swa", GATE_SWA)], ids=["mla", "gate_swa"])
+def test_stage1_halves_every_layer_and_shares_frozen_weights(tiny_hf, tmp_path, target, options):
+    r = drive(tmp_path, tiny_hf["dense"], "--target", target, "--target-options", json.dumps(options),
+              "--steps", 30, "--lr", 3e-3, "--data-pool", 2, "--perturb-layer", 1)
+    first, last = layer_losses(r["metrics"][0]), layer_losses(r["metrics"][-1])
+    assert len(first) == 4
+    for name, v0 in first.items():
+        if v0 < 1e-6:  # a layer that starts equal to the teacher (GateSWA's full layer) stays there
+            assert last[name] < 1e-6, (name, v0, last[name])
+        else:
+            assert last[name] <= 0.5 * v0, f"{target} {name}: normalized MSE {v0:.4f} -> {last[name]:.4f}, not halved"
+    # one copy of every frozen weight: the pair holds the teacher's storages plus the new attention
+    s = r["storages"]
+    assert s["pair"] == s["teacher"] + s["attention"], s
+    assert {"embedding", "output_layer", "decoder.final_layernorm", "decoder.layers.0.mlp"} <= set(s["shared"])
+    # teacher forcing: noise on layer 1's attention changes layer 1's loss and nothing else
+    before, after = r["perturb"]["before"], r["perturb"]["after"]
+    assert after["stage1/layer_01"] > 2 * before["stage1/layer_01"] + 1e-3
+    for name in ("stage1/layer_00", "stage1/layer_02", "stage1/layer_03"):
+        assert after[name] == before[name], name
+
+
+def test_sharing_with_moe_teacher(tiny_hf, tmp_path):
+    r = drive(tmp_path, tiny_hf["moe"], "--target", "gate_swa", "--target-options", json.dumps(GATE_SWA), "--steps", 2)
+    s = r["storages"]
+    assert s["pair"] == s["teacher"] + s["attention"], s
+    assert "decoder.layers.1.mlp" in s["shared"]  # routed experts + router: one copy
+    assert all(v == v for v in r["metrics"][-1].values())
+
+
+def test_stage2_lowers_kl(tiny_hf, tmp_path):
+    r = drive(tmp_path, tiny_hf["dense"], "--stage", 2, "--stage2-options", json.dumps({"feature_layers": [1, -1]}),
+              "--target", "mla", "--target-options", json.dumps(MLA_RANDOM), "--steps", 15, "--data-pool", 2, "--lr", 3e-3)
+    first, last = r["metrics"][0], r["metrics"][-1]
+    assert last["stage2/kl"] < 0.5 * first["stage2/kl"], (first, last)
+    assert last["stage2/feature"] < first["stage2/feature"], (first, last)
+    s = r["storages"]
+    assert s["pair"] == s["teacher"] + s["attention"], s
+
+
+def test_stage2_trainable_all_gives_the_student_its_own_copy(tiny_hf, tmp_path):
+    r = drive(tmp_path, tiny_hf["dense"], "--stage", 2, "--stage2-options", json.dumps({"trainable": "all", "topk": 8}),
+              "--target", "mla", "--target-options", json.dumps(MLA_RANDOM), "--steps", 2, "--data-pool", 2, "--lr", 1e-3)
+    s = r["storages"]
+    assert s["shared"] == [] and s["pair"] == s["teacher"] + s["student_alone"], s
+    assert r["n_trainable"] == r["n_student"]
+    assert r["metrics"][1]["stage2/kl"] < r["metrics"][0]["stage2/kl"]
+
+
+def test_mismatched_teacher_and_student_give_one_clear_line():
+    from megatron_attnedit.distill.colocate import DistillError, check_configs, check_pair
+    from megatron_attnedit.models.qwen3 import config_for_preset
+
+    cfg = config_for_preset("qwen3-debug")
+    for key, value, what in (("vocab_size", 512, "vocabulary size"), ("hidden_size", 128, "hidden size")):
+        with pytest.raises(DistillError) as e:
+            check_configs(cfg, dict(cfg, **{key: value}))
+        msg = str(e.value)
+        assert "\n" not in msg and what in msg and str(value) in msg
+
+    def fake(vocab, hidden):
+        return types.SimpleNamespace(vocab_size=vocab, config=types.SimpleNamespace(hidden_size=hidden),
+                                     decoder=types.SimpleNamespace(layers=[0, 0]))
+
+    with pytest.raises(DistillError, match=r"vocabulary size differ \(256 vs 300\)"):
+        check_pair(fake(256, 64), fake(300, 64))
+    with pytest.raises(DistillError, match=r"hidden size differ \(64 vs 32\)"):
+        check_pair(fake(256, 64), fake(256, 32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the training loop: stage 1 -> checkpoint -> stage 2, at TP=1, TP=2 and PP=2
+# ------------------------------------------------------------------------------------------------
+
+RECIPE = """
+model: {{hf_dir: {teacher}}}
+target: {{name: mla, options: {{kv_lora_rank: 32, init: random}}}}
+data: {{data_path: [{prefix}], tokenizer_dir: {tokenizer}, split: "100,0,0", seq_length: 32, micro_batch_size: 2, global_batch_size: 4}}
+optimizer: {{lr: 3.0e-3, min_lr: 3.0e-4, lr_warmup_iters: 0, lr_decay_style: constant, weight_decay: 0.0, clip_grad: 1.0}}
+training: {{train_iters: 10, log_interval: 1, seed: 1234, platform: cpu}}
+checkpoint: {{save_interval: 0, keep_last_n: 1}}
+monitor: {{wandb_mode: disabled}}
+stages:
+  stage1: {{}}
+  stage2:
+    optimizer: {{lr: 1.0e-3}}
+    objective: {{options: {{feature_layers: [1]}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def loop(tiny_hf, tmp_path_factory):
+    """Runs the loop once per (stage, layout) on demand and caches its per-step metrics."""
+    from training_data import make_corpus
+
+    base = tmp_path_factory.mktemp("distill_loop")
+    corpus = make_corpus(str(base / "data"), n_docs=60)
+    recipe = base / "distill.yaml"
+    recipe.write_text(RECIPE.format(teacher=tiny_hf["dense"], prefix=corpus["prefix"], tokenizer=corpus["tokenizer"]))
+    cache = {}
+
+    def run(stage, tp=1, pp=1):
+        key = (stage, tp, pp)
+        if key not in cache:
+            run_dir = base / f"{stage}_tp{tp}_pp{pp}"
+            sets = [f"training.run_dir={run_dir}", f"parallel.tensor_model_parallel_size={tp}",
+                    f"parallel.pipeline_model_parallel_size={pp}"]
+            if stage == "stage2":
+                run("stage1")  # every layout starts stage 2 from the TP=1 stage-1 checkpoint
+                sets.append(f"checkpoint.pretrained_checkpoint={base / 'stage1_tp1_pp1' / 'checkpoints'}")
+            torchrun(TRAIN, "--recipe", recipe, "--stage", stage, "--set", *sets, nproc=tp * pp)
+            with open(run_dir / "metrics.jsonl") as f:
+                cache[key] = [json.loads(line) for line in f]
+        return cache[key]
+
+    return run
+
+
+def test_loop_stage1_lowers_loss(loop):
+    m = loop("stage1")
+    assert len(m) == 10 and all("stage1/layer_03" in x for x in m)
+    assert m[-1]["loss"] < 0.6 * m[0]["loss"], [x["loss"] for x in m]
+
+
+def test_loop_stage2_runs_from_the_stage1_checkpoint(loop):
+    m = loop("stage2")
+    assert len(m) == 10 and {"stage2/kl", "stage2/feature"} <= set(m[0])
+    for x in m:  # the whole-model loss is KL + the feature term (of a layer on pipeline stage 0 at PP=2)
+        assert abs(x["loss"] - x["stage2/kl"] - x["stage2/feature"]) < 1e-6 * max(1.0, x["loss"])
+    # a student fresh from stage 1 is already close to the teacher (an untrained one is at ~0.05)
+    assert max(x["stage2/kl"] for x in m) < 0.03
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_loop_layouts_give_tp1_losses(loop, stage, tp, pp):
+    ref = [x["loss"] for x in loop(stage)]
+    got = [x["loss"] for x in loop(stage, tp, pp)]
+    assert len(got) == len(ref) == 10
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert abs(a - b) <= 0.01 * abs(a), f"{stage} TP={tp} PP={pp} step {i + 1}: {b} vs TP=1 {a}"
