@@ -106,22 +106,38 @@ def test_mismatched_teacher_and_student_give_one_clear_line():
         check_pair(fake(256, 64), fake(256, 32))
 
 
+def test_loading_changed_shared_weights_is_refused():
+    from megatron_attnedit.distill.colocate import Colocated, DistillError
+
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    student = torch.nn.Sequential(teacher[0], torch.nn.Linear(4, 4))  # layer 0 shared
+    pair = Colocated(teacher=teacher, student=student, shared=["0"], trainable="attention")
+    pair.fingerprint = pair.shared_fingerprint()
+    with torch.no_grad():
+        student[1].weight.add_(1.0)  # the student's own weights may change
+        student[0].weight.copy_(student[0].weight.clone())  # equal values (a checkpoint of this pairing)
+    pair.check_shared_unchanged()
+    with torch.no_grad():
+        student[0].weight.add_(1e-3)  # a checkpoint trained with trainable=all
+    with pytest.raises(DistillError, match="trainable=all"):
+        pair.check_shared_unchanged()
+
+
 # ------------------------------------------------------------------------------------------------
 # Through the training loop: stage 1 -> checkpoint -> stage 2, at TP=1, TP=2 and PP=2
 # ------------------------------------------------------------------------------------------------
 
 RECIPE = """
 model: {{hf_dir: {teacher}}}
-target: {{name: mla, options: {{kv_lora_rank: 32, init: random}}}}
+target: {{name: mla, options: {{kv_lora_rank: 32, init: svd}}}}
 data: {{data_path: [{prefix}], tokenizer_dir: {tokenizer}, split: "100,0,0", seq_length: 32, micro_batch_size: 2, global_batch_size: 4}}
-optimizer: {{lr: 3.0e-3, min_lr: 3.0e-4, lr_warmup_iters: 0, lr_decay_style: constant, weight_decay: 0.0, clip_grad: 1.0}}
+optimizer: {{lr: 3.0e-4, min_lr: 3.0e-5, lr_warmup_iters: 0, lr_decay_style: constant, weight_decay: 0.0, clip_grad: 1.0}}
 training: {{train_iters: 10, log_interval: 1, seed: 1234, platform: cpu}}
 checkpoint: {{save_interval: 0, keep_last_n: 1}}
 monitor: {{wandb_mode: disabled}}
 stages:
   stage1: {{}}
   stage2:
-    optimizer: {{lr: 1.0e-3}}
     objective: {{options: {{feature_layers: [1]}}}}
 """
 
@@ -157,7 +173,8 @@ def loop(tiny_hf, tmp_path_factory):
 def test_loop_stage1_lowers_loss(loop):
     m = loop("stage1")
     assert len(m) == 10 and all("stage1/layer_03" in x for x in m)
-    assert m[-1]["loss"] < 0.6 * m[0]["loss"], [x["loss"] for x in m]
+    loss = [x["loss"] for x in m]
+    assert sum(loss[-3:]) < 0.9 * sum(loss[:3]), loss
 
 
 def test_loop_stage2_runs_from_the_stage1_checkpoint(loop):
@@ -165,8 +182,7 @@ def test_loop_stage2_runs_from_the_stage1_checkpoint(loop):
     assert len(m) == 10 and {"stage2/kl", "stage2/feature"} <= set(m[0])
     for x in m:  # the whole-model loss is KL + the feature term (of a layer on pipeline stage 0 at PP=2)
         assert abs(x["loss"] - x["stage2/kl"] - x["stage2/feature"]) < 1e-6 * max(1.0, x["loss"])
-    # a student fresh from stage 1 is already close to the teacher (an untrained one is at ~0.05)
-    assert max(x["stage2/kl"] for x in m) < 0.03
+    assert max(x["stage2/kl"] for x in m) < 0.03  # a student fresh from stage 1 is close to the teacher
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])

@@ -51,8 +51,36 @@ class Colocated:
     trainable: str  # "attention" | "all"
     vocab_size: Optional[int] = None  # the real (unpadded) vocabulary size, for the losses
 
+    fingerprint: Optional[torch.Tensor] = None  # of the shared weights, taken when they were shared
+
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
+
+    def shared_fingerprint(self) -> Optional[torch.Tensor]:
+        """A float64 checksum per shared module (one pass over the shared weights)."""
+        if not self.shared:
+            return None
+        s = _unwrap(self.student)
+        return torch.stack([
+            sum((t.detach().double().sum() for t in _tensors(s.get_submodule(path))), torch.zeros((), dtype=torch.float64))
+            for path in self.shared
+        ])
+
+    def check_shared_unchanged(self) -> None:
+        """A checkpoint loaded into the student writes into the weights it shares with the teacher
+        (they are the same tensors). From a checkpoint of this pairing that writes equal values;
+        from one where those weights trained (``trainable: all``) it would silently change the
+        teacher -- refuse that with one line."""
+        if self.fingerprint is None:
+            return
+        now = self.shared_fingerprint()
+        changed = [p for p, a, b in zip(self.shared, self.fingerprint.tolist(), now.tolist()) if a != b]
+        if changed:
+            raise DistillError(
+                f"the checkpoint loaded into the student changed weights it shares with the frozen teacher "
+                f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); it was trained with more than the "
+                "attention, so continue from it with objective.options.trainable=all"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +142,9 @@ def colocate(
     shared = share_frozen_modules(teacher, student) if trainable == "attention" else []
     if not attention:
         raise DistillError(f"target {getattr(target, 'name', target)!r} reports no trainable attention parameters on this rank")
-    return Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable, vocab_size=int(hf_cfg["vocab_size"]))
+    pair = Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable, vocab_size=int(hf_cfg["vocab_size"]))
+    pair.fingerprint = pair.shared_fingerprint()
+    return pair
 
 
 def check_configs(teacher_cfg: dict, student_cfg: dict) -> None:
@@ -230,6 +260,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
     return model
+
+
+def _tensors(module: torch.nn.Module) -> List[torch.Tensor]:
+    return list(module.parameters()) + list(module.buffers())
 
 
 def _params(items: Iterable) -> Iterable[torch.nn.Parameter]:

@@ -102,6 +102,7 @@ class Stage1:
         self.rotary = None
         self.training = True
         self.capture = _Capture(self)
+        self._checked = False
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -109,6 +110,9 @@ class Stage1:
         self._micro_batches = 0
 
     def forward_step(self, data_iterator, model):
+        if not self._checked:  # checkpoints are loaded after build(), before the first step
+            self.pair.check_shared_unchanged()
+            self._checked = True
         batch = next(data_iterator)
         tokens, position_ids = batch["tokens"], batch["position_ids"]
         input_tensor = self.student.decoder.input_tensor  # set by the schedule (None on stage 0)

@@ -106,6 +106,7 @@ class Stage2:
         if self.pp > 1:
             cfg.variable_seq_lengths = True  # the pipeline tensor is [s, 2b, h] (teacher + student)
         self.device = next(self.teacher.parameters()).device
+        self._checked = False
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -113,6 +114,9 @@ class Stage2:
         self._micro_batches = 0
 
     def forward_step(self, data_iterator, model):
+        if not self._checked:  # checkpoints are loaded after build(), before the first step
+            self.pair.check_shared_unchanged()
+            self._checked = True
         batch = next(data_iterator)
         tokens, position_ids = batch["tokens"], batch["position_ids"]
         input_tensor = self.student.decoder.input_tensor  # set by the schedule (None on stage 0)
