@@ -9,12 +9,13 @@ before anything is saved, so the last good checkpoint stays the latest one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -105,7 +106,25 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def setup(cfg: Config):
+@dataclasses.dataclass
+class Run:
+    """Everything a step needs, built once by ``setup``."""
+
+    plat: Any
+    objective: objective_lib.Objective
+    models: List[torch.nn.Module]  # DDP-wrapped chunks of the trained model
+    optimizer: Any
+    scheduler: Any
+    checkpointer: ckpt_lib.Checkpointer
+    state: ckpt_lib.TrainState
+    train: data_lib.MicroBatches
+    valid: Optional[Callable[[], data_lib.MicroBatches]]  # fresh from the start of the split per evaluation
+    num_micro: int  # micro-batches per step per data-parallel rank
+    n_train: int
+    resumed: bool
+
+
+def setup(cfg: Config) -> Run:
     """Platform, process groups, objective, models, optimizer, checkpoint, data: ready to step."""
     p = cfg.parallel
     plat = platform.init_platform(cfg.training.platform)
@@ -134,8 +153,8 @@ def setup(cfg: Config):
         for name, param in m.named_parameters():
             param.requires_grad_(bool(objective.is_trainable(name, param)))
             n_train += param.numel() if param.requires_grad else 0
-    counts = torch.tensor([n_train], dtype=torch.long)
-    dist.all_reduce(counts)
+    counts = torch.tensor([n_train], dtype=torch.long, device=plat.device)
+    dist.all_reduce(counts, group=ps.get_model_parallel_group())  # one replica's parameters
     if counts.item() == 0:
         raise ConfigError(f"objective {cfg.objective.name!r} marks no parameter as trainable")
 
@@ -158,9 +177,9 @@ def setup(cfg: Config):
     n_evals = t.train_iters // t.eval_interval + 1 if t.eval_interval else 0
     train_ds, valid_ds = data_lib.build_datasets(cfg, tokenizer, t.train_iters * gb, n_evals and t.eval_iters * gb)
     batches = lambda ds, consumed: data_lib.MicroBatches(ds, consumed, d.micro_batch_size, gb, ps.get_data_parallel_rank(), dp, plat.device)  # noqa: E731
-    return dict(plat=plat, objective=objective, models=models, optimizer=optimizer, scheduler=scheduler, checkpointer=checkpointer,
-                state=state, train=batches(train_ds, state.consumed_samples), valid=valid_ds and (lambda: batches(valid_ds, 0)),
-                num_micro=gb // (d.micro_batch_size * dp), n_train=counts.item(), resumed=state.iteration > 0)
+    return Run(plat=plat, objective=objective, models=models, optimizer=optimizer, scheduler=scheduler, checkpointer=checkpointer,
+               state=state, train=batches(train_ds, state.consumed_samples), valid=valid_ds and (lambda: batches(valid_ds, 0)),
+               num_micro=gb // (d.micro_batch_size * dp), n_train=int(counts.item()), resumed=state.iteration > 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,13 +187,13 @@ def setup(cfg: Config):
 # ------------------------------------------------------------------------------------------------
 
 
-def _forward_backward(s: dict, cfg: Config, batches, forward_only: bool, collector: MetricCollector) -> Dict[str, float]:
+def _forward_backward(s: Run, cfg: Config, batches, forward_only: bool, collector: MetricCollector) -> Dict[str, float]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    objective = s["objective"]
+    objective = s.objective
     fb = objective.forward_backward_func() if hasattr(objective, "forward_backward_func") else get_forward_backward_func()
-    fb(forward_step_func=collector.wrap(objective.forward_step), data_iterator=batches, model=s["models"],
-       num_microbatches=s["num_micro"], seq_length=cfg.data.seq_length, micro_batch_size=cfg.data.micro_batch_size,
+    fb(forward_step_func=collector.wrap(objective.forward_step), data_iterator=batches, model=s.models,
+       num_microbatches=s.num_micro, seq_length=cfg.data.seq_length, micro_batch_size=cfg.data.micro_batch_size,
        forward_only=forward_only)
     local = collector.take()
     for k, v in (objective.step_metrics() if hasattr(objective, "step_metrics") else {}).items():
@@ -183,30 +202,30 @@ def _forward_backward(s: dict, cfg: Config, batches, forward_only: bool, collect
     return reduce_metrics(local)
 
 
-def train_step(s: dict, cfg: Config) -> Dict[str, float]:
-    models, optimizer = s["models"], s["optimizer"]
+def train_step(s: Run, cfg: Config) -> Dict[str, float]:
+    models, optimizer = s.models, s.optimizer
     for m in models:
         m.train()
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics = _forward_backward(s, cfg, s["train"].step(), False, MetricCollector())
-    it = s["state"].iteration + 1
+    metrics = _forward_backward(s, cfg, s.train.step(), False, MetricCollector())
+    it = s.state.iteration + 1
     if not math.isfinite(metrics.get("loss", 0.0)):
         raise TrainingStopped(f"loss is {metrics.get('loss')} at iteration {it}")
     _, grad_norm, _ = optimizer.step()
     if grad_norm is not None and not math.isfinite(grad_norm):
         raise TrainingStopped(f"gradient norm is {grad_norm} at iteration {it}")
-    s["scheduler"].step(increment=1)
+    s.scheduler.step(increment=1)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = max(g["lr"] for g in optimizer.param_groups)
     return metrics
 
 
 @torch.no_grad()
-def evaluate(s: dict, cfg: Config) -> Dict[str, float]:
-    for m in s["models"]:
+def evaluate(s: Run, cfg: Config) -> Dict[str, float]:
+    for m in s.models:
         m.eval()
-    collector, valid, sums = MetricCollector(), s["valid"](), defaultdict(float)
+    collector, valid, sums = MetricCollector(), s.valid(), defaultdict(float)
     for _ in range(cfg.training.eval_iters):
         for k, v in _forward_backward(s, cfg, valid.step(), True, collector).items():
             sums[k] += v / cfg.training.eval_iters
@@ -216,11 +235,11 @@ def evaluate(s: dict, cfg: Config) -> Dict[str, float]:
 def train(cfg: Config) -> Dict[str, float]:
     """Run (or resume) the training described by ``cfg``; returns the last logged metrics."""
     s = setup(cfg)
-    state, t, ckpt = s["state"], cfg.training, s["checkpointer"]
+    state, t, ckpt = s.state, cfg.training, s.checkpointer
     monitor = Monitor(cfg, dist.get_rank())
-    monitor.print(f"{cfg.name}: objective {cfg.objective.name}, {s['n_train']:,} trainable parameters, "
-                  f"{'resumed at' if s['resumed'] else 'starting at'} iteration {state.iteration}/{t.train_iters}, "
-                  f"{s['num_micro']} micro-batch(es) per step per data-parallel rank, run dir {cfg.run_dir}")
+    monitor.print(f"{cfg.name}: objective {cfg.objective.name}, {s.n_train:,} trainable parameters, "
+                  f"{'resumed at' if s.resumed else 'starting at'} iteration {state.iteration}/{t.train_iters}, "
+                  f"{s.num_micro} micro-batch(es) per step per data-parallel rank, run dir {cfg.run_dir}")
     monitor.start_progress(state.iteration, t.train_iters)
     window, logged = defaultdict(float), {}
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
@@ -235,16 +254,16 @@ def train(cfg: Config) -> Dict[str, float]:
                 window[k] += v
             n_window += 1
             if state.iteration % t.log_interval == 0 or state.iteration == t.train_iters:
-                s["plat"].synchronize()
+                s.plat.synchronize()
                 elapsed = time.time() - start
                 logged = {k: v / n_window for k, v in window.items()}
                 logged.update(lr=metrics["lr"], tokens_per_s=tokens_per_step * n_window / elapsed, samples=state.consumed_samples)
-                mem = memory_gb(s["plat"])
+                mem = memory_gb(s.plat)
                 if mem is not None:
                     logged["mem_gb"] = mem
                 monitor.log(state.iteration, logged)
                 window, n_window, start = defaultdict(float), 0, time.time()
-            if s["valid"] and t.eval_interval and state.iteration % t.eval_interval == 0:
+            if s.valid and t.eval_interval and state.iteration % t.eval_interval == 0:
                 val = evaluate(s, cfg)
                 monitor.log(state.iteration, val)
                 logged.update(val)
