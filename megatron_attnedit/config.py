@@ -88,6 +88,9 @@ class DataConfig:
     """Blend weights, one per prefix (normalised); None = proportional to dataset size."""
     split: str = "99,1,0"
     """Train, validation, test proportions of every dataset (documents), megatron's --split."""
+    valid_data_path: Optional[List[str]] = None
+    """Separate validation prefixes (megatron's --valid-data-path, e.g. a file-level held-out set);
+    when given, data_path is all training data and split is not used."""
     seq_length: int = 2048
     """Tokens per sample."""
     micro_batch_size: int = 1

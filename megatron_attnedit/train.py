@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         from megatron_attnedit.training.data import check_prefixes
 
         cfg = load_config(a.recipe, overrides, a.stage)
-        check_prefixes(cfg.data.data_path)  # before anything heavy starts
+        check_prefixes(cfg.data.data_path + (cfg.data.valid_data_path or []))  # before anything heavy starts
         from megatron_attnedit.training.loop import train
 
         train(cfg)

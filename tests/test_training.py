@@ -135,9 +135,12 @@ def test_resume_after_sigkill_is_exact(straight, corpus, tiny_hf, tmp_path):
 
 
 def test_two_node_launch_and_wandb_offline_metrics(corpus, tiny_hf, tmp_path):
+    """Also: a weighted blend of two datasets and a separate validation set."""
     run = tmp_path / "run"
     port = free_port()
-    args = overrides(corpus, tiny_hf["dense"], run, "training.train_iters=3", "monitor.wandb_mode=offline", "checkpoint.save_interval=0")[2:]
+    args = overrides(corpus, tiny_hf["dense"], run, "training.train_iters=3", "monitor.wandb_mode=offline", "checkpoint.save_interval=0",
+                     f"data.data_path=[{corpus['prefix']}, {corpus['prefix2']}]", "data.data_weights=[0.7, 0.3]",
+                     f"data.valid_data_path=[{corpus['prefix2']}]", "training.eval_interval=3", "training.eval_iters=1")[2:]
     procs = []
     for node in (0, 1):
         env = dict(ENV, NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC_PER_NODE="1", PLATFORM="cpu")
@@ -151,8 +154,10 @@ def test_two_node_launch_and_wandb_offline_metrics(corpus, tiny_hf, tmp_path):
     assert "iter 3/3 | loss" in out
     metrics = read_metrics(str(run))
     assert sorted(metrics) == [1, 2, 3]
-    rows = [r for r in read_wandb_history(str(run)) if "loss" in r]
+    history = read_wandb_history(str(run))
+    rows = [r for r in history if "loss" in r]
     assert [r["_step"] for r in rows] == [1, 2, 3]
+    assert [r["_step"] for r in history if "val_loss" in r] == [3] and metrics[3]["val_loss"] > 0
     for r in rows:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gb"):
             assert r[key] == pytest.approx(metrics[r["_step"]][key]), key

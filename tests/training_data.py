@@ -40,7 +40,8 @@ def train_tokenizer(out_dir: str, vocab_size: int = 120, seed: int = 1) -> str:
 
 
 def make_corpus(out_dir: str, n_docs: int = 400) -> dict:
-    """{'tokenizer': .model path, 'prefix': dataset prefix} (preprocess_data.py run in-process)."""
+    """{'tokenizer': .model path, 'prefix': dataset prefix, 'prefix2': a smaller second one}
+    (preprocess_data.py run in-process)."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints_tools"))
@@ -51,4 +52,7 @@ def make_corpus(out_dir: str, n_docs: int = 400) -> dict:
     write_jsonl(jsonl, n_docs)
     prefix = os.path.join(out_dir, "corpus")
     preprocess_data.main(["--input", jsonl, "--tokenizer-dir", tok, "--output-prefix", prefix])
-    return {"tokenizer": tok, "prefix": prefix}
+    jsonl2 = os.path.join(out_dir, "corpus2.jsonl")
+    write_jsonl(jsonl2, 60, seed=7)
+    preprocess_data.main(["--input", jsonl2, "--tokenizer-dir", tok, "--output-prefix", prefix + "2"])
+    return {"tokenizer": tok, "prefix": prefix, "prefix2": prefix + "2"}

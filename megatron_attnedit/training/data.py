@@ -105,14 +105,16 @@ def build_datasets(cfg, tokenizer: Tokenizer, train_samples: int, valid_samples:
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     d = cfg.data
-    split = [float(x) for x in d.split.replace("/", ",").split(",")]
-    if split[1] == 0:
-        valid_samples = 0
+    train_blend = (list(d.data_path), list(d.data_weights) if d.data_weights else None)
+    if d.valid_data_path:  # a held-out set of its own
+        layout = dict(blend_per_split=[train_blend, (list(d.valid_data_path), None) if valid_samples else None, None])
+    else:
+        layout = dict(blend=train_blend, split=d.split)
+        if float(d.split.replace("/", ",").split(",")[1]) == 0:
+            valid_samples = 0
     config = GPTDatasetConfig(
         random_seed=cfg.training.seed,
         sequence_length=d.seq_length,
-        blend=(list(d.data_path), list(d.data_weights) if d.data_weights else None),
-        split=d.split,
         path_to_cache=os.path.join(cfg.run_dir, "data_cache"),
         tokenizer=tokenizer,
         reset_position_ids=False,
@@ -120,10 +122,12 @@ def build_datasets(cfg, tokenizer: Tokenizer, train_samples: int, valid_samples:
         eod_mask_loss=d.eod_mask_loss,
         create_attention_mask=False,  # causal attention needs no mask tensor
         mid_level_dataset_surplus=0.05,
+        **layout,
     )
-    sizes = [train_samples, valid_samples if valid_samples else None, None]
-    if d.data_weights:  # megatron: explicit weights need an explicit size for every split in use
-        sizes = [train_samples, valid_samples or (1 if split[1] else None), None]
+    # megatron: a blend with explicit weights needs an explicit size for every split it builds.
+    sizes = [train_samples, valid_samples or None, None]
+    if d.data_weights:
+        sizes = [train_samples, valid_samples or 1, 0]
     try:
         train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     except (AssertionError, ValueError, IndexError) as e:

@@ -148,14 +148,15 @@ def read_wandb_history(run_dir: str) -> List[Dict[str, float]]:
 
 
 def read_metrics(run_dir: str) -> Dict[int, Dict[str, float]]:
-    """metrics.jsonl of a run dir: iteration -> metrics (the last record wins after a resume)."""
+    """metrics.jsonl of a run dir: iteration -> metrics (records of one iteration merge; after a
+    resume, the later value of a metric wins)."""
     out: Dict[int, Dict[str, float]] = {}
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(path):
         for line in open(path):
             if line.strip():
                 rec = json.loads(line)
-                out[int(rec.pop("iteration"))] = rec
+                out.setdefault(int(rec.pop("iteration")), {}).update(rec)
     return out
 
 
