@@ -1,0 +1,16 @@
+"""Evaluation of teacher and students on their Hugging Face checkpoints.
+
+Entry point: ``python -m megatron_attnedit.evaluate`` (megatron_attnedit/evaluate.py).
+
+perplexity.py   evaluation tokens (megatron indexed dataset or text files), tokenizer checks, perplexity
+kv_measure.py   which attention a checkpoint has, KV bytes per token from the config (the targets'
+                formula) and as measured from cache tensors
+decode.py       greedy decode with a cache: tokens/s and the cache it leaves, for any HF causal LM
+mla_decode.py   MLA decode of a DeepSeek-format checkpoint with the latent cache and absorbed up-projections
+report.py       report.md + results.json
+plots.py        PNG plots (matplotlib, Agg): training curves and KV bytes against context length
+"""
+
+
+class EvalError(ValueError):
+    """A user-facing problem with the evaluation's input; one line saying what to do."""

@@ -1,0 +1,241 @@
+"""Compare a teacher and its students on their Hugging Face checkpoints; write a report.
+
+  python -m megatron_attnedit.evaluate --teacher HF_DIR --student [NAME=]HF_DIR [--student ...] \\
+      --data PREFIX | FILE... --report-dir DIR [--run-dir [LABEL=]DIR ...] [--max-tokens N] [--device cpu|cuda]
+
+Per model: held-out perplexity on the same tokens; KV-cache bytes per token from the config (the
+attention target's formula) and measured from the cache of a short greedy decode; decode tokens/s;
+parameters. MLA students (DeepSeek-format exports) decode with the latent cache and absorbed
+up-projections (eval/mla_decode.py), checked against the stock transformers forward. GateSWA
+students load with trust_remote_code (their config has an auto_map; the code ships in the
+checkpoint directory). Output in --report-dir: report.md, results.json, PNG plots (KV against
+context; stage-1 and stage-2 curves from --run-dir). Bad input stops with one ``error:`` line and
+exit code 2; a failed MLA decode check writes the report, then exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from typing import List, Optional, Tuple
+
+from megatron_attnedit.eval import EvalError
+
+TEACHER_TYPES = ("qwen3", "qwen3_moe")
+
+
+def _named(spec: str) -> Tuple[str, str]:
+    """'NAME=DIR' or 'DIR' (named after the directory)."""
+    if "=" in spec and not os.path.exists(spec):
+        name, path = spec.split("=", 1)
+        return name, path
+    return os.path.basename(os.path.normpath(spec)), spec
+
+
+def read_config(path: str, what: str) -> dict:
+    f = os.path.join(path, "config.json")
+    if not os.path.isfile(f):
+        raise EvalError(f"{what} {path} is not a Hugging Face model directory (no config.json)")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m megatron_attnedit.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", required=True, help="teacher HF directory (stock Qwen3 / Qwen3-MoE)")
+    ap.add_argument("--student", action="append", default=[], help="[NAME=]HF_DIR of a student; repeat for more")
+    ap.add_argument("--data", nargs="+", required=True, help="held-out data: an indexed dataset PREFIX (.bin/.idx) or text files/globs")
+    ap.add_argument("--report-dir", required=True, help="where report.md, results.json and the plots go")
+    ap.add_argument("--run-dir", action="append", default=[], help="[LABEL=]DIR of training runs for the curves; repeat for more")
+    ap.add_argument("--max-tokens", type=int, default=32768, help="score at most this many tokens (whole windows); 0 = all the data")
+    ap.add_argument("--seq-length", type=int, default=None, help="window length (default min(512, teacher max_position_embeddings))")
+    ap.add_argument("--stride", type=int, default=None, help="window start step (default --seq-length: non-overlapping)")
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="decode prompt, taken from the start of the data")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="greedy decode steps after the prefill")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, float32 on cpu")
+    return ap.parse_args(argv)
+
+
+def _load(path: str, cfg: dict, dtype, device):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    remote = "auto_map" in cfg
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        raise EvalError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), remote
+
+
+def evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype, device) -> dict:
+    import torch
+
+    from megatron_attnedit.eval import decode, kv_measure, mla_decode, perplexity
+
+    model, remote = _load(path, cfg, dtype, device)
+    fwd = lambda ids: model(input_ids=ids).logits  # noqa: E731
+    with torch.no_grad():
+        ppl = perplexity.perplexity(fwd, tokens, windows, a.seq_length, a.batch_size, device)
+    prompt = torch.from_numpy(tokens[: a.prompt_tokens]).view(1, -1).to(device)
+    out = dict(name=name, role=role, path=os.path.abspath(path), model_type=cfg.get("model_type"), remote_code=remote,
+               params=sum(p.numel() for p in model.parameters()), **{k: ppl[k] for k in ("ppl", "mean_nll", "scored_tokens")})
+    with torch.no_grad():
+        stock = decode.greedy_decode(decode.hf_step(model), decode.hf_cache(model), prompt, a.decode_tokens)
+    stock_kv = kv_measure.measured(stock.cache, stock.cached_tokens)
+    if cfg.get("model_type") in mla_decode.MLA_MODEL_TYPES:
+        ab = mla_decode.AbsorbedMLA(model)
+        decode.greedy_decode(ab.forward, ab.new_cache(), prompt, 2)  # warm-up
+        res = decode.greedy_decode(ab.forward, ab.new_cache(), prompt, a.decode_tokens)
+        with torch.no_grad():
+            check = mla_decode.verify_against_stock(model, res.tokens, res.step_logits, res.prompt_len)
+        check["tolerance"] = 1e-4 if dtype == torch.float32 else 5e-2
+        check["ok"] = check["max_abs_diff"] <= check["tolerance"] * max(1.0, check["max_abs_logit"])
+        out["mla_check"] = check
+        out["stock_decode"] = dict(tokens_per_s=stock.tokens_per_s, decode_s=stock.decode_s)
+        out["kv"] = kv_measure.kv_summary(cfg, teacher_cfg, res.cache, res.cached_tokens, dtype, stock=stock_kv)
+        path_name = "absorbed MLA"
+    else:
+        res = stock
+        out["kv"] = kv_measure.kv_summary(cfg, teacher_cfg, res.cache, res.cached_tokens, dtype)
+        path_name = "stock HF"
+    out["decode"] = dict(tokens_per_s=res.tokens_per_s, prefill_s=res.prefill_s, decode_s=res.decode_s, new_tokens=res.new_tokens, path=path_name)
+    del model, stock, res
+    gc.collect()
+    return out
+
+
+def _plots(staging: str, models: List[dict], teacher_cfg: dict, runs, run_dirs_given: bool):
+    from megatron_attnedit.eval import kv_measure, plots
+
+    made, notes = {}, {}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        msg = "not plotted: matplotlib is not installed (pip install -e .[report])"
+        return {}, {"kv": msg, "stage1": msg, "stage2": msg}
+    cfgs = {m["name"]: m["_cfg"] for m in models}
+    bpe = models[0]["kv"]["bytes_per_elem"]
+    plots.plot_kv(models, os.path.join(staging, "kv_vs_context.png"), lambda m, c: kv_measure.config_bytes_per_token(cfgs[m["name"]], teacher_cfg, c, bpe))
+    made["kv"] = "kv_vs_context.png"
+    for stage in ("stage1", "stage2"):
+        chosen = [r for r in runs if r.stage == stage]
+        if chosen:
+            getattr(plots, f"plot_{stage}")(chosen, os.path.join(staging, f"{stage}_curves.png"))
+            made[stage] = f"{stage}_curves.png"
+        elif not run_dirs_given:
+            notes[stage] = "skipped: no --run-dir given (training curves are read from the training run directories)"
+        else:
+            notes[stage] = f"skipped: no {stage} run among the --run-dir directories"
+    return made, notes
+
+
+def run(a, argv) -> int:
+    t_start = time.time()
+    from megatron_attnedit.eval import perplexity, plots, report
+
+    teacher_cfg = read_config(a.teacher, "--teacher")
+    if teacher_cfg.get("model_type") not in TEACHER_TYPES:
+        raise EvalError(f"--teacher {a.teacher} has model_type {teacher_cfg.get('model_type')!r}; the teacher is a stock {' or '.join(TEACHER_TYPES)} checkpoint")
+    vocab = int(teacher_cfg["vocab_size"])
+    students = []
+    for spec in a.student:
+        name, path = _named(spec)
+        cfg = read_config(path, "--student")
+        if int(cfg.get("vocab_size", -1)) != vocab:
+            raise EvalError(f"student {name} ({path}) has vocab_size {cfg.get('vocab_size')} but the teacher {vocab}; students must share the teacher's vocabulary")
+        perplexity.check_student_tokenizer(path, a.teacher)
+        students.append((name, path, cfg))
+    names = ["teacher"] + [s[0] for s in students]
+    if len(set(names)) != len(names):
+        raise EvalError(f"model names repeat ({', '.join(names)}); name students with --student NAME=DIR")
+    seq_len = a.seq_length or min(512, int(teacher_cfg.get("max_position_embeddings", 512)))
+    a.seq_length, a.stride = seq_len, a.stride or seq_len
+    if not 1 <= a.stride <= seq_len or a.batch_size < 1:
+        raise EvalError(f"--stride {a.stride} must be in [1, --seq-length {seq_len}] and --batch-size >= 1")
+    max_pos = int(teacher_cfg.get("max_position_embeddings", 1 << 30))
+    if a.prompt_tokens < 1 or a.decode_tokens < 1 or a.prompt_tokens + a.decode_tokens > max_pos:
+        raise EvalError(f"--prompt-tokens {a.prompt_tokens} + --decode-tokens {a.decode_tokens} must be >= 1 each and at most max_position_embeddings {max_pos}")
+    runs = []
+    for spec in a.run_dir:
+        label, path = _named(spec)
+        runs += plots.find_runs(path, label)
+    staging = report.staging_dir(a.report_dir)
+    try:
+        data = perplexity.load_eval_tokens(a.data, a.teacher, vocab, perplexity.tokens_needed(seq_len, a.stride, a.max_tokens))
+        tokens = data["tokens"]
+        windows = perplexity.make_windows(len(tokens), seq_len, a.stride, a.max_tokens)
+        if len(tokens) < a.prompt_tokens:
+            raise EvalError(f"the data holds {len(tokens)} tokens, fewer than --prompt-tokens {a.prompt_tokens}")
+
+        import torch
+
+        device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EvalError("--device cuda but no CUDA device is available; use --device cpu")
+        dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+        models = []
+        for name, role, path, cfg in [("teacher", "teacher", a.teacher, teacher_cfg)] + [(n, "student", p, c) for n, p, c in students]:
+            print(f"evaluating {name} ({path}) ...", flush=True)
+            m = evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype, device)
+            m["_cfg"] = cfg
+            models.append(m)
+        for m in models:
+            m["ppl_ratio"] = m["ppl"] / models[0]["ppl"]
+        made, plot_notes = _plots(staging, models, teacher_cfg, runs, bool(a.run_dir))
+        notes = []
+        for m in models:
+            kv = m["kv"]
+            if kv["attention"] == "gate_swa" and kv["measured_bytes_per_token"] != kv["config_bytes_per_token"]:
+                notes.append(f"{m['name']}: transformers' sliding cache keeps W - 1 tokens between steps where the formula counts min(W, context); "
+                             f"the decode's {kv['positions']} positions exceed the window, hence measured < config")
+        results = dict(
+            command="python -m megatron_attnedit.evaluate " + shlex.join(argv),
+            created=datetime.datetime.now().isoformat(timespec="seconds"),
+            device=device, dtype=str(dtype).replace("torch.", ""),
+            data=dict(source=data["source"], checks=data["checks"], scored_tokens=models[0]["scored_tokens"], windows=len(windows), seq_len=seq_len, stride=a.stride),
+            decode=dict(prompt_tokens=a.prompt_tokens, new_tokens=a.decode_tokens),
+            models=[{k: v for k, v in m.items() if k != "_cfg"} for m in models],
+            plots=made, plot_notes=plot_notes,
+            training_runs=[dict(label=r.label, path=r.path, stage=r.stage, source=r.source) for r in runs],
+            notes=notes,
+        )
+        results["seconds"] = time.time() - t_start
+        report.write(staging, results)
+        report.publish(staging, a.report_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for m in results["models"]:
+        print(f"{m['name']:>12}: ppl {m['ppl']:.3f} ({m['ppl_ratio']:.3f}x teacher), KV {m['kv']['measured_bytes_per_token']:.0f} B/token measured "
+              f"({m['kv']['config_bytes_per_token']:.0f} config), decode {m['decode']['tokens_per_s']:.1f} tok/s ({m['decode']['path']})")
+    print(f"report: {os.path.join(a.report_dir, 'report.md')}")
+    bad = [m for m in results["models"] if "mla_check" in m and not m["mla_check"]["ok"]]
+    for m in bad:
+        c = m["mla_check"]
+        print(f"error: absorbed MLA decode of {m['name']} differs from the stock forward (max |diff| {c['max_abs_diff']:.3g}, tolerance {c['tolerance']:.0e}); see the report", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parse_args(argv)
+    try:
+        return run(a, argv)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
