@@ -111,6 +111,16 @@ def set_rng_state(plat, state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _save_strategy():
+    """torch_dist, with the writing of replicated tensors spread over the data-parallel ranks
+    (otherwise data-parallel rank 0 of every model shard writes it all)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+
 def _per_rank(key: str, data):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -166,7 +176,7 @@ class Checkpointer:
             rng_state=_per_rank("rng_state", rng_state(self.plat)),
             objective_state=_per_rank("objective_state", self.objective.state_dict()),
         )
-        dist_checkpointing.save(sd, tmp, content_metadata=dict(SHARDING))  # ends with a barrier
+        dist_checkpointing.save(sd, tmp, sharded_strategy=_save_strategy(), content_metadata=dict(SHARDING))  # ends with a barrier
         if dist.get_rank() == 0:
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 f.write(self.cfg.to_yaml())
