@@ -27,15 +27,16 @@ recipe's ``objective.options`` dict (validate it with ``check_options``; unknown
       ``(loss_mean, metrics)``: the schedule divides by the number of micro-batches.
     DDP then averages gradients over data-parallel ranks. ``metrics`` maps names to detached
     tensors: a scalar (averaged over micro-batches and ranks) or ``[sum, count]`` (summed, then
-    divided). The loop logs them with the loss; put per-layer values under names like
-    ``stage1/layer_03``.
+    divided). The loop logs them next to ``loss`` (which it records itself from ``loss_func``'s
+    first value); put per-layer values under names like ``stage1/layer_03``.
 
 Optional:
 ``step_metrics() -> Dict[str, Tensor]``  metrics produced outside ``loss_func`` (e.g. every pipeline
     stage's own layer losses); called on every rank after each forward-backward, same reduction.
 ``forward_backward_func()``  the schedule to use (default ``get_forward_backward_func()``); replace it
     when a stage cannot use megatron's pipeline schedule, keeping its signature.
-``state_dict() / load_state_dict(sd)``  extra per-rank state saved in the checkpoint (picklable).
+``state_dict() / load_state_dict(sd)``  extra per-rank state saved in the checkpoint (tensors, numbers,
+    strings, lists, dicts: it is read back with ``torch.load(weights_only=True)``).
 
 The loop owns DDP, the optimizer, the scheduler, checkpoints, data and monitoring.
 """
