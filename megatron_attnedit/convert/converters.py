@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import shutil
 import time
 from typing import Optional
 
@@ -230,24 +231,30 @@ def mcore_to_hf(
         raise qwen3.ConfigError(str(e)) from None
     check_output_dir(save_dir, overwrite, sources=[load_dir])
     meta = ckpt_dirs.read_checkpoint_metadata(load_dir, allow_pickle)
-    if meta.get("target"):
-        raise CheckpointError(f"{load_dir} holds a student with attention target {meta['target']!r}; exporting it needs that target's table, not available here")
     if meta.get("model_family") != "qwen3":
         raise CheckpointError(f"{load_dir} holds model family {meta.get('model_family')!r}; this converter handles qwen3")
     cfg = meta["hf_config"]
     qwen3.check_hf_config(cfg)
-    table = _table(cfg, meta["tensor_model_parallel_size"], meta["padded_vocab_size"])
+    # A student (the metadata names an attention target) exports in its target's HF format.
+    from megatron_attnedit.convert import students
+
+    student = students.student_export(meta, load_dir)
+    if student is None:
+        table = _table(cfg, meta["tensor_model_parallel_size"], meta["padded_vocab_size"])
+    else:
+        table = student.table
+        table.shapes = dataclasses.replace(table.shapes, padded_vocab_size=int(meta["padded_vocab_size"]))
 
     ensure_megatron_single_process()
-    layout = model_layout(cfg, meta["padded_vocab_size"])
+    layout = model_layout(cfg, meta["padded_vocab_size"], None if student is None else student.target)
     check_table_covers(layout, table)
     entries = ordered_params(layout, table)
     if meta["format"] == "torch_dist":
         from megatron_attnedit.convert.dist_ckpt import ChunkReader
 
         dist_reader = ChunkReader(meta["iter_dir"])
-        dist_reader.check(layout)
-        dist_reader.check_no_leftovers(layout)
+        stored = list(dist_reader.metadata.state_dict_metadata)
+        checks = (dist_reader.check, dist_reader.check_no_leftovers)
         read = lambda n: dist_reader.read(layout.chunks[n], layout.params[n])  # noqa: E731
         src_dtype = lambda n: dist_reader.dtype(layout.chunks[n])  # noqa: E731
         reader = None
@@ -255,14 +262,23 @@ def mcore_to_hf(
         from megatron_attnedit.convert.legacy import LegacyReader
 
         reader = LegacyReader(meta["iter_dir"], meta, table, allow_pickle)
-        reader.check(layout)
+        stored = [k for sd in reader.states.values() for k in sd]
+        checks = (reader.check,)
         read, src_dtype = reader.read, reader.dtype
+    try:
+        for check in checks:
+            check(layout)
+    except CheckpointError as e:
+        raise _explain_mismatch(e, load_dir, student, students.student_weights_hint(stored)) from None
 
     plan = []
     for name, hf_names, rule in entries:
         out_dtype = dtype or src_dtype(name)
         for h, shape in zip(hf_names, hf_shapes_of(rule, table.shapes, layout.params[name])):
             plan.append((h, shape, out_dtype))
+    transform = student.transform if student else (lambda h, t: t)
+    zeros = [(h, shape, dtype or plan[0][2]) for h, shape in (student.zero_tensors if student else [])]
+    plan += zeros
     rss_before = peak_rss()
     largest = max(torch.Size(s).numel() * d.itemsize for _, s, d in plan)
     with atomic_output_dir(save_dir) as tmp:
@@ -272,19 +288,45 @@ def mcore_to_hf(
                 for name, hf_names, rule in entries:
                     full = read(name)
                     for h, t in zip(hf_names, mapping.to_hf(rule, full, table.shapes)):
+                        t = transform(h, t)
                         t = t.to(dtype) if dtype is not None else t
                         writer.add(h, t)
                         bar.update(t.numel() * t.element_size())
                         del t
                     del full
+                for h, shape, d in zeros:
+                    writer.add(h, torch.zeros(shape, dtype=d))
         finally:
             writer.abort()  # closes a shard left open by an error
             if reader is not None:
                 reader.close()
         writer.close()
-        write_hf_config_files(tmp, cfg, meta["hf_assets_dir"], dtype)
+        write_hf_config_files(tmp, cfg if student is None else student.hf_config, meta["hf_assets_dir"], dtype)
+        for path in student.code_files if student else ():
+            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
         written = dir_bytes(tmp)
+    students.print_notes(student)
     return Report("mcore_to_hf", save_dir, written, time.time() - t0, rss_before, peak_rss(), largest)
+
+
+_STUDENT_NAMES = {"mla": "an MLA", "gate_swa": "a GateSWA"}
+
+
+def _explain_mismatch(err: CheckpointError, load_dir: str, student, hint) -> CheckpointError:
+    """A checkpoint whose tensors do not fit the model its metadata describes: say which part of
+    the metadata is at fault when that is clear (a student's weights under teacher metadata, or
+    target options that do not fit the student's tensors)."""
+    if student is None and hint:
+        return CheckpointError(
+            f"{load_dir} holds the attention weights of {_STUDENT_NAMES.get(hint, hint)} student but its metadata names no attention target "
+            "(target: null); the target metadata is missing, so the student cannot be exported: save it with the training "
+            "checkpointer, which records target and target_options"
+        )
+    if student is not None:
+        return CheckpointError(
+            f"{load_dir}: its target metadata ({student.target.name} {student.target.options}) does not match its weights: {err}"
+        )
+    return err
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:

@@ -60,11 +60,12 @@ class ModelLayout:
     padded_vocab_size: int
 
 
-def build_meta_model(cfg: dict, padded_vocab: int):
+def build_meta_model(cfg: dict, padded_vocab: int, target=None):
     """The whole model (one stage, TP=EP=1) on the meta device, for its names and shapes only.
 
-    Mirrors ``models.qwen3.build_model`` except for the device and the explicit padded vocab
-    (the checkpoint's, which depends on the TP it was padded for).
+    Mirrors ``models.qwen3.build_model`` (``models.student.build_student`` when ``target``, a
+    ``TargetConfig``, is given) except for the device and the explicit padded vocab (the
+    checkpoint's, which depends on the TP it was padded for).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -72,11 +73,20 @@ def build_meta_model(cfg: dict, padded_vocab: int):
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise RuntimeError("the converter's layout needs megatron initialised at TP=PP=1 in a single process")
     opts = qwen3.BuildOptions(use_cpu_initialization=True, perform_initialization=False)
-    config = qwen3.transformer_config(cfg, opts)
+    attention_for_layer = None
+    if target is None:
+        config = qwen3.transformer_config(cfg, opts)
+    else:
+        from megatron_attnedit.attention.targets import get_target
+        from megatron_attnedit.models.student import student_config
+
+        config = student_config(cfg, target, opts)
+        t = get_target(target.name)
+        attention_for_layer = lambda i: t.attention_spec(i, cfg, target.options, opts)  # noqa: E731
     with torch.device("meta"):
         return GPTModel(
             config=config,
-            transformer_layer_spec=qwen3.block_spec(cfg, config, opts, pp_rank=0),
+            transformer_layer_spec=qwen3.block_spec(cfg, config, opts, attention_for_layer, pp_rank=0),
             vocab_size=padded_vocab,
             max_sequence_length=int(cfg.get("max_position_embeddings", 4096)),
             pre_process=True,
@@ -88,10 +98,11 @@ def build_meta_model(cfg: dict, padded_vocab: int):
         )
 
 
-def model_layout(cfg: dict, padded_vocab: int) -> ModelLayout:
+def model_layout(cfg: dict, padded_vocab: int, target=None) -> ModelLayout:
+    """The checkpoint layout of the teacher, or of the student of ``target`` (a TargetConfig)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
-    model = build_meta_model(cfg, padded_vocab)
+    model = build_meta_model(cfg, padded_vocab, target)
     state = model.state_dict(keep_vars=True)
     params = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     extra = [k for k in state if k.endswith("_extra_state")]

@@ -1,0 +1,157 @@
+"""GateSWA (megatron-attnedit): Qwen3 / Qwen3-MoE with gated, hybrid sliding-window attention.
+
+Loaded with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``. Everything but
+the attention is transformers' own Qwen3 / Qwen3-MoE. Per layer i:
+
+* ``config.layer_types[i]`` is "sliding_attention" (query t sees keys t-W < j <= t, W =
+  ``config.sliding_window``) or "full_attention";
+* the attention output of every head is multiplied by sigmoid(x W_g + b_g) before o_proj, x being
+  the layer's attention input (``output_gate``: "head" = one value per head, "channel" = one per
+  channel). Training uses 2 sigmoid(.); the exporter folds that factor 2 into o_proj;
+* with ``attention_sinks`` each head has a learnable sink logit: softmax over [scores, sink], the
+  sink's value being zero (computed in eager attention; other kernels are used without sinks).
+
+KV cache: transformers' ``DynamicCache(config)`` gives sliding layers a ``DynamicSlidingWindowLayer``
+(it keeps the last W-1 keys, the new token makes W) and full layers a plain one; masks come from
+transformers' ``create_causal_mask`` / ``create_sliding_window_causal_mask`` per layer type.
+Written against transformers 5.x (the version the exporter is tested with is in the README).
+"""
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3ForCausalLM, apply_rotary_pos_emb, eager_attention_forward, repeat_kv
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeModel
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_gateswa import GateSWAConfig, GateSWAMoeConfig
+
+# The checkpoint stores routed experts one by one, as Qwen3-MoE checkpoints do; transformers merges
+# them on load by model type, and does so for custom code only when the mapping is registered.
+register_checkpoint_conversion_mapping(
+    GateSWAMoeConfig.model_type, get_checkpoint_conversion_mapping("qwen3_moe"), overwrite=True
+)
+
+
+def _causal_mask(q_len, k_len, window, device):
+    """Boolean [q, k] mask, queries aligned to the last keys; True where attention is allowed."""
+    q = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)
+    k = torch.arange(k_len, device=device).unsqueeze(0)
+    allowed = k <= q
+    return allowed & (k > q - window) if window is not None else allowed
+
+
+def attention_with_sinks(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention with one sink logit per head; [b, s, heads, head_dim] out, as transformers'."""
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    if attention_mask is None:  # sdpa masks may leave plain causal attention to is_causal
+        attention_mask = _causal_mask(scores.shape[-2], scores.shape[-1], module.sliding_window, scores.device)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask
+    sinks = module.sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous(), probs
+
+
+class GateSWAAttention(Qwen3Attention):
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
+        self.gate_width = 1 if config.output_gate == "head" else self.head_dim
+        self.output_gate = nn.Linear(config.hidden_size, config.num_attention_heads * self.gate_width, bias=True)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads)) if config.attention_sinks else None
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        if self.sinks is not None:
+            attention = attention_with_sinks
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attention(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
+        )
+        gate = torch.sigmoid(self.output_gate(hidden_states)).view(*input_shape, -1, self.gate_width)
+        out = (out.reshape(*input_shape, gate.shape[-2], -1) * gate).reshape(*input_shape, -1)
+        return self.o_proj(out), weights
+
+
+def _use_gateswa_attention(layers, config):
+    for i, layer in enumerate(layers):
+        layer.self_attn = GateSWAAttention(config, i)
+
+
+class GateSWAForCausalLM(Qwen3ForCausalLM):
+    """Qwen3 (dense) base: its model already builds one mask per layer type."""
+
+    config_class = GateSWAConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _use_gateswa_attention(self.model.layers, config)
+        self.post_init()
+
+
+class GateSWAMoeModel(Qwen3MoeModel):
+    """Qwen3-MoE base; its forward is Qwen3MoeModel's with one mask per layer type (Qwen3-MoE
+    itself applies one window to all layers or none)."""
+
+    config_class = GateSWAMoeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _use_gateswa_attention(self.layers, config)
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           past_key_values=past_key_values, position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer, kind in zip(self.layers, self.config.layer_types):
+            hidden_states = layer(hidden_states, attention_mask=masks[kind], position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, **kwargs)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class GateSWAMoeForCausalLM(Qwen3MoeForCausalLM):
+    config_class = GateSWAMoeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = GateSWAMoeModel(config)  # replaces the stock body; weights come from the checkpoint
+        self.post_init()
