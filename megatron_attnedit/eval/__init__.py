@@ -11,6 +11,8 @@ report.py       report.md + results.json
 plots.py        PNG plots (matplotlib, Agg): training curves and KV bytes against context length
 """
 
+CONTEXTS = (4096, 32768, 131072)  # context lengths of the report's KV columns
+
 
 class EvalError(ValueError):
     """A user-facing problem with the evaluation's input; one line saying what to do."""

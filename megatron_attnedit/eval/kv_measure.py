@@ -24,10 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_attnedit.eval import EvalError
+from megatron_attnedit.eval import CONTEXTS, EvalError
 from megatron_attnedit.eval.mla_decode import MLA_MODEL_TYPES, LatentCache
-
-CONTEXTS = (4096, 32768, 131072)
 
 
 def attention_of(cfg: dict) -> Tuple[str, dict]:

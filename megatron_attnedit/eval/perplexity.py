@@ -35,7 +35,6 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from megatron_attnedit.eval import EvalError
 
@@ -227,19 +226,21 @@ def tokens_needed(seq_len: int, stride: int, max_tokens: Optional[int]) -> Optio
     return seq_len + 1 + more * stride
 
 
-@torch.no_grad()
 def perplexity(logits_fn: Callable, tokens: np.ndarray, windows: List[Tuple[int, int]], seq_len: int, batch_size: int = 4, device="cpu") -> dict:
     """``logits_fn(input_ids [B, seq_len]) -> logits [B, seq_len, vocab]``."""
+    import torch
+
     nll, count = 0.0, 0
     t0 = time.perf_counter()
     data = torch.from_numpy(tokens)
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i : i + batch_size]
-        seqs = torch.stack([data[b : b + seq_len + 1] for b, _ in chunk]).to(device)
-        logits = logits_fn(seqs[:, :-1])
-        for row, (_, first) in enumerate(chunk):
-            ce = torch.nn.functional.cross_entropy(logits[row, first:].float(), seqs[row, first + 1 :], reduction="sum")
-            nll += float(ce.double())
-            count += seq_len - first
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i : i + batch_size]
+            seqs = torch.stack([data[b : b + seq_len + 1] for b, _ in chunk]).to(device)
+            logits = logits_fn(seqs[:, :-1])
+            for row, (_, first) in enumerate(chunk):
+                ce = torch.nn.functional.cross_entropy(logits[row, first:].float(), seqs[row, first + 1 :], reduction="sum")
+                nll += float(ce.double())
+                count += seq_len - first
     mean = nll / count
     return dict(ppl=math.exp(mean), mean_nll=mean, scored_tokens=count, windows=len(windows), seq_len=seq_len, seconds=time.perf_counter() - t0)

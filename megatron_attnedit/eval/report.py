@@ -12,8 +12,7 @@ import shutil
 import tempfile
 from typing import List
 
-from megatron_attnedit.eval import EvalError
-from megatron_attnedit.eval.kv_measure import CONTEXTS
+from megatron_attnedit.eval import CONTEXTS, EvalError
 
 
 def human_bytes(n: float) -> str:
