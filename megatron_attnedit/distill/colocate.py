@@ -50,7 +50,6 @@ class Colocated:
     shared: List[str]  # student module paths that are the teacher's module objects
     trainable: str  # "attention" | "all"
     vocab_size: Optional[int] = None  # the real (unpadded) vocabulary size, for the losses
-
     fingerprint: Optional[torch.Tensor] = None  # of the shared weights, taken when they were shared
 
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
@@ -61,10 +60,8 @@ class Colocated:
         if not self.shared:
             return None
         s = _unwrap(self.student)
-        return torch.stack([
-            sum((t.detach().double().sum() for t in _tensors(s.get_submodule(path))), torch.zeros((), dtype=torch.float64))
-            for path in self.shared
-        ])
+        sums = [torch.stack([t.detach().double().sum() for t in _tensors(s.get_submodule(path))]).sum() for path in self.shared]
+        return torch.stack(sums)
 
     def check_shared_unchanged(self) -> None:
         """A checkpoint loaded into the student writes into the weights it shares with the teacher
@@ -138,10 +135,8 @@ def colocate(
     student = api.build_student(student_hf_cfg, target, opts)
     check_pair(teacher, student)
     api.init_student_from_teacher(student, teacher, student_hf_cfg, target)
-    attention = set_trainable(student, target, trainable)
+    set_trainable(student, target, trainable)  # a pipeline stage may hold no trained layer (MLA pattern G)
     shared = share_frozen_modules(teacher, student) if trainable == "attention" else []
-    if not attention:
-        raise DistillError(f"target {getattr(target, 'name', target)!r} reports no trainable attention parameters on this rank")
     pair = Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable, vocab_size=int(hf_cfg["vocab_size"]))
     pair.fingerprint = pair.shared_fingerprint()
     return pair

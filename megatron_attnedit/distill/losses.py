@@ -106,17 +106,19 @@ def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
-def _log_softmax_parallel(z: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(log-softmax of this shard over the global vocabulary, softmax of this shard); fp32 ``z``."""
+def _log_softmax_parallel_(z: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """In place on ``z`` (a fresh fp32 tensor): (log-softmax of this shard over the global
+    vocabulary -- ``z`` itself --, softmax of this shard)."""
     if z.shape[-1] == 0:  # a shard made only of vocabulary padding
         zmax = torch.full(z.shape[:-1] + (1,), float("-inf"), device=z.device)
     else:
         zmax = z.max(dim=-1, keepdim=True)[0]
     _all_reduce(zmax, group, dist.ReduceOp.MAX)
-    z = z - zmax
+    z.sub_(zmax)
     e = z.exp()
     sum_e = _all_reduce(e.sum(dim=-1, keepdim=True), group)
-    return z - sum_e.log(), e / sum_e
+    z.sub_(sum_e.log())
+    return z, e.div_(sum_e)
 
 
 class _DenseKL(torch.autograd.Function):
@@ -125,13 +127,11 @@ class _DenseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, temperature, valid, group):
         local = s.shape[-1]
-        zs = s[..., :valid].float() / temperature
-        zt = t[..., :valid].float() / temperature
-        log_q, q = _log_softmax_parallel(zs, group)
-        del zs
-        log_p, p = _log_softmax_parallel(zt, group)
-        del zt
-        kl = (p * (log_p - log_q)).sum(dim=-1)
+        # four [..., V/tp] fp32 buffers at the peak: log q, q, log p, p (everything else in place)
+        log_q, q = _log_softmax_parallel_(s[..., :valid].float() / temperature, group)
+        log_p, p = _log_softmax_parallel_(t[..., :valid].float() / temperature, group)
+        kl = log_p.sub_(log_q).mul_(p).sum(dim=-1)  # p (log p - log q)
+        del log_p, log_q
         _all_reduce(kl, group)
         ctx.save_for_backward(q.sub_(p))  # gradient direction q - p, the only thing backward needs
         ctx.temperature, ctx.local, ctx.dtype = temperature, local, s.dtype
@@ -153,9 +153,7 @@ class _SparseCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, ids, w, temperature, start, valid, group):
         local = s.shape[-1]
-        zs = s[..., :valid].float() / temperature
-        log_q, q = _log_softmax_parallel(zs, group)
-        del zs
+        log_q, q = _log_softmax_parallel_(s[..., :valid].float() / temperature, group)
         owned = (ids >= start) & (ids < start + valid)
         local_ids = torch.where(owned, ids - start, torch.zeros_like(ids))
         if valid > 0:

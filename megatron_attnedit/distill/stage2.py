@@ -110,7 +110,7 @@ class Stage2:
         self._reset_sums()
 
     def _reset_sums(self) -> None:
-        self._sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ("kl", "feature", "ce", "loss")}
+        self._sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ("kl", "feature", "ce")}
         self._micro_batches = 0
 
     def forward_step(self, data_iterator, model):
