@@ -9,4 +9,6 @@ hf_writer.py           streaming sharded safetensors writer
 checkpoint.py          checkpoint directories and metadata; save/load for training code
                        (save_mcore_checkpoint, load_mcore_checkpoint_into_model, read_checkpoint_metadata)
 converters.py          hf_to_mcore / mcore_to_hf end to end; cli.py, outdir.py around them
+students.py            HF formats of students (MLA -> DeepSeek-V2, GateSWA -> Qwen3 + hf_gateswa/ code)
+hf_gateswa/            configuration_gateswa.py, modeling_gateswa.py: shipped inside GateSWA exports
 """

@@ -103,7 +103,9 @@ def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
 def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         prog="mcore_to_hf.py",
-        description="Convert a megatron-core checkpoint (torch_dist or legacy torch, any layout) into a sharded HF safetensors checkpoint.",
+        description="Convert a megatron-core checkpoint (torch_dist or legacy torch, any layout) into a sharded HF safetensors checkpoint. "
+                    "A student (its metadata names an attention target) is written in its target's format: MLA as DeepSeek-V2 "
+                    "(stock transformers), GateSWA as Qwen3 plus the model code it needs (trust_remote_code=True).",
     )
     ap.add_argument("--load-dir", required=True, help="megatron save directory (or one iter_XXXXXXX/ inside it)")
     ap.add_argument("--save-dir", required=True, help="HF output directory")

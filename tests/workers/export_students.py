@@ -39,6 +39,8 @@ CASES = {
     "gateswa-dense": ("qwen3-debug", {}, {"name": "gate_swa", "options": {"pattern": "SF", "window": 8, "sinks": True}}),
     # MoE, per-channel gate, no sinks (transformers' sdpa path), pattern S S F S
     "gateswa-moe": ("qwen3-moe-debug", {}, {"name": "gate_swa", "options": {"pattern": ["S", "S", "F", "S"], "window": 6, "gate": "channel"}}),
+    # the plumbing target: the teacher's own format
+    "gqa-dense": ("qwen3-debug", {}, {"name": "gqa", "options": {"init": "copy"}}),
 }
 
 
