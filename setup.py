@@ -5,7 +5,9 @@ setup(
     version="0.1.0",
     description="Convert trained Qwen3 LLMs to MLA / GateSWA attention by progressive distillation on megatron-core",
     packages=find_packages(include=["megatron_attnedit", "megatron_attnedit.*"]),
-    package_data={"megatron_attnedit": ["assets/**/*", "recipes/*.yaml"]},
+    # The bundled teachers ship inside the package; recipes and launchers stay in launch/ (the
+    # project is used from a checkout, installed in editable mode by launch/install.sh).
+    package_data={"megatron_attnedit": ["assets/**/*"]},
     python_requires=">=3.10",
     # torch is deliberately not pinned here: the install script installs torch==2.13.0 only when
     # no torch is present, and never replaces the user's own build (CUDA, ROCm, torch_npu).
