@@ -196,6 +196,10 @@ def run(a, argv) -> int:
         made, plot_notes = _plots(staging, models, teacher_cfg, runs, bool(a.run_dir))
         notes = []
         for m in models:
+            cfg = m["_cfg"]
+            if cfg.get("model_type") == "deepseek_v2" and cfg.get("norm_topk_prob") and cfg.get("n_routed_experts"):
+                notes.append(f"{m['name']}: transformers' DeepseekV2 (5.x) ignores norm_topk_prob, so its perplexity here comes from top-k routing "
+                             "weights that are not renormalised; vLLM / SGLang renormalise them, as the student was trained")
             kv = m["kv"]
             if kv["attention"] == "gate_swa" and kv["measured_bytes_per_token"] != kv["config_bytes_per_token"]:
                 notes.append(f"{m['name']}: transformers' sliding cache keeps W - 1 tokens between steps where the formula counts min(W, context); "

@@ -19,6 +19,27 @@ from megatron_attnedit.eval import EvalError, perplexity
 from megatron_attnedit.testing import make_tiny_hf
 
 
+def make_gateswa(out: str, window: int, pattern: str, seed: int = 3) -> None:
+    """A random GateSWA checkpoint as the exporter writes it: Qwen3 config + gate/window/sinks/
+    layer types, auto_map, and the shipped configuration/modeling files."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_attnedit.models.qwen3 import config_for_preset
+
+    code = os.path.join(ROOT, "megatron_attnedit", "convert", "hf_gateswa")
+    os.makedirs(out)
+    for f in ("configuration_gateswa.py", "modeling_gateswa.py"):
+        shutil.copy(os.path.join(code, f), out)
+    cfg = dict(config_for_preset("qwen3-debug"), model_type="qwen3_gateswa", architectures=["GateSWAForCausalLM"],
+               auto_map={"AutoConfig": "configuration_gateswa.GateSWAConfig", "AutoModelForCausalLM": "modeling_gateswa.GateSWAForCausalLM"},
+               use_sliding_window=True, sliding_window=window, output_gate="head", attention_sinks=True,
+               layer_types=["sliding_attention" if k == "S" else "full_attention" for k in pattern])
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out, trust_remote_code=True), trust_remote_code=True).save_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Teacher (qwen3-debug + SentencePiece tokenizer), a Qwen3 student, an MLA (DeepSeek-V3)
@@ -33,6 +54,8 @@ def setup(tmp_path_factory):
     shutil.copy(corpus["tokenizer"], os.path.join(d["teacher"], "tokenizer.model"))
     mla = make_deepseek(3, kv_lora_rank=32, n_routed_experts=2, num_experts_per_tok=1)
     mla.save_pretrained(d["mla"])
+    d["gateswa"] = str(base / "gateswa")
+    make_gateswa(d["gateswa"], window=32, pattern="SSSF")  # window > the 16 decoded positions: measured = formula
     runs = base / "runs" / "tiny_mla"
     for stage, rows in (
         ("stage1", [{"iteration": i, "loss": 1 / i, **{f"stage1/layer_{l:02d}": (l + 1) / i for l in range(4)}} for i in range(1, 6)]),
@@ -91,7 +114,8 @@ def test_text_files_give_the_dataset_tokens(setup, tmp_path):
 
 def test_report(setup):
     out = os.path.join(setup["base"], "report")
-    argv = ["--teacher", setup["teacher"], "--student", setup["student"], "--student", f"mla={setup['mla']}", "--data", setup["prefix"],
+    argv = ["--teacher", setup["teacher"], "--student", setup["student"], "--student", f"mla={setup['mla']}",
+            "--student", setup["gateswa"], "--data", setup["prefix"],
             "--report-dir", out, "--run-dir", setup["runs"], "--max-tokens", "256", "--seq-length", "64", "--prompt-tokens", "8",
             "--decode-tokens", "8", "--device", "cpu"]
     assert evaluate.main(argv) == 0
@@ -100,11 +124,14 @@ def test_report(setup):
     assert not [f for f in os.listdir(out) if f.startswith(".staging")]
     res = json.load(open(os.path.join(out, "results.json")))
     md = open(os.path.join(out, "report.md")).read()
-    teacher, student, mla = res["models"]
+    teacher, student, mla, gateswa = res["models"]
     assert res["data"]["scored_tokens"] == 256 == teacher["scored_tokens"] == mla["scored_tokens"]
     assert teacher["ppl_ratio"] == 1.0 and student["ppl_ratio"] == pytest.approx(student["ppl"] / teacher["ppl"])
     assert teacher["kv"]["measured_bytes_per_token"] == teacher["kv"]["config_bytes_per_token"] == 4 * 2 * 2 * 16 * 4
     assert mla["kv"]["measured_bytes_per_token"] == mla["kv"]["config_bytes_per_token"] == 4 * (32 + 8) * 4
+    assert gateswa["remote_code"] and gateswa["kv"]["attention"] == "gate_swa" and gateswa["model_type"] == "qwen3_gateswa"
+    assert gateswa["kv"]["measured_bytes_per_token"] == gateswa["kv"]["config_bytes_per_token"] == 4 * 2 * 2 * 16 * 4
+    assert gateswa["kv"]["per_context_bytes"]["4096"] == (3 * 32 + 4096) * 2 * 2 * 16 * 4  # S layers hold 32 tokens
     assert mla["mla_check"]["ok"] and mla["mla_check"]["tokens_equal"] and mla["decode"]["path"] == "absorbed MLA"
     summary = md.split("## Summary")[1].split("\n## ")[0]
     rows = {line.split("|")[1].strip(" *"): [c.strip() for c in line.split("|")[2:-1]] for line in summary.splitlines() if line.startswith("| ")}

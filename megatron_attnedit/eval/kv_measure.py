@@ -5,8 +5,9 @@ Which attention a Hugging Face checkpoint has, in this order:
    (what the project's exports may write; read as is);
 2. ``model_type`` deepseek_v2 / deepseek_v3 -> ``mla`` with kv_lora_rank, qk_rope_head_dim,
    qk_nope_head_dim, v_head_dim, q_lora_rank from the config;
-3. a ``layer_types`` list with ``sliding_attention`` entries and a ``sliding_window`` ->
-   ``gate_swa`` with that window and pattern (S for sliding, F for full layers);
+3. a ``layer_types`` list with ``sliding_attention`` entries (or model_type ``*_gateswa``, the
+   project's GateSWA export) and a ``sliding_window`` -> ``gate_swa`` with that window and
+   pattern (S for sliding, F for full layers);
 4. qwen3 / qwen3_moe -> ``gqa`` (the teacher's attention).
 The formula is the target's ``kv_bytes_per_token`` on the teacher's config (head counts and
 dimensions the targets resolve against), at the cache element size of the evaluation dtype.
@@ -45,7 +46,8 @@ def attention_of(cfg: dict) -> Tuple[str, dict]:
             inherit_o_proj=False,
         )
     types, window = cfg.get("layer_types"), cfg.get("sliding_window")
-    if isinstance(types, list) and "sliding_attention" in types and window:
+    gateswa = str(mt).endswith("_gateswa")  # the project's GateSWA export, even with no sliding layer
+    if isinstance(types, list) and window and ("sliding_attention" in types or gateswa):
         return "gate_swa", dict(window=int(window), pattern=["S" if t == "sliding_attention" else "F" for t in types])
     if mt in ("qwen3", "qwen3_moe"):
         return "gqa", {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 from typing import Dict, List
 
@@ -58,19 +59,45 @@ def find_runs(root: str, label: str = "") -> List[Run]:
     runs = []
     for d in dirs:
         rel = os.path.relpath(d, root)
-        runs.append(Run(label if rel == "." else f"{label}/{rel}", d, "metrics.jsonl", monitor.read_metrics(d)))
+        runs.append(Run(label if rel == "." else f"{label}/{rel}", d, "metrics.jsonl", read_jsonl(os.path.join(d, "metrics.jsonl"))))
     if not runs:
         try:
             history = monitor.read_wandb_history(root)
         except (FileNotFoundError, ValueError):
             history = []
-        rows = {int(r.pop("_step")): r for r in history if "_step" in r}
+        rows = merge_rows((int(r.pop("_step")), r) for r in history if "_step" in r)
         if rows:
             runs.append(Run(label, root, "wandb", rows))
     runs = [r for r in runs if r.rows]
     if not runs:
         raise EvalError(f"--run-dir {root} holds no training metrics (metrics.jsonl or a W&B offline run); give a run directory (training.run_dir)")
     return runs
+
+
+def merge_rows(pairs) -> Dict[int, Dict[str, float]]:
+    """iteration -> metrics, merging the records of one iteration: the loop logs training and
+    validation metrics as separate records at the same iteration; after a resume a repeated
+    iteration's values replace the earlier ones key by key."""
+    out: Dict[int, Dict[str, float]] = {}
+    for it, rec in pairs:
+        out.setdefault(it, {}).update(rec)
+    return out
+
+
+def read_jsonl(path: str) -> Dict[int, Dict[str, float]]:
+    def records():
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut short by a killed run: skip it, the rest is good
+                    continue
+                if isinstance(rec, dict) and "iteration" in rec:
+                    yield int(rec.pop("iteration")), rec
+
+    return merge_rows(records())
 
 
 def _pyplot():
