@@ -60,7 +60,7 @@ class StudentExport:
 
 
 def target_from_metadata(meta: dict, where: str):
-    """The checkpoint's TargetConfig (options resolved and validated), or None for a teacher."""
+    """The checkpoint's TargetConfig (options validated against the stored config), or None for a teacher."""
     from megatron_attnedit.attention.targets import REGISTRY, TargetConfig, get_target
     from megatron_attnedit.models.qwen3 import ConfigError
 
@@ -69,6 +69,8 @@ def target_from_metadata(meta: dict, where: str):
         if options:
             raise CheckpointError(f"{where}: the metadata has target_options but no target name; it is inconsistent")
         return None
+    if options is not None and not isinstance(options, dict):
+        raise CheckpointError(f"{where}: the metadata's target_options {options!r} are not a mapping")
     if isinstance(t, dict):
         name, opts = t.get("name"), dict(t.get("options") or {})
         opts.update(options or {})
