@@ -181,6 +181,10 @@ def run(a, argv) -> int:
 
         import torch
 
+        from megatron_attnedit.eval import kv_measure
+
+        for name, path, cfg in students:  # the attention must be known and fit the teacher, before any model loads
+            kv_measure.config_bytes_per_token(cfg, teacher_cfg, 4096, 2)
         device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise EvalError("--device cuda but no CUDA device is available; use --device cpu")

@@ -59,7 +59,8 @@ def setup(tmp_path_factory):
     runs = base / "runs" / "tiny_mla"
     for stage, rows in (
         ("stage1", [{"iteration": i, "loss": 1 / i, **{f"stage1/layer_{l:02d}": (l + 1) / i for l in range(4)}} for i in range(1, 6)]),
-        ("stage2", [{"iteration": i, "loss": 2 / i, "stage2/kl": 2 / i, "val_loss": 2.5 / i} for i in range(1, 6)]),
+        # validation metrics are separate records at the same iteration, as the loop logs them
+        ("stage2", [r for i in range(1, 6) for r in [{"iteration": i, "loss": 2 / i, "stage2/kl": 2 / i}] + [{"iteration": i, "val_loss": 2.5 / i}] * (i % 2 == 0)]),
     ):
         os.makedirs(runs / stage)
         (runs / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -185,3 +186,22 @@ def test_report_dir_not_writable(setup, tmp_path):
         from megatron_attnedit.eval import report
 
         report.staging_dir(str(blocker / "report"))
+
+
+def test_training_curves(setup, tmp_path):
+    """metrics.jsonl (records of one iteration merged), else a W&B offline run."""
+    import wandb
+
+    from megatron_attnedit.eval import plots
+
+    runs = {r.label: r for r in plots.find_runs(setup["runs"])}
+    assert runs["tiny_mla/stage1"].stage == "stage1" and runs["tiny_mla/stage2"].stage == "stage2"
+    assert runs["tiny_mla/stage2"].rows[2] == {"loss": 1.0, "stage2/kl": 1.0, "val_loss": 1.25}
+    run = wandb.init(project="t", mode="offline", dir=str(tmp_path), settings=wandb.Settings(console="off", silent=True))
+    for i in range(1, 4):
+        run.log({"loss": 1 / i, "stage1/layer_00": 1 / i, "stage1/layer_01": 2 / i}, step=i)
+    run.finish()
+    (wb,) = plots.find_runs(str(tmp_path), "wb")
+    assert wb.source == "wandb" and wb.stage == "stage1" and wb.series("stage1/layer_01") == ([1, 2, 3], [2, 1, 2 / 3])
+    plots.plot_stage1([wb, runs["tiny_mla/stage1"]], str(tmp_path / "s1.png"))
+    assert os.path.getsize(tmp_path / "s1.png") > 0
