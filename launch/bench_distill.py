@@ -140,7 +140,7 @@ def main():
         f"data.data_path=[{prefix}]", f"data.tokenizer_dir={sp}", f"data.seq_length={a.seq}", 'data.split="100,0,0"',
         f"data.micro_batch_size={a.mbs}", f"data.global_batch_size={a.gbs}",
         f"training.train_iters={a.iters}", "training.log_interval=1", "training.eval_interval=0", f"training.platform={a.platform}",
-        "checkpoint.save_interval=0", "monitor.wandb_mode=disabled", "checkpoint.pretrained_checkpoint=null",
+        "optimizer.lr_warmup_iters=1", "checkpoint.save_interval=0", "monitor.wandb_mode=disabled", "checkpoint.pretrained_checkpoint=null",
     ]
     result = {"device": torch.cuda.get_device_name() if a.platform == "cuda" else a.platform, "preset": a.preset, "layers": a.layers, "seq": a.seq,
               "global_batch": a.gbs, "micro_batch": a.mbs, "target": target}

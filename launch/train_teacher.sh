@@ -87,5 +87,5 @@ OVER=()
 
 echo "[teacher] 5/5 held-out loss + model card" >&2
 "$PY" -m megatron_attnedit.teacher card --hf-dir "$OUT_DIR" --kind "$KIND" --corpus "$DATA_DIR/corpus" \
-  --run-dir "$RUN_DIR" --train-seconds "$TRAIN_SECONDS" --command "$COMMAND" \
+  --datasets "$DATA_DIR/datasets" --run-dir "$RUN_DIR" --train-seconds "$TRAIN_SECONDS" --command "$COMMAND" \
   --device "$([ "$PLATFORM" = cuda ] && echo cuda || echo cpu)"

@@ -224,9 +224,12 @@ def run(a, argv) -> int:
         report.publish(staging, a.report_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    t128 = results["models"][0]["kv"]["per_context_bytes"]["131072"]
     for m in results["models"]:
-        print(f"{m['name']:>12}: ppl {m['ppl']:.3f} ({m['ppl_ratio']:.3f}x teacher), KV {m['kv']['measured_bytes_per_token']:.0f} B/token measured "
-              f"({m['kv']['config_bytes_per_token']:.0f} config), decode {m['decode']['tokens_per_s']:.1f} tok/s ({m['decode']['path']})")
+        kv = m["kv"]
+        print(f"{m['name']:>12}: ppl {m['ppl']:.3f} ({m['ppl_ratio']:.3f}x teacher), KV {kv['measured_bytes_per_token']:.0f} B/token measured "
+              f"({kv['config_bytes_per_token']:.0f} config), KV at 128K {100 * kv['per_context_bytes']['131072'] / t128:.1f}% of the teacher's, "
+              f"decode {m['decode']['tokens_per_s']:.1f} tok/s ({m['decode']['path']})")
     print(f"report: {os.path.join(a.report_dir, 'report.md')}")
     bad = [m for m in results["models"] if "mla_check" in m and not m["mla_check"]["ok"]]
     for m in bad:

@@ -338,8 +338,8 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def write_card(hf_dir: str, kind: str, corpus_dir: str, run_dir: str, command: str, train_seconds: Optional[float] = None,
-               device: str = "cpu") -> dict:
+def write_card(hf_dir: str, kind: str, corpus_dir: str, datasets_dir: str, run_dir: str, command: str,
+               train_seconds: Optional[float] = None, device: str = "cpu") -> dict:
     """Evaluate the exported teacher in ``hf_dir`` and write teacher_card.json + README.md there."""
     import torch
     import transformers
@@ -348,6 +348,8 @@ def write_card(hf_dir: str, kind: str, corpus_dir: str, run_dir: str, command: s
     from megatron_attnedit.data import corpus
 
     manifest = corpus.load_manifest(corpus_dir)
+    tokens = json.load(open(os.path.join(datasets_dir, "datasets.json")))["tokens"]
+    splits = {k: {**v, "tokens": tokens[k]} for k, v in manifest["splits"].items()}
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     run_cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
     metrics = read_run_metrics(run_dir)
@@ -366,14 +368,15 @@ def write_card(hf_dir: str, kind: str, corpus_dir: str, run_dir: str, command: s
         "command": command,
         "interpreter": manifest["interpreter"],
         "corpus": {"excluded_dirs": manifest["excluded_dirs"], "valid_fraction": manifest["valid_fraction"],
-                   "splits": manifest["splits"], "skipped": manifest["skipped"]},
+                   "splits": splits, "skipped": manifest["skipped"]},
         "tokenizer": {"type": "SentencePiece BPE, byte fallback, identity normalization", "vocab_size": cfg["vocab_size"]},
         "parameters": params,
         "training": {
             "steps": steps, "seq_length": d["seq_length"], "global_batch_size": d["global_batch_size"],
             "micro_batch_size": d["micro_batch_size"], "tokens_seen": steps * d["global_batch_size"] * d["seq_length"],
             "optimizer": run_cfg["optimizer"], "platform": t.get("platform"), "device": device_name,
-            "bf16": t.get("bf16"), "seconds": train_seconds, "final_train_loss": metrics.get("train_loss"),
+            "precision": "bf16" if (t.get("bf16") if t.get("bf16") is not None else t.get("platform") != "cpu") else "fp32",
+            "seconds": train_seconds, "final_train_loss": metrics.get("train_loss"),
             "final_val_loss_in_loop": metrics.get("val_loss"), "val_curve": metrics["val_curve"],
             "tokens_per_s": metrics.get("tokens_per_s"),
         },
@@ -431,10 +434,10 @@ anything else.
 | architecture | {arch} |
 | parameters | {_fmt_params(p['total'])} total{f", {_fmt_params(p['active'])} active per token" if moe else ""} (embeddings + LM head {_fmt_params(p['embeddings'])}); {p['safetensors_bytes'] / 1e6:.1f} MB bf16 safetensors |
 | tokenizer | SentencePiece BPE trained on the train split: vocab {cfg['vocab_size']}, byte fallback, identity normalization, exact whitespace; `<unk>` 0, `<s>` 1, `</s>` 2 (end of document), `<pad>` 3 |
-| data | {interp['implementation']} {interp['version']} standard library, `*.py` without {', '.join(f'`{d}/`' for d in c['excluded_dirs'])}: {s['train']['files']} train files ({s['train']['bytes'] / 1e6:.1f} MB), {s['valid']['files']} valid files ({s['valid']['bytes'] / 1e6:.2f} MB); split per file by SHA-256 of its path ({c['valid_fraction']:.0%} valid) |
-| training | {tr['steps']} steps x {tr['global_batch_size']} sequences x {tr['seq_length']} tokens = **{tr['tokens_seen'] / 1e6:.1f}M tokens seen**; AdamW lr {opt['lr']:g} -> {opt['min_lr']:g} ({opt['lr_decay_style']}, warmup {opt['lr_warmup_iters']}), weight decay {opt['weight_decay']:g}, clip {opt['clip_grad']:g}; {tr['device']}, {secs} |
+| data | {interp['implementation']} {interp['version']} standard library, `*.py` without {', '.join(f'`{d}/`' for d in c['excluded_dirs'])}: {s['train']['files']} train files ({s['train']['bytes'] / 1e6:.1f} MB, {s['train']['tokens']:,} tokens), {s['valid']['files']} valid files ({s['valid']['bytes'] / 1e6:.2f} MB, {s['valid']['tokens']:,} tokens); split per file by SHA-256 of its path ({c['valid_fraction']:.0%} valid) |
+| training | {tr['steps']:,} steps x {tr['global_batch_size']} sequences x {tr['seq_length']} tokens = **{tr['tokens_seen']:,} tokens seen** ({tr['tokens_seen'] / s['train']['tokens']:.1f} passes over the train split); AdamW lr {opt['lr']:g} -> {opt['min_lr']:g} ({opt['lr_decay_style']}, warmup {opt['lr_warmup_iters']}), weight decay {opt['weight_decay']:g}, clip {opt['clip_grad']:g}; {tr['precision']} on {tr['device']}, {secs} |
 | final train loss | {f(tr['final_train_loss'])} |
-| **held-out loss** (valid split, all {ho['full']['tokens']:,} tokens, windows of {ho['full']['seq_len']}) | **{ho['full']['loss']:.4f}** nats/token, perplexity **{ho['full']['perplexity']:.2f}** (uniform: {ho['uniform_loss']:.2f}) |
+| **held-out loss** (valid split, all {ho['full']['tokens']:,} tokens, windows of {ho['full']['seq_len']}) | **{ho['full']['loss']:.4f}** nats/token, perplexity **{ho['full']['perplexity']:.2f}** (a uniform guess: loss {ho['uniform_loss']:.2f}) |
 | held-out loss, test protocol (first {ho['protocol']['seq_len']} positions of each valid file, {ho['protocol']['tokens']:,} tokens) | {ho['protocol']['loss']:.4f} (perplexity {ho['protocol']['perplexity']:.2f}) |
 | validation loss during training (step: loss) | {val_curve} |
 
@@ -466,7 +469,7 @@ Each valid file is scored on its own with the model in fp32: `</s>` + the file's
 position by position in consecutive windows (no context across windows). `teacher_card.json` keeps the
 per-file sums of the test protocol, so that the CPU test (`tests/test_teacher.py`) can re-measure on another
 interpreter's standard library and compare on the files both have (`python -m megatron_attnedit.teacher eval
---hf-dir {card['name']}` prints the same figures).
+--hf-dir megatron_attnedit/assets/teachers/{card['name']}` prints the same figures).
 
 Data license: the training text is CPython's standard library (Python Software Foundation License).
 """
@@ -505,6 +508,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--kind", required=True, choices=sorted(ARCHITECTURES))
     p.add_argument("--corpus", required=True)
+    p.add_argument("--datasets", required=True, help="the datasets dir (datasets.json: token counts)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--command", required=True, help="the command line that made it (goes into the card)")
     p.add_argument("--train-seconds", type=float)
@@ -534,7 +538,7 @@ def main(argv=None) -> int:
         elif a.cmd == "init":
             write_init_dir(a.kind, a.tokenizer_dir, a.out)
         elif a.cmd == "card":
-            card = write_card(a.hf_dir, a.kind, a.corpus, a.run_dir, a.command, a.train_seconds, _device(a.device))
+            card = write_card(a.hf_dir, a.kind, a.corpus, a.datasets, a.run_dir, a.command, a.train_seconds, _device(a.device))
             h = card["heldout"]["full"]
             print(f"{a.hf_dir}: held-out loss {h['loss']:.4f} (perplexity {h['perplexity']:.2f}) on {h['tokens']:,} tokens; "
                   f"card written to {os.path.join(a.hf_dir, 'README.md')}")

@@ -141,7 +141,7 @@ def test_report(setup):
         assert row[1] == f"{m['ppl']:.3f}" and row[2] == f"{m['ppl_ratio']:.4f}"
         assert row[3] == f"{m['kv']['config_bytes_per_token']:.1f}" and row[4] == f"{m['kv']['measured_bytes_per_token']:.1f}"
         assert row[8].startswith(f"{m['decode']['tokens_per_s']:.1f}")
-    assert rows["mla"][5] == "2.50 MiB"  # 4 layers x (32 + 8) x 4 B = 640 B/token, x 4096 tokens
+    assert rows["mla"][5] == "2.50 MiB (62.5%)"  # 4 layers x (32 + 8) x 4 B = 640 B/token, x 4096 tokens; teacher 1024
     assert "tiny_mla/stage1 (stage1, metrics.jsonl)" in md and "![Stage 2](stage2_curves.png)" in md
 
 

@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import sysconfig
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 VALID_FRACTION = 0.05
@@ -83,9 +83,11 @@ def _read(path: str) -> Tuple[Optional[str], Optional[str]]:
     return text.replace("\r\n", "\n"), None
 
 
-def iter_files(root: Optional[str] = None, skipped: Optional[Dict[str, int]] = None) -> Iterator[Tuple[str, str]]:
+def iter_files(root: Optional[str] = None, skipped: Optional[Dict[str, int]] = None,
+               keep: Optional[Callable[[str], bool]] = None) -> Iterator[Tuple[str, str]]:
     """(relative path, text) of every corpus file under ``root`` (default: this interpreter's
-    stdlib), sorted by path. Skipped files are counted by reason into ``skipped``."""
+    stdlib), sorted by path; only paths for which ``keep(path)`` is true are read. Skipped files
+    are counted by reason into ``skipped``."""
     root = os.path.abspath(root or stdlib_dir())
     if not os.path.isdir(root):
         raise CorpusError(f"standard library directory {root} not found; is this a full Python installation?")
@@ -97,6 +99,8 @@ def iter_files(root: Optional[str] = None, skipped: Optional[Dict[str, int]] = N
             if name.endswith(".py") and os.path.isfile(path):
                 found.append(os.path.relpath(path, root).replace(os.sep, "/"))
     for rel in sorted(found):
+        if keep is not None and not keep(rel):
+            continue
         text, reason = _read(os.path.join(root, rel))
         if text is None:
             if skipped is not None:
@@ -109,7 +113,7 @@ def split_files(split: str, root: Optional[str] = None, valid_fraction: float = 
     """The (path, text) pairs of one split, in memory (the valid split is ~0.6 MB)."""
     if split not in SPLITS:
         raise CorpusError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    return [(p, t) for p, t in iter_files(root) if split_of(p, valid_fraction) == split]
+    return list(iter_files(root, keep=lambda p: split_of(p, valid_fraction) == split))
 
 
 def build_corpus(out_dir: str, root: Optional[str] = None, valid_fraction: float = VALID_FRACTION) -> dict:

@@ -58,6 +58,10 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _kv_cell(b: float, teacher: float, role: str) -> str:
+    return human_bytes(b) if role == "teacher" else f"{human_bytes(b)} ({100 * b / teacher:.1f}%)"
+
+
 def summary_table(results: dict) -> List[str]:
     models = results["models"]
     bpe = models[0]["kv"]["bytes_per_elem"]
@@ -68,6 +72,7 @@ def summary_table(results: dict) -> List[str]:
         + " | decode tok/s | params |"
     )
     lines = [head, "|" + "---|" * (8 + len(CONTEXTS))]
+    teacher_kv = models[0]["kv"]["per_context_bytes"]
     for m in models:
         kv = m["kv"]
         cells = [
@@ -77,7 +82,7 @@ def summary_table(results: dict) -> List[str]:
             _fmt(m["ppl_ratio"], ".4f"),
             f"{kv['config_bytes_per_token']:.1f}",
             f"{kv['measured_bytes_per_token']:.1f}",
-            *[human_bytes(kv["per_context_bytes"][str(c)]) for c in CONTEXTS],
+            *[_kv_cell(kv["per_context_bytes"][str(c)], teacher_kv[str(c)], m["role"]) for c in CONTEXTS],
             f"{m['decode']['tokens_per_s']:.1f}" + (" (absorbed)" if m["decode"].get("path") == "absorbed MLA" else ""),
             human_count(m["params"]),
         ]
@@ -86,7 +91,7 @@ def summary_table(results: dict) -> List[str]:
     lines.append(
         f"KV columns: whole model (all layers), cache element {bpe} B ({results['dtype']}); *config* is the attention target's "
         f"formula at the decode's context of {ctx} tokens, *measured* the bytes of the cache tensors after the greedy decode "
-        f"divided by the {ctx} positions cached; KV @N: one sequence of N tokens, from the formula."
+        f"divided by the {ctx} positions cached; KV @N: one sequence of N tokens, from the formula (in brackets: share of the teacher's)."
     )
     return lines
 
