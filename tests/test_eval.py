@@ -173,6 +173,23 @@ def test_bad_inputs(setup, capsys, tmp_path):
     assert "is not a Hugging Face model directory" in _err(capsys, ["--teacher", str(tmp_path), "--data", "x", "--report-dir", str(tmp_path)])
 
 
+def test_same_tokenizer(setup, tmp_path):
+    """Compared on the first kind of vocabulary file both sides hold."""
+    both = tmp_path / "both"
+    os.makedirs(both)
+    shutil.copy(setup["tokenizer"], both / "tokenizer.model")
+    (both / "tokenizer.json").write_text("{}")
+    (both / "tokenizer_config.json").write_text('{"cosmetic": 1}')
+    assert perplexity.same_tokenizer(str(both), setup["tokenizer"]) is True  # a dir and the .model file it was made from
+    assert perplexity.same_tokenizer(str(both), setup["teacher"]) is True
+    other = training_data.train_tokenizer(str(tmp_path / "other"), vocab_size=120, seed=9)
+    assert perplexity.same_tokenizer(other, setup["teacher"]) is False
+    only_json = tmp_path / "json"
+    os.makedirs(only_json)
+    (only_json / "tokenizer.json").write_text("{}")
+    assert perplexity.same_tokenizer(str(only_json), setup["teacher"]) is None  # nothing in common to compare
+
+
 def test_report_dir_not_writable(setup, tmp_path):
     """Through the real CLI: exit code 2, one line, nothing loaded."""
     blocker = tmp_path / "file"

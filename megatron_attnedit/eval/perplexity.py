@@ -8,13 +8,13 @@ end-of-document appended, as ``preprocess_data.py`` does). Every model scores th
 Same tokenizer? A dataset carries no tokenizer, so four checks, cheapest first, each one line:
 1. PREFIX.meta.json (written by preprocess_data.py) records vocab_size and eod: both must equal
    the teacher tokenizer's;
-2. it also records the tokenizer it used: a ``tokenizer_sha256`` if present, else the recorded
-   path when it still exists, must have the same fingerprint as the teacher's tokenizer -- the
-   SHA-256 of its vocabulary files (tokenizer.json, *.model, vocab.json, merges.txt, vocab.txt;
-   not tokenizer_config.json, which changes with cosmetic settings);
+2. it also records the tokenizer it used: when that path still exists, its vocabulary files must
+   have the same SHA-256 as the teacher's, compared on the first kind both have (a SentencePiece
+   .model, tokenizer.json, vocab.json + merges.txt / vocab.txt; never tokenizer_config.json, which
+   changes with cosmetic settings);
 3. every evaluated token id must be below the teacher tokenizer's vocabulary size (the config's
    vocab_size when the teacher ships no tokenizer);
-4. a student that ships tokenizer files must ship the teacher's (same fingerprint).
+4. a student that ships tokenizer files must ship the teacher's (same comparison as 2).
 A dataset without meta.json, or whose tokenizer directory is gone, gets check 3 only; the report
 says which checks ran.
 
@@ -57,14 +57,32 @@ def tokenizer_files(path: str) -> List[str]:
     return sorted(found)
 
 
-def tokenizer_fingerprint(path: str) -> Optional[str]:
-    """SHA-256 over the vocabulary files' contents (names excluded: tokenizer.model and a copy
-    called spm.model are the same tokenizer); None when ``path`` holds no tokenizer."""
-    files = tokenizer_files(path)
-    if not files:
-        return None
-    digests = sorted(hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files)
-    return hashlib.sha256("".join(digests).encode()).hexdigest()
+# Kinds of vocabulary files, in the order they are compared: a SentencePiece model, tokenizer.json,
+# vocab.json + merges.txt / vocab.txt. A directory may hold several kinds (the project's tokenizer
+# ships tokenizer.model and the same vocabulary as tokenizer.json); two tokenizers are compared on
+# the first kind both have.
+_KINDS = (("sentencepiece", lambda f: f.endswith(".model")), ("tokenizer.json", lambda f: f.endswith("tokenizer.json")),
+          ("vocab", lambda f: os.path.basename(f) in ("vocab.json", "merges.txt", "vocab.txt")))
+
+
+def tokenizer_digests(path: str) -> dict:
+    """kind -> SHA-256 over that kind's files' contents (file names excluded)."""
+    files, out = tokenizer_files(path), {}
+    for kind, match in _KINDS:
+        mine = sorted(hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files if match(f))
+        if mine:
+            out[kind] = hashlib.sha256("".join(mine).encode()).hexdigest()
+    return out
+
+
+def same_tokenizer(a: str, b: str) -> Optional[bool]:
+    """True / False from the first kind of vocabulary file both ``a`` and ``b`` hold; None when
+    they share no kind (nothing to compare)."""
+    da, db = tokenizer_digests(a), tokenizer_digests(b)
+    for kind, _ in _KINDS:
+        if kind in da and kind in db:
+            return da[kind] == db[kind]
+    return None
 
 
 def load_tokenizer(model_dir: str):
@@ -105,18 +123,15 @@ def _check_meta(prefix: str, tok, teacher_dir: str, checks: List[str]) -> None:
             f"teacher's (vocab {tok.vocab_size}, eod {tok.eod}); re-run preprocess_data.py with --tokenizer-dir {teacher_dir}"
         )
     checks.append("meta.json vocab size and eod")
-    mine = tokenizer_fingerprint(teacher_dir)
-    theirs, src = meta.get("tokenizer_sha256"), "its recorded tokenizer_sha256"
-    if theirs is None and meta.get("tokenizer") and tokenizer_files(meta["tokenizer"]):
-        theirs, src = tokenizer_fingerprint(meta["tokenizer"]), meta["tokenizer"]
-    if theirs is None:
-        return
-    if theirs != mine:
+    src = meta.get("tokenizer")
+    same = same_tokenizer(src, teacher_dir) if src and tokenizer_files(src) else None
+    if same is False:
         raise EvalError(
             f"{prefix} was tokenized with {src}, whose vocabulary files differ from the teacher's tokenizer in {teacher_dir}; "
             f"re-run preprocess_data.py with --tokenizer-dir {teacher_dir}"
         )
-    checks.append("tokenizer files (SHA-256)")
+    if same:
+        checks.append("tokenizer files (SHA-256)")
 
 
 def _read_indexed(prefix: str, need: Optional[int]) -> np.ndarray:
@@ -189,8 +204,7 @@ def load_eval_tokens(data: List[str], teacher_dir: str, vocab_size: int, need: O
 
 def check_student_tokenizer(student_dir: str, teacher_dir: str) -> None:
     """A student that ships tokenizer files must ship the teacher's."""
-    theirs = tokenizer_fingerprint(student_dir)
-    if theirs is not None and theirs != tokenizer_fingerprint(teacher_dir):
+    if same_tokenizer(student_dir, teacher_dir) is False:
         raise EvalError(f"student {student_dir} ships a tokenizer whose vocabulary files differ from the teacher's ({teacher_dir}); a student must use its teacher's tokenizer")
 
 
