@@ -117,6 +117,7 @@ def main():
     ap.add_argument("--runs", default="lm,stage1,stage2")
     ap.add_argument("--recipe", default=None, help="recipe whose target section is used (default: the preset's MLA/GateSWA recipe)")
     ap.add_argument("--platform", default="cuda")
+    ap.add_argument("--profile", action="store_true", help="profile steps 3-4 of each run (table to <work>/<run>/profile/)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     a = ap.parse_args()
 
@@ -150,6 +151,8 @@ def main():
         "stage1": fl["teacher"] + 3 * fl["student_attention"],
         "stage2": fl["teacher"] + 3 * fl["student"],
     }
+    if a.profile:
+        common.append("training.profile_steps=[3,4]")
     for name in a.runs.split(","):
         stage = None if name == "lm" else name
         sets = common + (["objective.name=lm"] if name == "lm" else [])

@@ -174,9 +174,14 @@ class TrainingConfig:
     run_dir: Optional[str] = None
     """Where everything of this run goes (config.yaml, checkpoints, metrics, W&B, data index cache);
     default runs/<recipe name>[/<stage>]."""
+    profile_steps: Optional[List[int]] = None
+    """[first, last] steps (1-based) to record with torch.profiler on rank 0: a Chrome trace and a
+    table of the most expensive kernels go to <run_dir>/profile/ (as Megatron-LM's --profile)."""
 
     def __post_init__(self):
         _check(self.train_iters > 0 and self.log_interval > 0, "training.train_iters and training.log_interval must be > 0")
+        _check(self.profile_steps is None or (len(self.profile_steps) == 2 and 1 <= self.profile_steps[0] <= self.profile_steps[1]),
+               "training.profile_steps must be [first, last] with 1 <= first <= last")
         _check(self.eval_interval >= 0 and self.eval_iters > 0, "training.eval_interval must be >= 0 and training.eval_iters > 0")
         _one_of(self.platform, ("auto", "cuda", "npu", "cpu"), "training.platform")
 

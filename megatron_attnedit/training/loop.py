@@ -232,6 +232,36 @@ def evaluate(s: Run, cfg: Config) -> Dict[str, float]:
     return {f"val_{k}": v for k, v in sums.items()}
 
 
+_PROFILER = None
+
+
+def _maybe_start_profiler(cfg: Config, step: int, plat):
+    """torch.profiler over training.profile_steps on rank 0 (None otherwise)."""
+    global _PROFILER
+    ps = cfg.training.profile_steps
+    if ps and step == ps[0] and dist.get_rank() == 0 and _PROFILER is None:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if plat.name == "cuda" else [])
+        _PROFILER = torch.profiler.profile(activities=acts, record_shapes=False)
+        _PROFILER.__enter__()
+    return _PROFILER
+
+
+def _maybe_stop_profiler(cfg: Config, step: int, plat, profiler) -> None:
+    global _PROFILER
+    ps = cfg.training.profile_steps
+    if profiler is None or step != ps[1]:
+        return
+    plat.synchronize()
+    profiler.__exit__(None, None, None)
+    out = os.path.join(cfg.run_dir, "profile")
+    os.makedirs(out, exist_ok=True)
+    profiler.export_chrome_trace(os.path.join(out, f"trace_steps_{ps[0]}_{ps[1]}.json"))
+    sort = "cuda_time_total" if plat.name == "cuda" else "cpu_time_total"
+    with open(os.path.join(out, "kernels.txt"), "w") as f:
+        f.write(profiler.key_averages().table(sort_by=sort, row_limit=40))
+    _PROFILER = None
+
+
 def train(cfg: Config) -> Dict[str, float]:
     """Run (or resume) the training described by ``cfg``; returns the last logged metrics."""
     s = setup(cfg)
@@ -246,7 +276,9 @@ def train(cfg: Config) -> Dict[str, float]:
     start, n_window, exit_code = time.time(), 0, 1
     try:
         while state.iteration < t.train_iters:
+            profiler = _maybe_start_profiler(cfg, state.iteration + 1, s.plat)
             metrics = train_step(s, cfg)
+            _maybe_stop_profiler(cfg, state.iteration + 1, s.plat, profiler)
             state.iteration += 1
             state.consumed_samples += cfg.data.global_batch_size
             monitor.step()
