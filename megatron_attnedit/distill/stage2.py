@@ -43,6 +43,29 @@ DEFAULTS: Dict[str, object] = {
 }
 
 
+class _SBHGrad(torch.autograd.Function):
+    """Identity whose backward lays the [b, s, V] logits gradient out as a contiguous [s, b, V].
+
+    GPTModel returns ``logits.transpose(0, 1)``; the gradient reaching the output layer is then a
+    transposed view. A trainable output layer copies it to a contiguous 2-D matrix first, but the
+    frozen (shared) one (megatron's LinearWithFrozenWeight) multiplies the strided 3-D view as is,
+    which cuBLAS runs as a batched GEMM at ~1/200 of peak (measured: 1.56 s per micro-batch at
+    Qwen3-8B shape, seq 4096, on an H100, against ~4 ms for the contiguous product).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def _grad_in_sbh_layout(logits: torch.Tensor) -> torch.Tensor:
+    return _SBHGrad.apply(logits) if logits.requires_grad and logits.dim() == 3 else logits
+
+
 def check_stage2_options(options: Dict[str, object]) -> Dict[str, object]:
     o = check_options(options, DEFAULTS, "stage2")
     if o["trainable"] not in TRAINABLE_SETS:
@@ -128,7 +151,7 @@ class Stage2:
             t_out = self.teacher(tokens, position_ids, None)
             self.teacher.set_input_tensor(None)
         self.student.set_input_tensor(s_in)
-        s_out = model(tokens, position_ids, None)
+        s_out = _grad_in_sbh_layout(model(tokens, position_ids, None))
         t_feat, s_feat = self.t_hooks.take(), self.s_hooks.take()
 
         feature = torch.zeros((), device=self.device)
