@@ -70,7 +70,7 @@ SETS=(model.hf_dir="$RUN_DIR/init" data.data_path="[$DATA_DIR/datasets/train_val
 [ -n "${LR:-}" ] && SETS+=(optimizer.lr="$LR" optimizer.min_lr="$("$PY" -c "print($LR / 10)")")
 [ -n "${EVAL_INTERVAL:-}" ] && SETS+=(training.eval_interval="$EVAL_INTERVAL")
 if [ -n "${STEPS:-}" ]; then   # keep warmup below a short schedule
-  SETS+=(optimizer.lr_warmup_iters="$(( STEPS >= 1000 ? 100 : STEPS / 10 ))")
+  SETS+=(optimizer.lr_warmup_iters="$(( STEPS / 10 ))")
 fi
 [ "$KIND" = moe ] && [ "$PLATFORM" = cuda ] && SETS+=(model.moe_grouped_gemm=true)
 

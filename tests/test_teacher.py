@@ -22,7 +22,9 @@ from megatron_attnedit import teacher
 from megatron_attnedit.data import corpus
 
 MARGIN_NATS = 0.15
-"""Card vs here, whole valid split of each interpreter: ~8% of a loss near 1.8 nats."""
+"""Card vs here, each interpreter's whole valid split. Measured with a partly trained teacher whose card
+came from CPython 3.11.7 (pyenv): 3.12.1 +0.0002, 3.10.13 -0.008, Debian's 3.11 (30 valid files)
+-0.035, 3.13.0 (31 files, 12 identical) +0.064 nats."""
 IDENTICAL_NATS = 0.01
 MIN_IDENTICAL = 5
 MAX_BYTES = 16 * 10**6
