@@ -261,6 +261,9 @@ def load_model(hf_dir: str, device: str = "cpu"):
 
     from megatron_attnedit.data import tokenizer as tok_lib
 
+    for name in ("config.json", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(hf_dir, name)):
+            raise TeacherError(f"{hf_dir} has no {name}; give an HF model directory with its tokenizer (e.g. a teacher exported by train_teacher.sh)")
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).to(device)
     return model, tok_lib.load_hf(hf_dir)
 

@@ -10,6 +10,9 @@ their model cards say. For each (skipped, with the reason, while a teacher is no
   - within IDENTICAL_NATS of the card on the files whose text is identical here (numerics only:
     fp32 on another device), when at least MIN_IDENTICAL files are,
   - below half of ln(vocab) and below half the loss of an untrained model of the same shape.
+
+Always run: the two architectures fit the 16 MB budget (and the card's active-parameter arithmetic
+is right); CLI mistakes end in one ``error:`` line.
 """
 
 import json
@@ -108,3 +111,36 @@ def test_far_below_an_untrained_model(committed, local_eval):
     trained = sum(result["files"][p][0] for p, _ in few) / sum(result["files"][p][1] for p, _ in few)
     assert base > 0.9 * math.log(cfg["vocab_size"]), base
     assert trained < 0.5 * base, (trained, base)
+
+
+@pytest.mark.parametrize("kind", sorted(teacher.ARCHITECTURES))
+def test_architectures_fit_the_budget(kind, tmp_path):
+    """The shapes train_teacher.sh builds: bf16 weights at most 16 MB; active-parameter arithmetic."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = teacher.hf_config(kind, 4096, {"bos": 1, "eos": 2, "pad": 3})
+    from megatron_attnedit.models import qwen3
+
+    qwen3.check_hf_config(cfg)
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(tmp_path))
+    counts = teacher.parameter_counts(str(tmp_path), cfg)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["safetensors_bytes"] <= MAX_BYTES, counts
+    if kind == "moe":
+        experts = [p for n, p in model.named_parameters() if ".experts." in n]
+        per_layer_expert = sum(p.numel() for p in experts) // sum(qwen3.moe_layer_pattern(cfg)) // 8
+        assert counts["active"] == counts["total"] - sum(qwen3.moe_layer_pattern(cfg)) * 6 * per_layer_expert
+    else:
+        assert counts["active"] == counts["total"]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    rc = teacher.main(["eval", "--hf-dir", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "config.json" in err and "\n" not in err
+    rc = teacher.main(["datasets", "--corpus", str(tmp_path), "--tokenizer-dir", str(tmp_path), "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "manifest.json" in err and "\n" not in err
