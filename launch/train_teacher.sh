@@ -72,7 +72,6 @@ SETS=(model.hf_dir="$RUN_DIR/init" data.data_path="[$DATA_DIR/datasets/train_val
 if [ -n "${STEPS:-}" ]; then   # keep warmup below a short schedule
   SETS+=(optimizer.lr_warmup_iters="$(( STEPS / 10 ))")
 fi
-[ "$KIND" = moe ] && [ "$PLATFORM" = cuda ] && SETS+=(model.moe_grouped_gemm=true)
 
 echo "[teacher] 3/5 training ($PLATFORM)" >&2
 START=$(date +%s)
