@@ -10,7 +10,6 @@
   exactly the train files and exactly the valid files.
 """
 
-import hashlib
 import json
 import os
 
