@@ -190,7 +190,7 @@ def hf_config(kind: str, vocab_size: int, special_ids: Dict[str, int]) -> dict:
     model_type = kw.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=special_ids["bos"],
                                   eos_token_id=special_ids["eos"], pad_token_id=special_ids["pad"], **kw)
-    out = config.to_dict()
+    out = config.to_diff_dict()  # what save_pretrained writes
     out["architectures"] = ["Qwen3ForCausalLM" if kind == "dense" else "Qwen3MoeForCausalLM"]
     out["dtype"] = "bfloat16"
     return out
