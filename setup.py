@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["megatron_attnedit", "megatron_attnedit.*"]),
     # The bundled teachers ship inside the package; recipes and launchers stay in launch/ (the
     # project is used from a checkout, installed in editable mode by launch/install.sh).
-    package_data={"megatron_attnedit": ["assets/**/*"]},
+    package_data={"megatron_attnedit": ["assets/teachers/*/*", "convert/hf_gateswa/*.py"]},
     python_requires=">=3.10",
     # torch is deliberately not pinned here: the install script installs torch==2.13.0 only when
     # no torch is present, and never replaces the user's own build (CUDA, ROCm, torch_npu).

@@ -5,8 +5,9 @@ their model cards say. For each (skipped, with the reason, while a teacher is no
   round-trip code, a card (README.md + teacher_card.json) for the same architecture;
 * its held-out loss on THIS interpreter's valid split, by the card's bounded protocol (first 512
   positions of every valid file, ~15K tokens, about 5 s on CPU), is
-  - within MARGIN_NATS of the card's figure (the card was measured on the training interpreter's
-    standard library, whose files differ a little from this one's),
+  - within MARGIN_NATS of the card's figure on the valid files both interpreters have (the card was
+    measured on the training interpreter's standard library, whose file set and files differ a little
+    from this one's),
   - within IDENTICAL_NATS of the card on the files whose text is identical here (numerics only:
     fp32 on another device), when at least MIN_IDENTICAL files are,
   - below half of ln(vocab) and below half the loss of an untrained model of the same shape.
@@ -25,7 +26,7 @@ from megatron_attnedit import teacher
 from megatron_attnedit.data import corpus
 
 MARGIN_NATS = 0.15
-"""Card vs here, each interpreter's whole valid split. Measured with a partly trained teacher whose card
+"""Card vs here, on the valid files both interpreters have. Measured with a partly trained teacher whose card
 came from CPython 3.11.7 (pyenv): 3.12.1 +0.0002, 3.10.13 -0.008, Debian's 3.11 (30 valid files)
 -0.035, 3.13.0 (31 files, 12 identical) +0.064 nats."""
 IDENTICAL_NATS = 0.01
@@ -91,7 +92,11 @@ def test_heldout_loss_matches_the_card(committed, local_eval):
     msg = (f"{kind}: here (Python {corpus.interpreter()['version']}, {len(files)} valid files) {result['loss']:.4f}, "
            f"card (Python {card['interpreter']['version']}, {len(proto['files'])} files) {proto['loss']:.4f}; {cmp}")
     print(msg)
-    assert abs(result["loss"] - proto["loss"]) <= MARGIN_NATS, msg
+    # Compared on the files both standard libraries have: whole-split figures also differ by which
+    # files a packager ships (the bundled cards come from Debian's CPython 3.12.3, 27 valid files; a
+    # pyenv 3.11.7 has 33, and its 6 extra files alone move the whole-split loss by 0.23 nats).
+    assert cmp["common_files"] >= MIN_IDENTICAL, msg
+    assert abs(cmp["local_common"] - cmp["card_common"]) <= MARGIN_NATS, msg
     if cmp["identical_files"] >= MIN_IDENTICAL:
         assert abs(cmp["local_identical"] - cmp["card_identical"]) <= IDENTICAL_NATS, msg
 
