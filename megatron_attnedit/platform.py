@@ -242,14 +242,20 @@ def init_distributed(
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(
-            backend=plat.backend,
-            rank=int(os.environ.get("RANK", "0")),
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A lone process (converters, single-process tools): an in-process store, no port to
+            # pick -- a free port chosen now can be taken by another program before we bind it.
+            dist.init_process_group(backend=plat.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            dist.init_process_group(
+                backend=plat.backend,
+                rank=int(os.environ.get("RANK", "0")),
+                world_size=world_size,
+                timeout=timeout,
+            )
     world = dist.get_world_size()
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
     if world % (tp * pp) != 0:
@@ -264,11 +270,3 @@ def init_distributed(
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
