@@ -21,12 +21,16 @@ def free_port() -> int:
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``tests/workers/<script>`` (or a path) on ``nproc`` gloo processes on 127.0.0.1."""
     path = script if os.path.isabs(script) else os.path.join(WORKERS, script)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-        "--master-addr=127.0.0.1", f"--master-port={free_port()}", path, *map(str, args),
-    ]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    for attempt in range(3):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}", path, *map(str, args),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        # The port was free when chosen but another program bound it first: choose again.
+        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr:
+            break
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
