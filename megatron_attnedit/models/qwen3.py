@@ -257,9 +257,9 @@ def mlp_spec(opts: BuildOptions, moe: bool) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec(num_experts=1 if moe else None, moe_grouped_gemm=moe).submodules.mlp
     spec = get_mlp_module_spec_for_backend(LocalSpecProvider(), num_experts=1 if moe else None)
     if moe and opts.grouped_gemm:
-        from megatron_attnedit.models.experts import grouped_experts_spec
-
-        spec.submodules.experts = grouped_experts_spec()
+        # Planned (issue: GPU throughput): torch._grouped_mm experts for the no-TE path.
+        raise ConfigError("grouped-GEMM experts are not implemented yet on the local spec; set model.moe_grouped_gemm=false "
+                          "(SequentialMLP) or model.transformer_impl=transformer_engine where TE is installed")
     return spec
 
 
