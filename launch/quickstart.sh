@@ -12,7 +12,7 @@
 #                 (training runs), hf/<student>/ (exports), report/ (report.md, results.json, plots), logs/, summary.json
 # --quick         short-step variant for CI (a few steps per stage, fewer held-out tokens, no ablation)
 # --skip-stage1   ablation: stage 2 straight from the initialised student, for every target
-# --ablation      targets that also get a no-stage-1 student next to the full one (default: all targets)
+# --ablation      targets that also get a no-stage-1 student next to the full one (default: mla)
 # --nproc         training processes, data-parallel over gloo (default min(2, cores))
 # Recipes: launch/recipes/quickstart_mla.yaml, quickstart_gateswa.yaml. Steps are logged to RUN/logs/.
 # Env: PYTHON (default python3), WANDB_MODE (default disabled here).
