@@ -232,25 +232,21 @@ def evaluate(s: Run, cfg: Config) -> Dict[str, float]:
     return {f"val_{k}": v for k, v in sums.items()}
 
 
-_PROFILER = None
-
-
-def _maybe_start_profiler(cfg: Config, step: int, plat):
-    """torch.profiler over training.profile_steps on rank 0 (None otherwise)."""
-    global _PROFILER
+def _maybe_start_profiler(cfg: Config, step: int, plat, profiler):
+    """The running torch.profiler, started at the first of training.profile_steps on rank 0."""
     ps = cfg.training.profile_steps
-    if ps and step == ps[0] and dist.get_rank() == 0 and _PROFILER is None:
+    if profiler is None and ps and step == ps[0] and dist.get_rank() == 0:
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if plat.name == "cuda" else [])
-        _PROFILER = torch.profiler.profile(activities=acts, record_shapes=False)
-        _PROFILER.__enter__()
-    return _PROFILER
+        profiler = torch.profiler.profile(activities=acts, record_shapes=False)
+        profiler.__enter__()
+    return profiler
 
 
-def _maybe_stop_profiler(cfg: Config, step: int, plat, profiler) -> None:
-    global _PROFILER
+def _maybe_stop_profiler(cfg: Config, step: int, plat, profiler):
+    """At the last of training.profile_steps: write the trace and kernel table; returns what is still running."""
     ps = cfg.training.profile_steps
     if profiler is None or step != ps[1]:
-        return
+        return profiler
     plat.synchronize()
     profiler.__exit__(None, None, None)
     out = os.path.join(cfg.run_dir, "profile")
@@ -259,7 +255,7 @@ def _maybe_stop_profiler(cfg: Config, step: int, plat, profiler) -> None:
     sort = "cuda_time_total" if plat.name == "cuda" else "cpu_time_total"
     with open(os.path.join(out, "kernels.txt"), "w") as f:
         f.write(profiler.key_averages().table(sort_by=sort, row_limit=40))
-    _PROFILER = None
+    return None
 
 
 def train(cfg: Config) -> Dict[str, float]:
@@ -273,12 +269,12 @@ def train(cfg: Config) -> Dict[str, float]:
     monitor.start_progress(state.iteration, t.train_iters)
     window, logged = defaultdict(float), {}
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
-    start, n_window, exit_code = time.time(), 0, 1
+    start, n_window, exit_code, profiler = time.time(), 0, 1, None
     try:
         while state.iteration < t.train_iters:
-            profiler = _maybe_start_profiler(cfg, state.iteration + 1, s.plat)
+            profiler = _maybe_start_profiler(cfg, state.iteration + 1, s.plat, profiler)
             metrics = train_step(s, cfg)
-            _maybe_stop_profiler(cfg, state.iteration + 1, s.plat, profiler)
+            profiler = _maybe_stop_profiler(cfg, state.iteration + 1, s.plat, profiler)
             state.iteration += 1
             state.consumed_samples += cfg.data.global_batch_size
             monitor.step()
