@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_attnedit.attention.core import FlashCoreAttention
+from megatron_attnedit.models.experts import GroupedExperts
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -129,7 +130,7 @@ class BuildOptions:
     sequence_parallel: bool = False
     spec: str = "local"  # local | te
     moe_dispatcher: str = "allgather"  # allgather (CPU-safe) | alltoall (GPU)
-    grouped_gemm: bool = False  # our torch._grouped_mm experts (GPU); SequentialMLP otherwise
+    grouped_gemm: bool = False  # models/experts.py GroupedExperts (torch._grouped_mm on GPU); SequentialMLP otherwise
     use_cpu_initialization: bool = True
     perform_initialization: bool = True
     recompute_granularity: Optional[str] = None
@@ -257,9 +258,8 @@ def mlp_spec(opts: BuildOptions, moe: bool) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec(num_experts=1 if moe else None, moe_grouped_gemm=moe).submodules.mlp
     spec = get_mlp_module_spec_for_backend(LocalSpecProvider(), num_experts=1 if moe else None)
     if moe and opts.grouped_gemm:
-        # Planned (issue: GPU throughput): torch._grouped_mm experts for the no-TE path.
-        raise ConfigError("grouped-GEMM experts are not implemented yet on the local spec; set model.moe_grouped_gemm=false "
-                          "(SequentialMLP) or model.transformer_impl=transformer_engine where TE is installed")
+        # Stacked experts, torch._grouped_mm on GPU; checkpoints and state-dict names as SequentialMLP's.
+        spec.submodules.experts = ModuleSpec(module=GroupedExperts)
     return spec
 
 
