@@ -7,9 +7,22 @@
   Like megatron's ``vocab_parallel_cross_entropy`` the vocabulary is never gathered: each rank
   reduces its shard and only per-token scalars (max, sum of exp, partial sums) and, for top-k,
   k candidates per rank are exchanged across the TP group. Gradients are written analytically
-  (``T * (q - p)``), so nothing of size V is all-reduced in backward either.
+  (``(q - p) / T``), so nothing of size V is all-reduced in backward either.
 * ``cross_entropy`` -- optional CE on the data labels, the same machinery with a one-hot target.
 * ``feature_cosine`` -- weak feature matching ``lambda * (1 - cos)`` between hidden states.
+
+Memory: the vocabulary-sized work runs over chunks of tokens (``chunk_tokens``; by default
+``CHUNK_BYTES`` per fp32 ``[chunk, V/tp]`` buffer), so at most one chunk's fp32 temporaries exist at
+a time (three for KL, one for CE). The forward writes the logits gradient of each chunk straight
+into one buffer of the logits' dtype; backward only scales it in place (``_GradInForward``). At
+Qwen3 size (V = 151,936, 4096 tokens, TP=1) the former unchunked KL peaked at four 2.5 GB fp32
+buffers and kept one of them until backward (megatron's vocab-parallel CE keeps a 2.5 GB fp32
+softmax); chunked, KL peaks at three 256 MiB fp32 buffers plus the 1.25 GB bf16 gradient, which
+takes the place of the student logits (nothing needs those after the forward). Recomputing the
+softmax in backward from saved logits was the other choice: it keeps both logits (2 x 1.25 GB in
+bf16) and pays the exponentials twice. Chunks are cut identically on every TP rank (same tokens,
+same ``V/tp``), each chunk exchanges only per-token scalars, and the per-token sums accumulate in
+fp64: values and gradients do not depend on the chunk size (equal to the last bit in the tests).
 
 Padded vocabulary entries (megatron pads V to a multiple of 128) are excluded from every softmax
 when ``vocab_size`` (the real size) is given, so the losses equal those of the unpadded HF model.
@@ -87,8 +100,12 @@ def normalized_mse(pred: torch.Tensor, target: torch.Tensor, loss_mask=None, sp_
 
 
 # ----------------------------------------------------------------------------------------------
-# Vocab-parallel log-softmax pieces
+# Vocab-parallel softmax losses, token chunk by token chunk
 # ----------------------------------------------------------------------------------------------
+
+# Default chunk: as many tokens as keep one fp32 [chunk, V/tp] buffer near this size (about 440
+# tokens at V = 151,936 and TP=1; a whole micro-batch at toy sizes).
+CHUNK_BYTES = 256 * 2**20
 
 
 def vocab_range(local_vocab: int, group, vocab_size: Optional[int]) -> Tuple[int, int]:
@@ -100,82 +117,162 @@ def vocab_range(local_vocab: int, group, vocab_size: Optional[int]) -> Tuple[int
     return start, max(0, min(local_vocab, vocab_size - start))
 
 
+def chunk_size(local_vocab: int, chunk_tokens: Optional[int]) -> int:
+    """Tokens per chunk: ``chunk_tokens`` if > 0, all tokens if 0, by ``CHUNK_BYTES`` if None."""
+    if chunk_tokens is None:
+        return max(1, CHUNK_BYTES // (4 * max(1, local_vocab)))
+    if chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be >= 0 (0 = all tokens at once) or None (automatic), got {chunk_tokens}")
+    return chunk_tokens or 2**62
+
+
 def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if _group_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
 
 
-def _log_softmax_parallel_(z: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor]:
-    """In place on ``z`` (a fresh fp32 tensor): (log-softmax of this shard over the global
-    vocabulary -- ``z`` itself --, softmax of this shard)."""
+class _Rows:
+    """The token dimensions of ``[..., V]`` logits in storage order, as rows ``[R, ..., V]``.
+
+    GPTModel returns ``[b, s, V]`` as a transposed view of a contiguous ``[s, b, V]``: chunks are
+    then taken along s, so each one is a contiguous slab, and the gradient buffer is allocated as
+    a contiguous ``[s, b, V]`` -- the layout the output layer's backward wants (stage2._SBHGrad).
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.mode = "1d" if x.dim() == 1 else "sbh" if x.dim() == 3 and x.transpose(0, 1).is_contiguous() else "plain"
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0) if self.mode == "1d" else x.transpose(0, 1) if self.mode == "sbh" else x
+
+    def logical(self, x: torch.Tensor) -> torch.Tensor:
+        return x.squeeze(0) if self.mode == "1d" else x.transpose(0, 1) if self.mode == "sbh" else x
+
+    def rows_per_chunk(self, rows: torch.Tensor, chunk_tokens: Optional[int]) -> int:
+        tokens_per_row = 1
+        for d in rows.shape[1:-1]:
+            tokens_per_row *= d
+        return max(1, chunk_size(rows.shape[-1], chunk_tokens) // max(1, tokens_per_row))
+
+
+def _fp32_copy(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh contiguous fp32 copy of ``x / temperature`` (never a view of the caller's logits)."""
+    z = torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _row_max(z: torch.Tensor) -> torch.Tensor:
     if z.shape[-1] == 0:  # a shard made only of vocabulary padding
-        zmax = torch.full(z.shape[:-1] + (1,), float("-inf"), device=z.device)
-    else:
-        zmax = z.max(dim=-1, keepdim=True)[0]
-    _all_reduce(zmax, group, dist.ReduceOp.MAX)
-    z.sub_(zmax)
-    e = z.exp()
-    sum_e = _all_reduce(e.sum(dim=-1, keepdim=True), group)
-    z.sub_(sum_e.log())
-    return z, e.div_(sum_e)
+        return torch.full(z.shape[:-1], float("-inf"), device=z.device)
+    return z.amax(dim=-1)
 
 
-class _DenseKL(torch.autograd.Function):
-    """Per-token KL(softmax(t/T) || softmax(s/T)) on vocab-parallel logits, gradient for ``s`` only."""
-
-    @staticmethod
-    def forward(ctx, s, t, temperature, valid, group):
-        local = s.shape[-1]
-        # four [..., V/tp] fp32 buffers at the peak: log q, q, log p, p (everything else in place)
-        log_q, q = _log_softmax_parallel_(s[..., :valid].float() / temperature, group)
-        log_p, p = _log_softmax_parallel_(t[..., :valid].float() / temperature, group)
-        kl = log_p.sub_(log_q).mul_(p).sum(dim=-1)  # p (log p - log q)
-        del log_p, log_q
-        _all_reduce(kl, group)
-        ctx.save_for_backward(q.sub_(p))  # gradient direction q - p, the only thing backward needs
-        ctx.temperature, ctx.local, ctx.dtype = temperature, local, s.dtype
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad):
-        (q_minus_p,) = ctx.saved_tensors
-        g = q_minus_p * (grad.unsqueeze(-1) / ctx.temperature)
-        if g.shape[-1] != ctx.local:
-            g = F.pad(g, (0, ctx.local - g.shape[-1]))
-        return g.to(ctx.dtype), None, None, None, None
+def _grad_buffer(rows: torch.Tensor, valid: int) -> torch.Tensor:
+    """Where the forward writes the logits gradient (rows layout, the logits' dtype); padded ids get 0."""
+    g = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    if valid < rows.shape[-1]:
+        g[..., valid:].zero_()
+    return g
 
 
-class _SparseCE(torch.autograd.Function):
-    """Per-token -sum_i w_i log softmax(s/T)[id_i] on vocab-parallel logits; ``ids``/``w`` ``[..., k]``
-    hold global vocabulary ids and target weights (summing to 1), the same on every TP rank."""
+def _dense_kl_rows(s, t, temperature, valid, group, step, grad):
+    """Per-token KL(softmax(t/T) || softmax(s/T)) on rows-layout shards; writes (q - p) into ``grad``
+    (if given). Per chunk: three fp32 [chunk, V/tp] buffers and two all-reduces, [2, chunk] (max) and
+    [3, chunk] (sums); with z = logit/T - max,
 
-    @staticmethod
-    def forward(ctx, s, ids, w, temperature, start, valid, group):
-        local = s.shape[-1]
-        log_q, q = _log_softmax_parallel_(s[..., :valid].float() / temperature, group)
-        owned = (ids >= start) & (ids < start + valid)
-        local_ids = torch.where(owned, ids - start, torch.zeros_like(ids))
+        KL = sum_v p_v (log p_v - log q_v) = A / S_t - log S_t + log S_s,
+        S_x = sum_v exp(z_x),   A = sum_v exp(z_t) (z_t - z_s),
+
+    so each rank's partial S_s, S_t and A are summed in one exchange. The sums accumulate in fp64
+    (elementwise work stays fp32): the terms are O(log V) while a converged KL is ~0.01, and fp32
+    sums would make its value depend on summation order -- chunk size, TP size -- at ~1e-5."""
+    kl = torch.empty(s.shape[:-1], dtype=torch.float32, device=s.device)
+    for i in range(0, s.shape[0], step):
+        zs = _fp32_copy(s[i:i + step, ..., :valid], temperature)
+        zt = _fp32_copy(t[i:i + step, ..., :valid], temperature)
+        m = _all_reduce(torch.stack([_row_max(zs), _row_max(zt)]), group, dist.ReduceOp.MAX)
+        zs.sub_(m[0].unsqueeze(-1))
+        zt.sub_(m[1].unsqueeze(-1))
+        et = zt.exp()
+        a = zt.sub_(zs).mul_(et).sum(dim=-1, dtype=torch.float64)  # zt is scratch from here on
+        del zt
+        es = zs.exp_()
+        sums = _all_reduce(torch.stack([es.sum(dim=-1, dtype=torch.float64), et.sum(dim=-1, dtype=torch.float64), a]), group)
+        s_s, s_t, a = sums.unbind(0)
+        kl[i:i + step] = a / s_t - s_t.log() + s_s.log()
+        if grad is not None:  # q - p
+            es.div_(s_s.float().unsqueeze(-1)).sub_(et.div_(s_t.float().unsqueeze(-1)))
+            grad[i:i + step, ..., :valid].copy_(es)
+    return kl
+
+
+def _sparse_ce_rows(s, ids, w, temperature, start, valid, group, step, grad):
+    """Per-token -sum_i w_i log softmax(s/T)[id_i] on rows-layout shards; writes (q - w scattered)
+    into ``grad`` (if given). Per chunk: one fp32 [chunk, V/tp] buffer and two all-reduces, [chunk]
+    (max) and [chunk, 1 + k] (sum of exp and the shifted logits at the target ids, from their owner;
+    fp64 as in ``_dense_kl_rows``)."""
+    ce = torch.empty(s.shape[:-1], dtype=torch.float32, device=s.device)
+    for i in range(0, s.shape[0], step):
+        z = _fp32_copy(s[i:i + step, ..., :valid], temperature)
+        z.sub_(_all_reduce(_row_max(z), group, dist.ReduceOp.MAX).unsqueeze(-1))
+        idc, wc = ids[i:i + step], w[i:i + step]
+        owned = (idc >= start) & (idc < start + valid)
+        local_ids = torch.where(owned, idc - start, torch.zeros_like(idc))
         if valid > 0:
-            picked = torch.where(owned, log_q.gather(-1, local_ids), torch.zeros((), device=s.device))
+            picked = torch.where(owned, z.gather(-1, local_ids), torch.zeros((), device=z.device))
         else:
-            picked = torch.zeros(ids.shape, device=s.device)
-        _all_reduce(picked, group)  # log q at each target id, from the rank that owns it
-        ce = -(w * picked).sum(dim=-1)
-        # gradient direction: q - (target weights scattered onto this shard)
-        if valid > 0:
-            q.scatter_add_(-1, local_ids, -(w * owned.to(w.dtype)))
-        ctx.save_for_backward(q)
-        ctx.temperature, ctx.local, ctx.dtype = temperature, local, s.dtype
-        return ce
+            picked = torch.zeros(idc.shape, device=z.device)
+        e = z.exp_()
+        sums = _all_reduce(torch.cat([e.sum(dim=-1, keepdim=True, dtype=torch.float64), picked.double()], dim=-1), group)
+        s_e, picked = sums[..., 0], sums[..., 1:]
+        ce[i:i + step] = s_e.log() * wc.sum(dim=-1) - (wc * picked).sum(dim=-1)
+        if grad is not None:
+            e.div_(s_e.float().unsqueeze(-1))
+            if valid > 0:
+                e.scatter_add_(-1, local_ids, -(wc * owned.to(wc.dtype)))
+            grad[i:i + step, ..., :valid].copy_(e)
+    return ce
+
+
+class _GradInForward(torch.autograd.Function):
+    """Per-token loss whose logits gradient the forward already wrote: ``compute(rows, grad)``
+    returns the loss and fills ``grad`` with d loss / d (logits / T).
+
+    Backward scales that buffer in place by the incoming per-token gradient / T: no softmax is
+    recomputed and nothing else of size V is kept between forward and backward. Between them the
+    buffer (logits dtype, the size of the logits) is all that lives; the logits themselves can be
+    freed. In bf16 the gradient is rounded twice (q - p, then the scaled value) -- about one bf16
+    unit, the precision a bf16 gradient has anyway. The buffer is used up: backward runs once.
+    """
 
     @staticmethod
-    def backward(ctx, grad):
-        (q_minus_w,) = ctx.saved_tensors
-        g = q_minus_w * (grad.unsqueeze(-1) / ctx.temperature)
-        if g.shape[-1] != ctx.local:
-            g = F.pad(g, (0, ctx.local - g.shape[-1]))
-        return g.to(ctx.dtype), None, None, None, None, None, None
+    def forward(ctx, s, compute, valid, temperature, step):
+        layout = _Rows(s)
+        rows = layout.rows(s)
+        grad = _grad_buffer(rows, valid)
+        loss = compute(rows, grad)
+        ctx.save_for_backward(grad)
+        ctx.layout, ctx.temperature, ctx.step = layout, temperature, step
+        return layout.logical(loss)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        scale = ctx.layout.rows(grad_loss).unsqueeze(-1) / ctx.temperature
+        # by chunks too: a bf16 *= fp32 product over the whole buffer makes fp32 temporaries (CPU)
+        for i in range(0, grad.shape[0], ctx.step):
+            grad[i:i + ctx.step].mul_(scale[i:i + ctx.step])
+        return ctx.layout.logical(grad), None, None, None, None
+
+
+def _per_token(s: torch.Tensor, compute, valid: int, temperature: float, step: int) -> torch.Tensor:
+    """``compute(rows of s, grad buffer or None)``, with autograd when ``s`` needs a gradient (an
+    evaluation under no_grad writes no gradient)."""
+    if torch.is_grad_enabled() and s.requires_grad:
+        return _GradInForward.apply(s, compute, valid, temperature, step)
+    layout = _Rows(s)
+    return layout.logical(compute(layout.rows(s), None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,16 +287,52 @@ def kl_divergence(
     temperature: float = 1.0,
     vocab_size: Optional[int] = None,
     tp_group=None,
+    chunk_tokens: Optional[int] = None,
 ) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over tokens (weighted by ``loss_mask``).
 
     Logits are this rank's vocabulary shard ``[..., V/tp]`` (``tp_group`` = the TP group, or None
     for a single shard); ``vocab_size`` is the real vocabulary size (padded ids are ignored).
+    ``chunk_tokens``: tokens per chunk (None: by ``CHUNK_BYTES``; 0: all at once).
     """
     _check_logits(student_logits, teacher_logits)
     _, valid = vocab_range(student_logits.shape[-1], tp_group, vocab_size)
-    kl = _DenseKL.apply(student_logits, teacher_logits.detach(), float(temperature), valid, tp_group)
+    layout = _Rows(student_logits)
+    t_rows, T = layout.rows(teacher_logits.detach()), float(temperature)
+    step = layout.rows_per_chunk(t_rows, chunk_tokens)
+    kl = _per_token(student_logits, lambda rows, grad: _dense_kl_rows(rows, t_rows, T, valid, tp_group, step, grad), valid, T, step)
     return temperature**2 * token_mean(kl, loss_mask)
+
+
+@torch.no_grad()
+def _teacher_topk(t_rows, k, temperature, start, valid, group, step):
+    """The teacher's global top-k per token: (ids, probabilities renormalised over the k, sum p log p),
+    rows layout. Each rank takes its shard's top-k in the logits' own dtype (the order of t/T in fp32
+    is the same), the TP group all-gathers the k x tp candidates and every rank picks the same k."""
+    kk = min(k, valid)
+    vals, idx = [], []
+    for i in range(0, t_rows.shape[0], step):
+        zt = t_rows[i:i + step, ..., :valid]
+        v, j = zt.topk(kk, dim=-1) if kk > 0 else (zt[..., :0], zt[..., :0].long())
+        vals.append(v.float() / temperature)
+        idx.append(j + start)
+    vals, idx = torch.cat(vals), torch.cat(idx)
+    if _group_size(group) > 1:
+        n = _group_size(group)
+        # ranks may own different numbers of real ids: pad every candidate list to k
+        pad = k - kk
+        if pad:
+            vals = F.pad(vals, (0, pad), value=float("-inf"))
+            idx = F.pad(idx, (0, pad), value=0)
+        all_vals = [torch.empty_like(vals) for _ in range(n)]
+        all_idx = [torch.empty_like(idx) for _ in range(n)]
+        dist.all_gather(all_vals, vals.contiguous(), group=group)
+        dist.all_gather(all_idx, idx.contiguous(), group=group)
+        vals, pos = torch.cat(all_vals, -1).topk(k, dim=-1)
+        idx = torch.cat(all_idx, -1).gather(-1, pos)
+    log_p = torch.log_softmax(vals, dim=-1)
+    p = log_p.exp()
+    return idx, p, (p * log_p).sum(-1)
 
 
 def topk_kl_divergence(
@@ -210,38 +343,37 @@ def topk_kl_divergence(
     temperature: float = 1.0,
     vocab_size: Optional[int] = None,
     tp_group=None,
+    chunk_tokens: Optional[int] = None,
 ) -> torch.Tensor:
     """Top-k KL: the teacher's k most likely ids, their probabilities renormalised over the k, against
     the student's full-vocabulary log-probabilities at those ids; T^2-scaled, token-averaged.
-
-    Each rank takes its shard's top-k, the TP group all-gathers the k x tp candidates (ids and
-    logits, small) and every rank picks the same global top-k.
+    ``chunk_tokens`` as in ``kl_divergence``.
     """
     _check_logits(student_logits, teacher_logits)
     start, valid = vocab_range(student_logits.shape[-1], tp_group, vocab_size)
-    with torch.no_grad():
-        zt = teacher_logits[..., :valid].float() / temperature
-        kk = min(k, valid)
-        vals, idx = zt.topk(kk, dim=-1) if kk > 0 else (zt[..., :0], zt[..., :0].long())
-        idx = idx + start
-        if _group_size(tp_group) > 1:
-            n = _group_size(tp_group)
-            # ranks may own different numbers of real ids: pad every candidate list to k
-            pad = k - kk
-            if pad:
-                vals = F.pad(vals, (0, pad), value=float("-inf"))
-                idx = F.pad(idx, (0, pad), value=0)
-            all_vals = [torch.empty_like(vals) for _ in range(n)]
-            all_idx = [torch.empty_like(idx) for _ in range(n)]
-            dist.all_gather(all_vals, vals.contiguous(), group=tp_group)
-            dist.all_gather(all_idx, idx.contiguous(), group=tp_group)
-            vals, pos = torch.cat(all_vals, -1).topk(k, dim=-1)
-            idx = torch.cat(all_idx, -1).gather(-1, pos)
-        log_p = torch.log_softmax(vals, dim=-1)
-        p = log_p.exp()
-        neg_entropy = (p * log_p).sum(-1)
-    ce = _SparseCE.apply(student_logits, idx, p, float(temperature), start, valid, tp_group)
-    return temperature**2 * token_mean(neg_entropy + ce, loss_mask)
+    layout = _Rows(student_logits)
+    t_rows, T = layout.rows(teacher_logits.detach()), float(temperature)
+    step = layout.rows_per_chunk(t_rows, chunk_tokens)
+    ids, p, neg_entropy = _teacher_topk(t_rows, k, T, start, valid, tp_group, step)
+    ce = _per_token(student_logits, lambda rows, grad: _sparse_ce_rows(rows, ids, p, T, start, valid, tp_group, step, grad), valid, T, step)
+    return temperature**2 * token_mean(layout.logical(neg_entropy) + ce, loss_mask)
+
+
+def cross_entropy_per_token(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: Optional[int] = None,
+    tp_group=None,
+    chunk_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy per token (fp32, shape of ``labels``) on vocab-parallel logits
+    ``[..., V/tp]``; ``chunk_tokens`` as in ``kl_divergence``."""
+    start, valid = vocab_range(logits.shape[-1], tp_group, vocab_size)
+    layout = _Rows(logits)
+    ids = layout.rows(labels.long().unsqueeze(-1))
+    w = torch.ones(ids.shape, device=logits.device, dtype=torch.float32)
+    step = layout.rows_per_chunk(layout.rows(logits), chunk_tokens)
+    return _per_token(logits, lambda rows, grad: _sparse_ce_rows(rows, ids, w, 1.0, start, valid, tp_group, step, grad), valid, 1.0, step)
 
 
 def cross_entropy(
@@ -250,13 +382,10 @@ def cross_entropy(
     loss_mask: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
     tp_group=None,
+    chunk_tokens: Optional[int] = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy on vocab-parallel logits ``[..., V/tp]``, labels ``[...]``, token mean."""
-    start, valid = vocab_range(logits.shape[-1], tp_group, vocab_size)
-    ids = labels.long().unsqueeze(-1)
-    w = torch.ones(ids.shape, device=logits.device, dtype=torch.float32)
-    ce = _SparseCE.apply(logits, ids, w, 1.0, start, valid, tp_group)
-    return token_mean(ce, loss_mask)
+    return token_mean(cross_entropy_per_token(logits, labels, vocab_size, tp_group, chunk_tokens), loss_mask)
 
 
 def feature_cosine(

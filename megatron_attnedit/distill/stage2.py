@@ -30,7 +30,7 @@ from megatron.core import parallel_state
 
 from megatron_attnedit.distill import losses, pipeline
 from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated, DistillError, _unwrap
-from megatron_attnedit.training.objective import Objective, check_options
+from megatron_attnedit.training.objective import Objective, check_loss_chunk_tokens, check_options
 
 DEFAULTS: Dict[str, object] = {
     "trainable": "attention",  # attention | all
@@ -40,6 +40,10 @@ DEFAULTS: Dict[str, object] = {
     "feature_layers": [],  # global layer indices (negative from the end) for feature matching
     "feature_weight": 0.05,  # lambda of the weak feature term lambda * (1 - cos)
     "ce_weight": 0.0,  # weight of next-token CE on the data labels (0 = off)
+    # tokens per chunk of the vocabulary-sized loss work (KL, top-k KL, CE): null = automatic
+    # (losses.CHUNK_BYTES of fp32 per [chunk, V/tp] buffer, ~440 tokens at V=151,936, TP=1);
+    # 0 = the whole micro-batch at once. Values do not depend on it; memory does (losses docstring).
+    "loss_chunk_tokens": None,
 }
 
 
@@ -59,9 +63,11 @@ class _SBHGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        b, s, v = grad.shape
+        if grad.transpose(0, 1).stride() == (b * v, v, 1):
+            return grad  # already laid out so (the chunked losses write their gradient this way)
         # A fresh [s, b, V] buffer: .contiguous() alone keeps the stride s*V of a size-1 batch
         # dimension, and that stride alone sends torch.matmul to the batched kernel.
-        b, s, v = grad.shape
         out = torch.empty((s, b, v), dtype=grad.dtype, device=grad.device)
         out.copy_(grad.transpose(0, 1))
         return out.transpose(0, 1)
@@ -84,6 +90,7 @@ def check_stage2_options(options: Dict[str, object]) -> Dict[str, object]:
     for k in ("kl_weight", "feature_weight", "ce_weight"):
         if float(o[k]) < 0:
             raise DistillError(f"objective.options.{k} must be >= 0, got {o[k]}")
+    check_loss_chunk_tokens(o["loss_chunk_tokens"])
     return o
 
 
@@ -109,12 +116,13 @@ class Stage2:
     """Stage-2 forward step over a co-located pair; megatron ``forward_step`` signature."""
 
     def __init__(self, pair: Colocated, trainable="attention", temperature=1.0, topk=0, kl_weight=1.0,
-                 feature_layers=(), feature_weight=0.05, ce_weight=0.0):
+                 feature_layers=(), feature_weight=0.05, ce_weight=0.0, loss_chunk_tokens=None):
         self.pair = pair
         self.teacher, self.student = _unwrap(pair.teacher), _unwrap(pair.student)
         cfg = self.student.config
         self.temperature, self.topk = float(temperature), int(topk)
         self.kl_weight, self.feature_weight, self.ce_weight = float(kl_weight), float(feature_weight), float(ce_weight)
+        self.chunk_tokens = loss_chunk_tokens
         n = cfg.num_layers
         chosen = sorted({(i + n) if i < 0 else i for i in feature_layers})
         bad = [i for i in chosen if not 0 <= i < n]
@@ -175,7 +183,7 @@ class Stage2:
         loss = self.kl_weight * kl + local
         ce = None
         if self.ce_weight > 0:
-            ce = losses.cross_entropy(s_out, labels, mask, self.vocab_size, self.tp_group)
+            ce = losses.cross_entropy(s_out, labels, mask, self.vocab_size, self.tp_group, self.chunk_tokens)
             loss = loss + self.ce_weight * ce
         self._sums["kl"] += kl.detach().double()
         if ce is not None:
@@ -188,8 +196,9 @@ class Stage2:
 
     def _kl(self, s_logits, t_logits, mask):
         if self.topk > 0:
-            return losses.topk_kl_divergence(s_logits, t_logits, self.topk, mask, self.temperature, self.vocab_size, self.tp_group)
-        return losses.kl_divergence(s_logits, t_logits, mask, self.temperature, self.vocab_size, self.tp_group)
+            return losses.topk_kl_divergence(s_logits, t_logits, self.topk, mask, self.temperature, self.vocab_size, self.tp_group,
+                                             self.chunk_tokens)
+        return losses.kl_divergence(s_logits, t_logits, mask, self.temperature, self.vocab_size, self.tp_group, self.chunk_tokens)
 
     def step_metrics(self) -> Dict[str, torch.Tensor]:
         """``loss`` and ``stage2/{kl,feature,ce}`` as ``[sum, count]`` pairs (summed over ranks, then

@@ -89,6 +89,12 @@ def check_options(options: Dict[str, Any], defaults: Dict[str, Any], objective: 
     return {**defaults, **options}
 
 
+def check_loss_chunk_tokens(value: Any) -> None:
+    """``objective.options.loss_chunk_tokens`` (lm, stage2): null (automatic) or an integer >= 0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"objective.options.loss_chunk_tokens must be null (automatic) or an integer >= 0 (0 = no chunks), got {value!r}")
+
+
 class Objective:
     """Base class; see the module docstring for the contract."""
 
@@ -183,15 +189,28 @@ class LMObjective(Objective):
     The model is ``cfg.model``: HF weights from ``model.hf_dir`` unless ``model.random_init``,
     random for a preset. With ``target.name`` set, the student architecture of that target is
     built instead (random attention init) -- the "plain CE step" baseline of a student.
+
+    The CE is ``distill.losses.cross_entropy_per_token``: fp32 softmax over token chunks, padded
+    vocabulary ids excluded, gradient written in the logits' dtype during the forward. Megatron's
+    ``vocab_parallel_cross_entropy`` wants fp32 logits: a full fp32 copy ([s, b, V/tp], 2.5 GB at
+    Qwen3 size and 4096 tokens) kept from forward to backward, plus its bf16 cast in backward.
     """
 
     name = "lm"
+    DEFAULTS: Dict[str, Any] = {
+        # tokens per chunk of the CE's vocabulary-sized work: null = automatic (losses.CHUNK_BYTES),
+        # 0 = the whole micro-batch at once; the loss does not depend on it
+        "loss_chunk_tokens": None,
+    }
 
     def __init__(self, options: Dict[str, Any]):
-        self.options = check_options(options, {}, self.name)
+        self.options = check_options(options, self.DEFAULTS, self.name)
+        check_loss_chunk_tokens(self.options["loss_chunk_tokens"])
+        self.vocab_size: Optional[int] = None
 
     def build(self, cfg: Config, plat) -> List[torch.nn.Module]:
         hf = hf_config(cfg)
+        self.vocab_size = int(hf["vocab_size"])
         if cfg.target.name:
             from megatron_attnedit.attention.targets import TargetConfig
             from megatron_attnedit.models.student import build_student
@@ -203,18 +222,19 @@ class LMObjective(Objective):
         return [model]
 
     def forward_step(self, data_iterator, model):
-        from megatron.core import tensor_parallel
+        from megatron.core import parallel_state
+
+        from megatron_attnedit.distill import losses
 
         batch = next(data_iterator)
         # Without labels, GPTModel returns logits [b, s, V/TP] on the last stage (hidden states elsewhere).
         output = model(batch["tokens"], batch["position_ids"], None)
         labels, mask = batch["labels"], batch["loss_mask"]
+        tp_group = parallel_state.get_tensor_model_parallel_group()
 
         def loss_func(logits):
-            # vocab_parallel_cross_entropy wants [s, b, V/TP] and [s, b]; fp32 for a stable softmax.
-            losses = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(), labels.t().contiguous())
-            losses = losses.t()
-            loss_sum = (losses * mask).sum()
+            ce = losses.cross_entropy_per_token(logits, labels, self.vocab_size, tp_group, self.options["loss_chunk_tokens"])
+            loss_sum = (ce * mask).sum()
             num_tokens = mask.sum().to(torch.int)
             return loss_sum, num_tokens, {}  # the loop logs the loss itself
 

@@ -29,12 +29,23 @@ def main():
     s, t, labels, mask, h_s, h_t = case_tensors()
     V = s.shape[-1] // world
     out = {}
+    t_sbh = t.transpose(0, 1).contiguous().transpose(0, 1)  # GPTModel's layout: chunks along s
     for name, fn in {
         "kl": lambda x: losses.kl_divergence(x, t[..., rank * V:(rank + 1) * V], mask, 2.0, 200, group),
         "topk": lambda x: losses.topk_kl_divergence(x, t[..., rank * V:(rank + 1) * V], 8, mask, 2.0, 200, group),
         "ce": lambda x: losses.cross_entropy(x, labels, mask, 200, group),
+        # 4 tokens = 2 rows of s per chunk: chunks of 2, 2, 1 rows, each with its own all-reduces
+        "kl@4": lambda x: losses.kl_divergence(x, t_sbh[..., rank * V:(rank + 1) * V], mask, 2.0, 200, group, chunk_tokens=4),
+        "topk@4": lambda x: losses.topk_kl_divergence(x, t_sbh[..., rank * V:(rank + 1) * V], 8, mask, 2.0, 200, group, chunk_tokens=4),
+        "ce@4": lambda x: losses.cross_entropy(x, labels, mask, 200, group, chunk_tokens=4),
+        # real vocabulary 120 < 128: rank 1's shard is all padding
+        "kl@4_v120": lambda x: losses.kl_divergence(x, t_sbh[..., rank * V:(rank + 1) * V], mask, 2.0, 120, group, chunk_tokens=4),
+        "ce@4_v120": lambda x: losses.cross_entropy(x, labels.clamp(max=119), mask, 120, group, chunk_tokens=4),
     }.items():
-        x = s[..., rank * V:(rank + 1) * V].clone().requires_grad_(True)
+        x = s[..., rank * V:(rank + 1) * V].clone()
+        if "@" in name:
+            x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        x.requires_grad_(True)
         loss = fn(x)
         loss.backward()
         grads = [torch.empty_like(x.grad) for _ in range(world)]
