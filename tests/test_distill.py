@@ -153,12 +153,12 @@ def loop(tiny_hf, tmp_path_factory):
     recipe.write_text(RECIPE.format(teacher=tiny_hf["dense"], prefix=corpus["prefix"], tokenizer=corpus["tokenizer"]))
     cache = {}
 
-    def run(stage, tp=1, pp=1):
-        key = (stage, tp, pp)
+    def run(stage, tp=1, pp=1, extra=()):
+        key = (stage, tp, pp, tuple(extra))
         if key not in cache:
-            run_dir = base / f"{stage}_tp{tp}_pp{pp}"
+            run_dir = base / f"{stage}_tp{tp}_pp{pp}{'_' + str(len(cache)) if extra else ''}"
             sets = [f"training.run_dir={run_dir}", f"parallel.tensor_model_parallel_size={tp}",
-                    f"parallel.pipeline_model_parallel_size={pp}"]
+                    f"parallel.pipeline_model_parallel_size={pp}", *extra]
             if stage == "stage2":
                 run("stage1")  # every layout starts stage 2 from the TP=1 stage-1 checkpoint
                 sets.append(f"checkpoint.pretrained_checkpoint={base / 'stage1_tp1_pp1' / 'checkpoints'}")
@@ -171,7 +171,9 @@ def loop(tiny_hf, tmp_path_factory):
 
 
 def test_loop_stage1_lowers_loss(loop):
-    m = loop("stage1")
+    # From the weights-only svd init: the calibrated one (the default, used by the layout tests
+    # below) starts so close on this toy teacher that 10 steps at this lr move it by noise only.
+    m = loop("stage1", extra=["target.options.calibration_tokens=0"])
     assert len(m) == 10 and all("stage1/layer_03" in x for x in m)
     loss = [x["loss"] for x in m]
     assert sum(loss[-3:]) < 0.9 * sum(loss[:3]), loss

@@ -106,6 +106,10 @@ class AttentionTarget:
     def validate_layout(self, hf_cfg: dict, options: dict, build_opts) -> None:
         """Divisibility rules of the parallel layout that this target adds."""
 
+    def calibration_tokens(self, hf_cfg: dict, options: dict) -> int:
+        """Training tokens whose teacher activations ``init_from_teacher`` wants (0: none)."""
+        return 0
+
     def layer_kinds(self, hf_cfg: dict, options: dict) -> List[str]:
         """One kind letter per layer (target-specific, e.g. S/F for GateSWA, M/G for MLA)."""
         return ["G"] * hf_cfg["num_hidden_layers"]

@@ -118,6 +118,7 @@ def colocate(
     load_teacher: Callable[[torch.nn.Module], None],
     trainable: str = "attention",
     student_hf_cfg: Optional[dict] = None,
+    calibration_tokens: Optional[torch.Tensor] = None,
 ) -> Colocated:
     """Build the teacher (loaded, frozen) and the student (initialised from it) on this rank.
 
@@ -134,7 +135,12 @@ def colocate(
     api = _student_api()
     student = api.build_student(student_hf_cfg, target, opts)
     check_pair(teacher, student)
-    api.init_student_from_teacher(student, teacher, student_hf_cfg, target)
+    calibration = None
+    if calibration_tokens is not None:
+        device = next(_unwrap(teacher).parameters()).device
+        calibration = api.student.capture_attention_inputs(teacher, calibration_tokens.to(device), max_tokens=calibration_tokens.numel())
+    api.init_student_from_teacher(student, teacher, student_hf_cfg, target, calibration)
+    del calibration
     set_trainable(student, target, trainable)  # a pipeline stage may hold no trained layer (MLA pattern G)
     shared = share_frozen_modules(teacher, student) if trainable == "attention" else []
     pair = Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable, vocab_size=int(hf_cfg["vocab_size"]))
@@ -233,7 +239,14 @@ def build_pair(cfg, plat, trainable: str = "attention") -> Colocated:
         load = hf_loader(cfg.model.hf_dir, hf, opts)
     else:
         load = lambda model: None  # noqa: E731  (random teacher: benchmarks and plumbing tests)
-    return colocate(hf, _target(cfg.target), opts, load, trainable=trainable)
+    target = _target(cfg.target)
+    n_calib = api_targets().get_target(target.name).calibration_tokens(hf, target.options)
+    calib = None
+    if n_calib and cfg.data.data_path:
+        from megatron_attnedit.training.data import calibration_tokens
+
+        calib = calibration_tokens(list(cfg.data.data_path), n_calib, cfg.data.seq_length)
+    return colocate(hf, target, opts, load, trainable=trainable, calibration_tokens=calib)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,6 +285,12 @@ def _params(items: Iterable) -> Iterable[torch.nn.Parameter]:
 # ----------------------------------------------------------------------------------------------
 
 
+def api_targets():
+    from megatron_attnedit.attention import targets
+
+    return targets
+
+
 def _target(cfg_target):
     """The targets module's TargetConfig for the run config's ``target`` section."""
     from megatron_attnedit.attention.targets import TargetConfig
@@ -289,8 +308,8 @@ class _StudentAPI:
     def build_student(self, hf_cfg, target, opts):
         return self.student.build_student(hf_cfg, target, opts)
 
-    def init_student_from_teacher(self, student, teacher, hf_cfg, target):
-        return self.student.init_student_from_teacher(student, teacher, hf_cfg, target)
+    def init_student_from_teacher(self, student, teacher, hf_cfg, target, calibration=None):
+        return self.student.init_student_from_teacher(student, teacher, hf_cfg, target, calibration=calibration)
 
     def trainable_attention_params(self, target, layer):
         return self.targets.get_target(target.name).trainable_attention_params(layer)

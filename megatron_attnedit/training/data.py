@@ -164,6 +164,28 @@ class MicroBatches:
         return iter(batches)
 
 
+def calibration_tokens(prefixes: List[str], n_tokens: int, seq_length: int) -> "torch.Tensor":  # noqa: F821
+    """The first ``n_tokens`` tokens of the first dataset, as [n, seq_length] (fewer rows, or shorter
+    ones, when the dataset is smaller): the same on every rank, read before training starts, for
+    initialisers that weight by the teacher's activations (documents run together, as in training)."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefixes[0])
+    parts, have = [], 0
+    for i in range(len(ds)):
+        doc = np.asarray(ds[i], dtype=np.int64)
+        parts.append(doc)
+        have += doc.size
+        if have >= n_tokens:
+            break
+    flat = np.concatenate(parts)[:n_tokens]
+    seq = min(seq_length, flat.size)
+    rows = flat.size // seq
+    return torch.from_numpy(flat[: rows * seq].copy()).view(rows, seq)
+
+
 def dataset_summary(prefixes: List[str]) -> str:
     out = []
     for p in prefixes:
