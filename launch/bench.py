@@ -1,22 +1,33 @@
-"""Distillation throughput at a real model shape on one GPU; prints one JSON object.
+"""Distillation throughput against its references at a real model shape; one JSON line per target.
 
-    python launch/bench_distill.py --preset qwen3-8b --layers 8 --target mla --seq 4096
-    bash launch/bench_distill.sh                 # the same with the defaults below
+    bash launch/bench.sh                                   # usage and defaults: see its header
+    python launch/bench.py --preset qwen3-8b --layers 8 --target mla --seq 4096 --nproc 1
+    python launch/bench.py --preset qwen3-debug --platform cpu --layers 2 --seq 64 --iters 4   # smoke
 
-Random weights (a preset with ``--layers`` layers), random tokens. Runs the project's own training
-entry point (``python -m megatron_attnedit.train``) three times on the same student and data:
-  lm      plain next-token CE of the student (the baseline training step)
-  stage1  teacher forward + every layer's attention trained on the teacher's activations
-  stage2  teacher forward + full student forward/backward with the KL objective
-and reads each run's metrics.jsonl. Reported per run: tokens/s (median over the timed steps), model
-TFLOP/s and MFU counting the teacher's forward, peak GPU memory; and the ratios stage2/lm and
-stage1/lm of step time.
+Random weights (a preset cut to ``--layers`` layers), random tokens. Each run is the project's own
+training entry point (``python -m megatron_attnedit.train``, under torchrun when ``--nproc`` > 1) on
+the same model, data and parallel layout; ``--configs`` picks which:
 
-FLOPs per token (matmuls only, as Megatron-LM counts them): a forward of N non-embedding
-parameters plus the output layer is 2N; causal attention scores add 2 * 2 * s/2 * heads * d per
-layer (QK^T and PV over on average s/2 keys; windowed layers over min(W, s/2)); backward costs twice
-the forward. stage1 trains attention only: student attention forward + backward (x3) on every
-layer, plus the teacher forward.
+  lm           plain next-token CE of the student, every weight trained (the baseline training step)
+  teacher_fwd  the teacher's forward alone (no_grad, eval; embedding + decoder, as stage 1 runs it:
+               objective ``teacher_forward``, distill/teacher_forward.py)
+  stage1       teacher forward + every trained layer's attention fwd/bwd on the teacher's activations
+  stage2       teacher forward (to the logits) + student forward/backward + vocab-parallel KL
+
+Each run's metrics.jsonl gives tokens/s per step; reported: the median over steps 3.. (the first
+two warm up), step time, per-GPU model TFLOP/s and MFU, rank 0's peak memory. Ratios of step time:
+``stage2_over_lm``, ``stage1_over_teacher_fwd`` (and ``stage1_over_lm``). A run is stopped once its
+last step is logged: the loop's final checkpoint is of no use here and costs minutes at 8B shape.
+
+FLOPs per token count the matmuls a step executes (Megatron-LM's way of counting: 2 per weight per
+token; attention scores QK^T and PV over the mean number of keys a query sees, (s+1)/2 causal, less
+in a window; MoE layers count the router and the top-k experts only). Backward: input gradients
+cost one forward, weight gradients one more -- only for weights that train (frozen linears, e.g.
+the MLP and output layer in stage 2 with ``trainable: attention``, skip theirs); attention scores
+backward costs twice their forward. So lm = 3 F_student, teacher_fwd = F_teacher without the output
+layer, stage1 = that + 3 x (trained attention), stage2 = F_teacher + 2 F_student + trained weights'
+share + score backward. MFU = per-GPU model FLOP/s over ``--peak-tflops`` (dense bf16; H100/H200:
+989) -- left null where the device's peak is unknown.
 """
 
 from __future__ import annotations
@@ -24,13 +35,102 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+RUNS = ("lm", "teacher_fwd", "stage1", "stage2")
+RECIPES = {  # preset -> target -> recipe whose target section (and stage overlays) the runs use
+    "qwen3-8b": {"mla": "qwen3_8b_mla", "gate_swa": "qwen3_8b_gateswa"},
+    "qwen3-30b-a3b": {"mla": "qwen3_30b_a3b_mla", "gate_swa": "qwen3_30b_a3b_gateswa"},
+    "qwen3-debug": {"mla": "tiny_mla", "gate_swa": "tiny_gateswa"},
+    "qwen3-moe-debug": {"mla": "tiny_mla", "gate_swa": "tiny_gateswa"},
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "B200": 2250.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs
+# ------------------------------------------------------------------------------------------------
+
+
+def qwen3_preset(name: str) -> dict:
+    from megatron_attnedit.models import qwen3
+
+    return qwen3.config_for_preset(name)
+
+
+def mean_keys(seq: int, window: Optional[int] = None) -> float:
+    """Keys a query attends to, averaged over the sequence (causal; at most ``window``)."""
+    if window is None or window >= seq:
+        return (seq + 1) / 2
+    return (window * (window + 1) / 2 + (seq - window) * window) / seq
+
+
+class Flops:
+    """Forward FLOPs per token of the pieces of a teacher/student pair (see the module docstring)."""
+
+    def __init__(self, hf: dict, target: dict, seq: int):
+        from megatron_attnedit.attention.targets import expand_pattern
+        from megatron_attnedit.models.qwen3 import moe_layer_pattern, num_experts
+
+        h, L = hf["hidden_size"], hf["num_hidden_layers"]
+        nh, nkv, d = hf["num_attention_heads"], hf["num_key_value_heads"], hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        self.out = 2 * h * hf["vocab_size"]
+        gqa_proj = 2 * (h * (nh + 2 * nkv) * d + nh * d * h)
+        gqa_score = 4 * mean_keys(seq) * nh * d
+        moe = moe_layer_pattern(hf)
+        E = num_experts(hf)
+        self.mlp = [2 * h * E + hf.get("num_experts_per_tok", 0) * 6 * h * hf.get("moe_intermediate_size", 0) if m
+                    else 6 * h * hf["intermediate_size"] for m in moe]
+        self.t_proj, self.t_score = [gqa_proj] * L, [gqa_score] * L
+        o = target.get("options", {})
+        if target["name"] == "mla":
+            kinds = expand_pattern(o.get("pattern", "M"), L, {"M": "mla", "G": "gqa"})
+            qk = o.get("qk_head_dim") or d
+            dr = o.get("qk_pos_emb_head_dim") or d // 2
+            v, r, ql = o.get("v_head_dim") or d, o.get("kv_lora_rank", 512), o.get("q_lora_rank")
+            q_proj = 2 * h * nh * (qk + dr) if not ql else 2 * (h * ql + ql * nh * (qk + dr))
+            mla_proj = q_proj + 2 * h * (r + dr) + 2 * r * nh * (qk + v) + 2 * nh * v * h
+            mla_score = 2 * mean_keys(seq) * nh * (qk + dr + v)
+            self.s_proj = [mla_proj if k == "M" else gqa_proj for k in kinds]
+            self.s_score = [mla_score if k == "M" else gqa_score for k in kinds]
+            self.trained = [k == "M" for k in kinds]
+        elif target["name"] == "gate_swa":
+            kinds = expand_pattern(o.get("pattern", "SSSSSF"), L, {"S": "window", "F": "full"})
+            gate = 2 * h * nh * (d if o.get("gate", "head") == "channel" else 1)
+            self.s_proj = [gqa_proj + gate] * L
+            self.s_score = [4 * mean_keys(seq, o.get("window", 4096) if k == "S" else None) * nh * d for k in kinds]
+            self.trained = [True] * L
+        else:
+            raise SystemExit(f"error: no FLOP model for target {target['name']!r}")
+
+    def per_token(self, trainable: str = "attention", teacher_logits: bool = False) -> Dict[str, float]:
+        """Per run; ``teacher_logits``: the teacher_fwd run goes through the output layer too."""
+        t_dec = sum(self.t_proj) + sum(self.t_score) + sum(self.mlp)
+        s_linear = sum(self.s_proj) + sum(self.mlp) + self.out
+        s_score = sum(self.s_score)
+        trained_attn = sum(p for p, t in zip(self.s_proj, self.trained) if t)
+        weight_grads = s_linear if trainable == "all" else trained_attn
+        return {
+            "lm": 3 * (s_linear + s_score),
+            "teacher_fwd": t_dec + (self.out if teacher_logits else 0),
+            "stage1": t_dec + 3 * sum(p + s for p, s, t in zip(self.s_proj, self.s_score, self.trained) if t),
+            "stage2": t_dec + self.out + (s_linear + s_score) + s_linear + weight_grads + 2 * s_score,
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------------
 
 
 def make_data(work: str, vocab: int, seq: int, n_docs: int) -> tuple:
@@ -55,120 +155,194 @@ def make_data(work: str, vocab: int, seq: int, n_docs: int) -> tuple:
     return prefix, os.path.join(work, "sp.model")
 
 
-def run(name: str, recipe: str, stage: str | None, sets: list, work: str) -> dict:
-    run_dir = os.path.join(work, name)
-    cmd = [sys.executable, "-m", "megatron_attnedit.train", "--recipe", recipe]
-    if stage:
-        cmd += ["--stage", stage]
-    cmd += ["--set", *sets, f"training.run_dir={run_dir}"]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), RANK="0", WORLD_SIZE="1",
-               LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + len(name)))
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip().endswith("}")]
+
+
+def launch(name: str, args: List[str], run_dir: str, iters: int, nproc: int) -> dict:
+    """One training run; stopped once its last step is logged. Returns the parsed step rows or an error."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    train = ["-m", "megatron_attnedit.train", *args]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", *train]
+    else:
+        cmd = [sys.executable, *train]
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    metrics, log_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "output.log")
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-2000:]}
-    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl")) if x.strip()]
-    rows = [r for r in rows if "tokens_per_s" in r]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stopped = False
+        while proc.poll() is None:
+            if any(r.get("iteration") == iters for r in _rows(metrics)):
+                os.killpg(proc.pid, signal.SIGTERM)  # its own session: the run and its workers only
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                stopped = True
+                break
+            time.sleep(0.5)
+    wall = round(time.time() - t0, 1)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    rows = [r for r in _rows(metrics) if "tokens_per_s" in r]
+    if not stopped and (proc.returncode != 0 or len(rows) < iters):
+        with open(log_path) as f:
+            return {"error": f.read()[-3000:], "wall_s": wall}
+    return {"rows": rows, "wall_s": wall}
+
+
+def summarize(rows: List[dict], tokens_per_step: int, flops_per_token: float, nproc: int, peak_tflops: Optional[float]) -> dict:
     timed = rows[2:] if len(rows) > 3 else rows[-1:]
+    tps = statistics.median(r["tokens_per_s"] for r in timed)
+    tflops = tps * flops_per_token / nproc / 1e12
     return {
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-        "peak_mem_GiB": max((r.get("memory_gb") or r.get("mem_gb") or 0) for r in rows),
+        "tokens_per_s": round(tps, 1),
+        "tokens_per_s_per_gpu": round(tps / nproc, 1),
+        "step_time_s": round(tokens_per_step / tps, 4),
+        "model_tflops_per_gpu": float(f"{tflops:.4g}"),
+        "mfu": round(tflops / peak_tflops, 4) if peak_tflops else None,
+        "peak_mem_GiB": round(max(r.get("mem_gb") or 0.0 for r in rows), 2),
+        "flops_per_token": flops_per_token,
         "loss_first_last": [rows[0].get("loss"), rows[-1].get("loss")],
-        "wall_s": round(time.time() - t0, 1),
+        "timed_steps": len(timed),
     }
 
 
-def flops_per_token(cfg: dict, target: dict, seq: int) -> dict:
-    """Forward FLOPs per token of the teacher, the student, and the student's attention alone."""
-    h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
-    nh, nkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    ffn, V = cfg["intermediate_size"], cfg["vocab_size"]
-    t_attn_proj = 2 * (h * (nh + 2 * nkv) * d + nh * d * h)
-    score = 2 * 2 * (seq / 2) * nh * d
-    mlp = 2 * 3 * h * ffn
-    out = 2 * h * V
-    o = target.get("options", {})
-    if target["name"] == "mla":
-        q = o.get("qk_head_dim", 128) + o.get("qk_pos_emb_head_dim", 64)
-        r, dr, v = o.get("kv_lora_rank", 512), o.get("qk_pos_emb_head_dim", 64), o.get("v_head_dim", 128)
-        s_attn_proj = 2 * (h * nh * q + h * (r + dr) + r * nh * (o.get("qk_head_dim", 128) + v) + nh * v * h)
-        s_score = 2 * (seq / 2) * nh * (q + v)
-    else:
-        w = o.get("window", 4096)
-        pattern = o.get("pattern", "SSSSSF")
-        frac_s = pattern.count("S") / len(pattern)
-        s_attn_proj = t_attn_proj + 2 * h * nh  # + per-head gate
-        s_score = frac_s * 2 * 2 * min(w, seq / 2) * nh * d + (1 - frac_s) * score
-    teacher = L * (t_attn_proj + score + mlp) + out
-    student = L * (s_attn_proj + s_score + mlp) + out
-    return {"teacher": teacher, "student": student, "student_attention": L * (s_attn_proj + s_score)}
+def device_name(platform: str) -> str:
+    """Asked in a child process: CUDA initialised here would hold memory on GPU 0 during the runs."""
+    if platform != "cuda":
+        return platform
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"], capture_output=True, text=True)
+    return out.stdout.strip() or "cuda (unknown)"
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="qwen3-8b")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--target", default="mla", choices=["mla", "gate_swa"])
+def default_peak(device: str) -> Optional[float]:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="qwen3-8b", choices=sorted(RECIPES))
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers kept of the preset")
+    ap.add_argument("--target", default="mla", help="mla, gate_swa, or both comma-separated (one JSON line each)")
+    ap.add_argument("--recipe", default=None, help="recipe for the target section and stage overlays (default: the preset's)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--mbs", type=int, default=1)
     ap.add_argument("--gbs", type=int, default=4)
-    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=8, help="steps per run; the median of steps 3.. is reported")
+    ap.add_argument("--configs", default=",".join(RUNS), help=f"runs, comma-separated, of {', '.join(RUNS)}")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs); > 1 runs under torchrun")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (sequence parallel on when > 1)")
+    ap.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE presets)")
+    ap.add_argument("--platform", default="cuda", choices=["cuda", "npu", "cpu"])
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak per device (default: by device name)")
     ap.add_argument("--work", default="/tmp/attnedit_bench")
-    ap.add_argument("--runs", default="lm,stage1,stage2")
-    ap.add_argument("--recipe", default=None, help="recipe whose target section is used (default: the preset's MLA/GateSWA recipe)")
-    ap.add_argument("--platform", default="cuda")
-    ap.add_argument("--profile", action="store_true", help="profile steps 3-4 of each run (table to <work>/<run>/profile/)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
-    a = ap.parse_args()
+    ap.add_argument("--profile", action="store_true", help="profile steps 3-4 of each run (tables in <work>/<run>/profile/)")
+    ap.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="override for every run")
+    for r in RUNS:
+        ap.add_argument(f"--set-{r}", dest=f"set_{r}", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help=f"override for {r} only")
+    a = ap.parse_args(argv)
+    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    bad = [c for c in a.configs if c not in RUNS]
+    if bad or not a.configs:
+        ap.error(f"--configs {','.join(bad) or '(empty)'}: choose from {', '.join(RUNS)}")
+    a.targets = [t.strip() for t in a.target.split(",") if t.strip()]
+    if any(t not in ("mla", "gate_swa") for t in a.targets):
+        ap.error(f"--target {a.target}: use mla, gate_swa or mla,gate_swa")
+    if a.nproc % a.tp:
+        ap.error(f"--tp {a.tp} must divide --nproc {a.nproc}")
+    if a.gbs % (a.mbs * (a.nproc // a.tp)):
+        ap.error(f"--gbs {a.gbs} must be a multiple of micro batch x data-parallel size ({a.mbs} x {a.nproc // a.tp})")
+    return a
 
-    import torch
 
-    from megatron_attnedit.models import qwen3
-
-    cfg = qwen3.config_for_preset(a.preset)
-    cfg["num_hidden_layers"] = a.layers
-    recipe = a.recipe or ({"mla": "qwen3_8b_mla", "gate_swa": "qwen3_8b_gateswa"}[a.target] if a.preset == "qwen3-8b" else
-                          {"mla": "qwen3_30b_a3b_mla", "gate_swa": "qwen3_30b_a3b_gateswa"}[a.target])
+def run_settings(a, recipe: str, name: str, prefix: str, sp: str) -> tuple:
+    """(stage, --set list) of one run; validated by loading the config here first."""
     from megatron_attnedit.config import load_config
 
-    target = load_config(recipe, ["model.hf_dir=null", f"model.preset={a.preset}", "data.tokenizer_dir=x"], "stage1").target
-    target = {"name": target.name, "options": dict(target.options)} if hasattr(target, "name") else dict(target)
-    n_docs = a.gbs * (a.iters + 2) * 2
-    prefix, sp = make_data(a.work, cfg["vocab_size"], a.seq, n_docs)
-    common = [
+    stage = {"lm": None, "teacher_fwd": None, "stage1": "stage1", "stage2": "stage2"}[name]
+    sets = [
         "model.hf_dir=null", f"model.preset={a.preset}", f"model.overrides={{num_hidden_layers: {a.layers}}}",
-        "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false",
+        f"parallel.tensor_model_parallel_size={a.tp}", "parallel.pipeline_model_parallel_size=1",
+        f"parallel.expert_model_parallel_size={a.ep}", f"parallel.sequence_parallel={str(a.tp > 1).lower()}",
         f"data.data_path=[{prefix}]", f"data.tokenizer_dir={sp}", f"data.seq_length={a.seq}", 'data.split="100,0,0"',
         f"data.micro_batch_size={a.mbs}", f"data.global_batch_size={a.gbs}",
         f"training.train_iters={a.iters}", "training.log_interval=1", "training.eval_interval=0", f"training.platform={a.platform}",
         "optimizer.lr_warmup_iters=1", "checkpoint.save_interval=0", "monitor.wandb_mode=disabled", "checkpoint.pretrained_checkpoint=null",
     ]
-    result = {"device": torch.cuda.get_device_name() if a.platform == "cuda" else a.platform, "preset": a.preset, "layers": a.layers, "seq": a.seq,
-              "global_batch": a.gbs, "micro_batch": a.mbs, "target": target}
-    fl = flops_per_token(qwen3.config_for_preset(a.preset) | {"num_hidden_layers": a.layers}, target, a.seq)
-    per_token = {
-        "lm": 3 * fl["student"],
-        "stage1": fl["teacher"] + 3 * fl["student_attention"],
-        "stage2": fl["teacher"] + 3 * fl["student"],
-    }
+    sets += {"lm": ["objective.name=lm"], "teacher_fwd": ["objective.name=teacher_forward"]}.get(name, [])
     if a.profile:
-        common.append("training.profile_steps=[3,4]")
-    for name in a.runs.split(","):
-        stage = None if name == "lm" else name
-        sets = common + (["objective.name=lm"] if name == "lm" else [])
-        r = run(name, recipe, stage, sets, a.work)
-        if "tokens_per_s" in r:
-            tf = r["tokens_per_s"] * per_token[name] / 1e12
-            r.update(model_tflops=round(tf, 1), mfu=round(tf / a.peak_tflops, 4), flops_per_token=per_token[name])
-            r["tokens_per_s"] = round(r["tokens_per_s"], 1)
-        result[name] = r
-        print(f"[bench] {name}: {r}", file=sys.stderr, flush=True)
-    if all("tokens_per_s" in result.get(k, {}) for k in ("lm", "stage2")):
-        result["step_time_ratio_stage2_over_lm"] = round(result["lm"]["tokens_per_s"] / result["stage2"]["tokens_per_s"], 3)
-    if all("tokens_per_s" in result.get(k, {}) for k in ("lm", "stage1")):
-        result["step_time_ratio_stage1_over_lm"] = round(result["lm"]["tokens_per_s"] / result["stage1"]["tokens_per_s"], 3)
-    print(json.dumps(result))
+        sets.append("training.profile_steps=[3,4]")
+    sets += a.sets + getattr(a, f"set_{name}")
+    cfg = load_config(recipe, sets, stage)
+    return stage, sets, cfg
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from megatron_attnedit.config import ConfigError
+    from megatron_attnedit.models import qwen3
+
+    hf = qwen3.config_for_preset(a.preset)
+    hf["num_hidden_layers"] = a.layers
+    prefix, sp = make_data(a.work, hf["vocab_size"], a.seq, a.gbs * (a.iters + 2) * 2)
+    device = device_name(a.platform)
+    peak = a.peak_tflops or default_peak(device)
+    tokens_per_step = a.gbs * a.seq
+    done: Dict[str, dict] = {}  # runs that do not depend on the target (teacher_fwd), reused
+    for target_name in a.targets:
+        recipe = a.recipe or RECIPES[a.preset][target_name]
+        try:
+            settings = {name: run_settings(a, recipe, name, prefix, sp) for name in a.configs}
+        except (ConfigError, qwen3.ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        any_cfg = next(iter(settings.values()))[2]
+        target = {"name": any_cfg.target.name, "options": dict(any_cfg.target.options)}
+        trainable = settings["stage2"][2].objective.options.get("trainable", "attention") if "stage2" in settings else "attention"
+        logits = bool(settings["teacher_fwd"][2].objective.options.get("output_layer")) if "teacher_fwd" in settings else False
+        flops = Flops(hf, target, a.seq).per_token(trainable, logits)
+        result = {"device": device, "nproc": a.nproc, "platform": a.platform, "preset": a.preset, "layers": a.layers, "seq": a.seq,
+                  "global_batch": a.gbs, "micro_batch": a.mbs, "tp": a.tp, "ep": a.ep, "recipe": recipe, "target": target,
+                  "stage2_trainable": trainable, "peak_tflops": peak, "overrides": a.sets,
+                  "overrides_per_run": {r: getattr(a, f"set_{r}") for r in RUNS if getattr(a, f"set_{r}")}}
+        for name, (stage, sets, _) in settings.items():
+            if name == "teacher_fwd" and name in done:
+                result[name] = done[name]
+                continue
+            args = ["--recipe", recipe] + (["--stage", stage] if stage else [])
+            r = launch(name, args + ["--set", *sets, f"training.run_dir={os.path.join(a.work, name)}"], os.path.join(a.work, name), a.iters, a.nproc)
+            if "rows" in r:
+                r = {**summarize(r["rows"], tokens_per_step, flops[name], a.nproc, peak), "wall_s": r["wall_s"]}
+            result[name] = r
+            if name == "teacher_fwd":
+                done[name] = r
+            print(f"[bench] {target_name} {name}: {r}", file=sys.stderr, flush=True)
+        for num, den in (("stage2", "lm"), ("stage1", "teacher_fwd"), ("stage1", "lm")):
+            if "step_time_s" in result.get(num, {}) and "step_time_s" in result.get(den, {}):
+                result[f"step_time_ratio_{num}_over_{den}"] = round(result[num]["step_time_s"] / result[den]["step_time_s"], 3)
+        print(json.dumps(result), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

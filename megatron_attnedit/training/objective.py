@@ -56,6 +56,7 @@ OBJECTIVES: Dict[str, Union[str, Callable]] = {
     "lm": "megatron_attnedit.training.objective:LMObjective",
     "stage1": "megatron_attnedit.distill.stage1:Stage1Objective",
     "stage2": "megatron_attnedit.distill.stage2:Stage2Objective",
+    "teacher_forward": "megatron_attnedit.distill.teacher_forward:TeacherForwardObjective",  # benchmark reference
 }
 
 
