@@ -14,12 +14,12 @@ megatron by each training run (the conversion tables of checkpoints_tools/hf_to_
 
 Data: this interpreter's standard library, split by file, tokenized with the teacher's tokenizer
 (``python -m megatron_attnedit.teacher datasets``; reused on a rerun). Training runs use
-``torchrun --nproc-per-node N`` with one thread each (on 2 cores, stage 1 at seq 256: 2 data-parallel
-ranks ~2,600 tokens/s, one process with 2 threads ~1,400). The run directories of the stages are
+``torchrun --nproc-per-node N`` with one thread each (on 2 cores, stage 1 at seq 512: 2 data-parallel
+ranks ~2,100 tokens/s, stage 2 ~1,150; at seq 256 one process with 2 threads was ~1,400 against ~2,600). The run directories of the stages are
 recreated on every call; the datasets are kept.
 
 Measured on this project's 2-core CPU machine (with the test suite running beside it): the full
-default run (MLA, GateSWA, MLA without stage 1; 100 + 100 steps each) 14.7 min, ``--quick`` 2.6 min.
+default run (MLA, GateSWA, MLA without stage 1; 100 + 100 steps each) 14.4 min alone, ``--quick`` 2.6 min.
 """
 
 from __future__ import annotations

@@ -242,7 +242,8 @@ def build_pair(cfg, plat, trainable: str = "attention") -> Colocated:
     target = _target(cfg.target)
     n_calib = api_targets().get_target(target.name).calibration_tokens(hf, target.options)
     calib = None
-    if n_calib and cfg.data.data_path:
+    # A student that starts from a checkpoint (stage 2 after stage 1) is initialised only to be overwritten.
+    if n_calib and cfg.data.data_path and not cfg.checkpoint.pretrained_checkpoint:
         from megatron_attnedit.training.data import calibration_tokens
 
         calib = calibration_tokens(list(cfg.data.data_path), n_calib, cfg.data.seq_length)
