@@ -332,3 +332,18 @@ def test_student_table_covers_the_student(dense, name, options):
             assert any(p is q for q in params for p in local_layers(student)[layer].self_attention.parameters())
     if name == "gate_swa":
         assert any(p is local_layers(student)[0].self_attention.linear_gate.weight for p in trainable[0])
+
+
+@pytest.mark.parametrize("target", [None, "mla", "gate_swa"])
+def test_bf16_models_have_no_fp32_parameters(env, target):
+    """Every parameter, the norms' included (megatron's local norms are born fp32), is in params_dtype:
+    a bf16 input with an fp32 norm weight cannot use torch's fused rms_norm kernel on the GPU."""
+    from megatron_attnedit.models.student import build_student
+
+    cfg = qwen3.config_for_preset("qwen3-debug")
+    opts = qwen3.BuildOptions(params_dtype=torch.bfloat16)
+    options = {"kv_lora_rank": 32} if target == "mla" else {}
+    model = qwen3.build_model(cfg, opts) if target is None else build_student(cfg, TargetConfig(target, options), opts)
+    wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != torch.bfloat16}
+    assert not wrong, wrong
+    assert any("layernorm" in n for n, _ in model.named_parameters())

@@ -334,6 +334,11 @@ def build_model(
     )
     from megatron_attnedit import platform
 
+    # megatron's local norms (WrappedTorchNorm -> torch.nn.RMSNorm) are created in fp32 whatever
+    # params_dtype says; a bf16 input with an fp32 weight cannot take torch's fused rms_norm kernel.
+    for m in model.modules():
+        if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            m.to(opts.params_dtype)
     return model.to(platform.active().device)
 
 
