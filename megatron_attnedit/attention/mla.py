@@ -364,7 +364,9 @@ def _latent_norm_weight(down: torch.Tensor, calib: Optional[torch.Tensor], eps: 
 
 def svd_student_weights(wq, wk, wv, q_norm_w, k_norm_w, gamma, calib, hf_cfg, o, eps) -> Dict[str, torch.Tensor]:
     """Full (unsharded) MLA weights from the teacher's full projections; names are the MLA module's."""
-    dev = wq.device  # the teacher's: the factorisations of a Qwen3-8B layer take seconds on a GPU, minutes on a CPU
+    # On a CUDA GPU where the teacher lives (a Qwen3-8B layer's fp64 factorisations: seconds there, minutes on
+    # a CPU); elsewhere (CPU, Ascend, whose fp64 linalg support we have not verified) on the CPU.
+    dev = wq.device if wq.device.type == "cuda" else torch.device("cpu")
     f = lambda t: t.detach().to(dev, torch.float64)
     wq, wk, wv, q_norm_w, k_norm_w = map(f, (wq, wk, wv, q_norm_w, k_norm_w))
     heads, groups, hd, d = int(hf_cfg["num_attention_heads"]), int(hf_cfg["num_key_value_heads"]), head_dim(hf_cfg), int(hf_cfg["hidden_size"])
