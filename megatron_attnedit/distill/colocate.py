@@ -111,6 +111,14 @@ def hf_loader(hf_dir: str, hf_cfg: dict, opts: qwen3.BuildOptions) -> Callable[[
     return load
 
 
+def teacher_loader(cfg, hf_cfg: dict, opts: qwen3.BuildOptions) -> Callable[[torch.nn.Module], None]:
+    """The ``load`` of the run config's teacher: HF weights from ``model.hf_dir``, or none (random
+    weights) for a preset or with ``model.random_init`` -- benchmarks and plumbing tests."""
+    if cfg.model.hf_dir and not cfg.model.random_init:
+        return hf_loader(cfg.model.hf_dir, hf_cfg, opts)
+    return lambda model: None
+
+
 def colocate(
     hf_cfg: dict,
     target,
@@ -140,7 +148,6 @@ def colocate(
         device = next(_unwrap(teacher).parameters()).device
         calibration = api.student.capture_attention_inputs(teacher, calibration_tokens.to(device), max_tokens=calibration_tokens.numel())
     api.init_student_from_teacher(student, teacher, student_hf_cfg, target, calibration)
-    del calibration
     set_trainable(student, target, trainable)  # a pipeline stage may hold no trained layer (MLA pattern G)
     shared = share_frozen_modules(teacher, student) if trainable == "attention" else []
     pair = Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable, vocab_size=int(hf_cfg["vocab_size"]))
@@ -235,19 +242,15 @@ def build_pair(cfg, plat, trainable: str = "attention") -> Colocated:
         raise DistillError("distillation needs a student attention target: set target.name (e.g. mla, gate_swa)")
     hf = obj.hf_config(cfg)
     opts = obj.build_options(cfg, plat)
-    if cfg.model.hf_dir and not cfg.model.random_init:
-        load = hf_loader(cfg.model.hf_dir, hf, opts)
-    else:
-        load = lambda model: None  # noqa: E731  (random teacher: benchmarks and plumbing tests)
     target = _target(cfg.target)
-    n_calib = api_targets().get_target(target.name).calibration_tokens(hf, target.options)
+    n_calib = _student_api().targets.get_target(target.name).calibration_tokens(hf, target.options)
     calib = None
     # A student that starts from a checkpoint (stage 2 after stage 1) is initialised only to be overwritten.
     if n_calib and cfg.data.data_path and not cfg.checkpoint.pretrained_checkpoint:
         from megatron_attnedit.training.data import calibration_tokens
 
         calib = calibration_tokens(list(cfg.data.data_path), n_calib, cfg.data.seq_length)
-    return colocate(hf, target, opts, load, trainable=trainable, calibration_tokens=calib)
+    return colocate(hf, target, opts, teacher_loader(cfg, hf, opts), trainable=trainable, calibration_tokens=calib)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,12 +287,6 @@ def _params(items: Iterable) -> Iterable[torch.nn.Parameter]:
 # ----------------------------------------------------------------------------------------------
 # The attention-target API this module builds on (models/student.py, attention/targets.py)
 # ----------------------------------------------------------------------------------------------
-
-
-def api_targets():
-    from megatron_attnedit.attention import targets
-
-    return targets
 
 
 def _target(cfg_target):

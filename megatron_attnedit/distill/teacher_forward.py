@@ -20,7 +20,7 @@ from typing import Dict, List
 import torch
 
 from megatron_attnedit.config import ConfigError
-from megatron_attnedit.distill.colocate import _unwrap, build_teacher, hf_loader
+from megatron_attnedit.distill.colocate import _unwrap, build_teacher, teacher_loader
 from megatron_attnedit.training.objective import Objective, build_options, check_options, hf_config
 
 
@@ -40,8 +40,7 @@ class TeacherForwardObjective(Objective):
         if cfg.parallel.pipeline_model_parallel_size != 1:
             raise ConfigError("objective teacher_forward runs with parallel.pipeline_model_parallel_size=1 only")
         hf, opts = hf_config(cfg), build_options(cfg, plat)
-        load = hf_loader(cfg.model.hf_dir, hf, opts) if cfg.model.hf_dir and not cfg.model.random_init else (lambda model: None)
-        self.teacher = build_teacher(hf, opts, load)
+        self.teacher = build_teacher(hf, opts, teacher_loader(cfg, hf, opts))
         self.anchor_name = min(self.teacher.named_parameters(), key=lambda kv: kv[1].numel())[0]
         return [self.teacher]
 
