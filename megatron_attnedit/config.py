@@ -144,6 +144,10 @@ class OptimConfig:
     adam_eps: float = 1.0e-8
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer)."""
+    fused_adam: Optional[bool] = None
+    """torch's fused AdamW kernel (one launch per parameter group) instead of its multi-tensor
+    loop, where megatron falls back to torch's optimizer (no transformer-engine / apex). None: on
+    for CUDA, off elsewhere. Same update to rounding (tests/test_optim.py)."""
 
     def __post_init__(self):
         _one_of(self.optimizer, ("adam", "sgd"), "optimizer.optimizer")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_attnedit import platform
-from megatron_attnedit.attention import core, flex, npu
+from megatron_attnedit.attention import band, core, flex, npu
 
 platform.init_platform("cpu")
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -44,6 +44,42 @@ def test_cpu_and_flex_match_reference(shape, window, sinks):
     assert (got - ref).abs().max().item() <= TOL
     fx = flex.flex_window_attention(q, k, v, scale, window if window is None or window < sk else None, sink)
     assert (fx - ref).abs().max().item() <= TOL
+
+
+# (heads, kv heads, length, dk, dv, window): chunked exactly, padded (37 = 4*8+5), GQA, MQA, a
+# window of 2, full causal (None) and a window longer than the sequence.
+BAND_CASES = [(4, 4, 32, 16, 16, 8), (4, 2, 37, 16, 16, 8), (4, 1, 33, 24, 16, 8), (2, 2, 16, 8, 8, 2), (4, 2, 40, 16, 16, None), (4, 2, 20, 16, 16, 64)]
+
+
+@pytest.mark.parametrize("case", BAND_CASES, ids=str)
+@pytest.mark.parametrize("sinks", [False, True], ids=["nosink", "sink"])
+def test_band_decomposition_matches_reference_with_gradients(case, sinks):
+    """The band decomposition (two causal-kernel calls merged through their log-sum-exps, backward
+    through the merged output) on the fp32 reference kernel: outputs and the gradients of q, k, v
+    and the sinks against autograd through the dense-mask reference. On CUDA the same code runs
+    cuDNN's causal kernel (launch/bench_attention.py checks it against fp32 at bf16)."""
+    h, hk, s, dk, dv, window = case
+    q, k, v = (x.double().requires_grad_() for x in _qkv(h, hk, s, s, dk, dv, seed=3))
+    sink = torch.linspace(-1.0, 2.0, h, dtype=torch.float64).requires_grad_() if sinks else None
+    ins = (q, k, v) + ((sink,) if sinks else ())
+    grad = torch.randn(2, h, s, dv, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = band.band_attention(q, k, v, dk**-0.5, window, sink, kernel="math")
+    ref = core.reference_attention(q, k, v, dk**-0.5, window, sink)
+    assert got.shape == ref.shape and got.permute(2, 0, 1, 3).is_contiguous()  # [s, b, h, d] memory, as megatron wants
+    assert (got - ref).abs().max().item() <= TOL
+    for name, a, b in zip("q k v sink".split(), torch.autograd.grad(got, ins, grad), torch.autograd.grad(ref, ins, grad)):
+        assert (a - b).abs().max().item() <= 5 * TOL * max(1.0, b.abs().max().item()), name
+
+
+def test_window_kernel_choice(monkeypatch):
+    q = torch.zeros(1, 2, 8, 16)
+    assert core.window_kernel(q, 16, 4) == "flex" and core.window_kernel(q, 16, None) == "flex"  # no cuDNN on a CPU
+    monkeypatch.setenv("ATTNEDIT_WINDOW_KERNEL", "cudnn")
+    with pytest.raises(RuntimeError, match="use flex"):
+        core.window_kernel(q, 16, None)
+    monkeypatch.setenv("ATTNEDIT_WINDOW_KERNEL", "fast")
+    with pytest.raises(ValueError, match="auto, cudnn, flash or flex"):
+        core.window_kernel(q, 16, None)
 
 
 def test_window_covering_sequence_is_bitwise_causal():

@@ -178,3 +178,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tiny_hf, tmp_path
     assert sorted(os.listdir(ckpts)) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
     assert (ckpts / "iter_0000004" / "metadata.json").exists()
     assert max(read_metrics(str(tmp_path))) == 5
+
+
+def test_fused_adam_resumes_an_unfused_run(straight, corpus, tiny_hf, tmp_path):
+    """optimizer.fused_adam (torch's fused AdamW kernel; on CUDA by default) resumes a checkpoint
+    written by the multi-tensor AdamW and then follows the unfused 20-step run to rounding."""
+    torchrun("train_worker.py", *overrides(corpus, tiny_hf["dense"], tmp_path, "training.train_iters=10", "optimizer.lr_decay_iters=20",
+                                           "optimizer.fused_adam=false"))
+    torchrun("train_worker.py", *overrides(corpus, tiny_hf["dense"], tmp_path, "training.train_iters=20", "optimizer.fused_adam=true"))
+    ref, got = losses(straight), losses(tmp_path)
+    assert got[:10] == ref[:10] and len(got) == 20
+    for i in range(10, 20):
+        assert abs(got[i] - ref[i]) <= 1e-4 * abs(ref[i]), f"step {i + 1}: foreach {ref[i]:.6f} vs fused {got[i]:.6f}"
+    state = _dcp_tensors(tmp_path / "checkpoints" / "iter_0000020", tmp_path / "s.pt")
+    groups = [g for k, v in state.items() if k.startswith("optimizer.") and k.endswith("optimizer/shard_0_1") for g in v[0]["param_groups"]]
+    assert groups and all(g["fused"] and not g["foreach"] for g in groups), groups

@@ -160,7 +160,7 @@ def setup(cfg: Config) -> Run:
 
     bf16 = objective_lib.use_bf16(cfg, plat)
     models = wrap_ddp(models, cfg)
-    optimizer = build_optimizer(cfg, models, bf16)
+    optimizer = build_optimizer(cfg, models, bf16, plat.device.type)
     scheduler = build_scheduler(cfg, optimizer)
     checkpointer = ckpt_lib.Checkpointer(cfg, plat, models, optimizer, scheduler, objective, hf)
     state = checkpointer.load() or ckpt_lib.TrainState()

@@ -21,7 +21,10 @@ def wrap_ddp(models: List[torch.nn.Module], cfg) -> List[torch.nn.Module]:
     return [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0) for i, m in enumerate(models)]
 
 
-def build_optimizer(cfg, models: List[torch.nn.Module], bf16: bool):
+def build_optimizer(cfg, models: List[torch.nn.Module], bf16: bool, device_type: str = "cuda"):
+    """megatron's (distributed) mixed-precision optimizer; torch's fused AdamW kernel inside it where
+    megatron falls back to torch's optimizer and ``optimizer.fused_adam`` allows."""
+    from megatron.core import optimizer as mcore_optimizer
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     o = cfg.optimizer
@@ -38,7 +41,43 @@ def build_optimizer(cfg, models: List[torch.nn.Module], bf16: bool):
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=o.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, models)
+    optimizer = get_megatron_optimizer(config, models)
+    fused = o.fused_adam if o.fused_adam is not None else device_type == "cuda"
+    if fused and o.optimizer == "adam" and getattr(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False):
+        for opt in torch_optimizers(optimizer):
+            use_fused_adam(opt)
+    return optimizer
+
+
+def torch_optimizers(optimizer) -> List[torch.optim.Optimizer]:
+    """The torch optimizers inside a megatron optimizer (chained or not)."""
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [c.optimizer for c in chain if isinstance(getattr(c, "optimizer", None), torch.optim.Optimizer)]
+
+
+def use_fused_adam(opt: torch.optim.Optimizer) -> None:
+    """Run torch's Adam/AdamW with ``fused=True`` from the next step on.
+
+    megatron builds ``torch.optim.AdamW`` without ``fused``, so torch takes its multi-tensor
+    (foreach) path: about ten kernel launches per tensor group and as many passes over the fp32
+    state. The fused kernel is one pass. The flag lives in each param group, and megatron's
+    checkpoint load replaces the groups (and puts ``step`` on the CPU), so a step pre-hook sets it
+    again and moves ``step`` to the parameter's device as the fused kernel needs, whenever a group
+    lacks it.
+    """
+
+    def pre_step(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            if group.get("fused") and not group.get("foreach"):
+                continue
+            group["fused"], group["foreach"] = True, False
+            for p in group["params"]:
+                st = optimizer.state.get(p)
+                step = st.get("step") if st else None
+                if step is not None and (not torch.is_tensor(step) or step.device != p.device):
+                    st["step"] = torch.as_tensor(float(step), dtype=torch.float32, device=p.device)
+
+    opt.register_step_pre_hook(pre_step)
 
 
 def build_scheduler(cfg, optimizer):
