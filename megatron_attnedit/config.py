@@ -51,6 +51,9 @@ class ModelConfig:
     """allgather (works everywhere) or alltoall (GPU/NPU, faster at large EP)."""
     moe_grouped_gemm: bool = False
     """Grouped-GEMM experts (torch._grouped_mm on GPU); SequentialMLP otherwise."""
+    gradient_accumulation_fusion: Optional[bool] = None
+    """Linear layers add their weight gradients into the fp32 main-grad buffers inside the GEMM
+    (models/wgrad.py) instead of a bf16 GEMM plus an add. None: on for CUDA with the local spec."""
     recompute_granularity: Optional[str] = None
     """Activation recomputation: None, full or selective."""
     recompute_modules: Optional[List[str]] = None

@@ -223,6 +223,19 @@ def _install_cpu_redirect() -> None:
 
     _CPU_MODE = _CudaToCpu()
     _CPU_MODE.__enter__()  # stays active for the life of the process
+    # The autograd engine runs custom backward functions with an empty mode stack (megatron's
+    # linear backward allocates on torch.cuda.current_device(), its MoE gather on "cuda").
+    from torch.autograd.function import BackwardCFunction
+
+    run_backward = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if torch.overrides._get_current_function_mode_stack():
+            return run_backward(self, *args)
+        with _CPU_MODE:
+            return run_backward(self, *args)
+
+    BackwardCFunction.apply = apply
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,3 +193,37 @@ def test_fused_adam_resumes_an_unfused_run(straight, corpus, tiny_hf, tmp_path):
     state = _dcp_tensors(tmp_path / "checkpoints" / "iter_0000020", tmp_path / "s.pt")
     groups = [g for k, v in state.items() if k.startswith("optimizer.") and k.endswith("optimizer/shard_0_1") for g in v[0]["param_groups"]]
     assert groups and all(g["fused"] and not g["foreach"] for g in groups), groups
+
+
+def test_gradient_accumulation_fusion_follows_the_unfused_run(straight, corpus, tiny_hf, tmp_path):
+    """model.gradient_accumulation_fusion (weight gradients added into the fp32 main grads inside the
+    GEMM, models/wgrad.py; on for CUDA by default) trains like megatron's unfused path: same losses
+    to rounding over 20 steps, at TP=2 (split input and output dimensions)."""
+    torchrun("train_worker.py", *overrides(corpus, tiny_hf["dense"], tmp_path, "training.train_iters=20", "model.gradient_accumulation_fusion=true",
+                                           "parallel.tensor_model_parallel_size=2", "checkpoint.save_interval=0"))
+    ref, got = losses(straight), losses(tmp_path)
+    assert len(got) == 20
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert abs(a - b) <= 0.01 * abs(a), f"step {i + 1}: unfused {a:.6f} vs fused {b:.6f}"
+
+
+def test_megatron_linear_accumulates_through_wgrad():
+    """megatron's linear autograd function with gradient_accumulation_fusion, given models/wgrad.py:
+    the weight gradient lands in main_grad (added to what was there, as over micro-batches), the
+    input gradient is unchanged, and the layer flags the weight so the DDP hook adds nothing more."""
+    from megatron_attnedit import platform
+    from megatron_attnedit.models import wgrad
+    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Linear
+
+    platform.init_platform("cpu")
+    wgrad.install()
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 8, generator=g))
+    w.main_grad, w.grad_added_to_main_grad = torch.randn(6, 8, generator=g), False
+    before = w.main_grad.clone()
+    x = torch.randn(3, 5, 8, generator=g, requires_grad=True)
+    dy = torch.randn(3, 5, 6, generator=g)
+    Linear.apply(x, w, None, True, False, False, None, 0, None).backward(dy)
+    want = before + dy.reshape(-1, 6).t() @ x.detach().reshape(-1, 8)
+    assert torch.allclose(w.main_grad, want, atol=1e-5) and w.grad_added_to_main_grad
+    assert torch.allclose(x.grad, dy @ w.detach(), atol=1e-6)

@@ -131,6 +131,7 @@ class BuildOptions:
     spec: str = "local"  # local | te
     moe_dispatcher: str = "allgather"  # allgather (CPU-safe) | alltoall (GPU)
     grouped_gemm: bool = False  # models/experts.py GroupedExperts (torch._grouped_mm on GPU); SequentialMLP otherwise
+    gradient_accumulation_fusion: bool = False  # weight gradients accumulated in the GEMM (models/wgrad.py)
     use_cpu_initialization: bool = True
     perform_initialization: bool = True
     recompute_granularity: Optional[str] = None
@@ -163,6 +164,10 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
     """megatron TransformerConfig for an HF Qwen3 / Qwen3-MoE config."""
     check_hf_config(cfg)
     check_parallel(cfg, opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.expert_model_parallel_size)
+    if opts.gradient_accumulation_fusion and opts.spec == "local":
+        from megatron_attnedit.models import wgrad
+
+        wgrad.install()
     kw = dict(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -183,7 +188,7 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=opts.gradient_accumulation_fusion,
         persist_layer_norm=False,
         tensor_model_parallel_size=opts.tensor_model_parallel_size,
         pipeline_model_parallel_size=opts.pipeline_model_parallel_size,

@@ -139,6 +139,17 @@ def use_bf16(cfg: Config, plat) -> bool:
     return plat.name != "cpu" if cfg.training.bf16 is None else bool(cfg.training.bf16)
 
 
+def gradient_accumulation_fusion(cfg: Config, plat) -> bool:
+    """``model.gradient_accumulation_fusion``, None resolved: on for CUDA with the local spec where
+    the fp32-accumulating GEMM runs (TE's layers fuse it themselves)."""
+    from megatron_attnedit.models import wgrad
+
+    m = cfg.model
+    if m.gradient_accumulation_fusion is not None:
+        return bool(m.gradient_accumulation_fusion)
+    return plat.name == "cuda" and m.transformer_impl == "local" and wgrad.supported(plat.device)
+
+
 def build_options(cfg: Config, plat) -> "qwen3.BuildOptions":  # noqa: F821
     from megatron_attnedit.models import qwen3
 
@@ -154,6 +165,7 @@ def build_options(cfg: Config, plat) -> "qwen3.BuildOptions":  # noqa: F821
         spec="te" if m.transformer_impl == "transformer_engine" else "local",
         moe_dispatcher=m.moe_token_dispatcher_type,
         grouped_gemm=m.moe_grouped_gemm,
+        gradient_accumulation_fusion=gradient_accumulation_fusion(cfg, plat),
         # Initialise on the CPU from one seed: the same weights at any TP size.
         use_cpu_initialization=True,
         recompute_granularity=m.recompute_granularity,
