@@ -9,7 +9,8 @@ One JSON line per case: KL(teacher || student) and CE of ``distill.losses`` at e
 out as GPTModel returns them ([b, s, V] view of a contiguous [s, b, V]). ``extra_peak_GiB`` is the
 peak allocated during forward + backward above the inputs (logits, teacher logits, labels), with the
 logits' gradient included -- it is the same size in every case (the logits' dtype).
-Also checks that every chunk size gives the whole-batch loss and gradient (bf16: to bf16 precision).
+Each case runs eagerly and with the inductor-fused passes (``losses.FUSED``). Also checks that every
+chunk size and the fused passes give the eager whole-batch loss and gradient (bf16: to bf16 precision).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main():
     x = s.detach().clone().requires_grad_(True)
     device = torch.cuda.get_device_name()
     ref = {}
-    for chunk in a.chunks.split(","):
+    for fused, chunk in [(f, c) for f in (False, True) for c in a.chunks.split(",")]:
+        losses.FUSED = fused  # False: eager passes; True: inductor-fused passes (CUDA)
         c = None if chunk == "auto" else int(chunk)
         for name, fn in (("kl", lambda x: losses.kl_divergence(x, t, None, 1.0, a.vocab, group, chunk_tokens=c)),
                          ("ce", lambda x: losses.cross_entropy(x, labels, None, a.vocab, group, chunk_tokens=c))):
@@ -79,7 +81,7 @@ def main():
                 ref[name] = (loss, grad.float())
             same = {"loss_rel_diff": abs(float(loss - ref[name][0])) / abs(float(ref[name][0])),
                     "grad_max_abs_diff": float((grad.float() - ref[name][1]).abs().max()), "grad_max_abs": float(ref[name][1].abs().max())}
-            print(json.dumps({"device": device, "loss": name, "chunk_tokens": chunk, "tokens_per_chunk": min(a.tokens, losses.chunk_size(a.vocab, c)),
+            print(json.dumps({"device": device, "loss": name, "fused": fused, "chunk_tokens": chunk, "tokens_per_chunk": min(a.tokens, losses.chunk_size(a.vocab, c)),
                               "ms_fwd_bwd": round(ms, 3), "extra_peak_GiB": round(peak, 3), **same}), flush=True)
 
     def megatron_ce(x):
