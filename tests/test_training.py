@@ -8,7 +8,8 @@
 * a NaN loss stops the run with one line and leaves the last good checkpoint as the latest;
 * torch's fused AdamW resumes a multi-tensor AdamW checkpoint and follows its run;
 * weight gradients accumulated inside the GEMM (models/wgrad.py) train like megatron's unfused path;
-* the MoE model at EP=2 (sequential and grouped experts) follows EP=1 step for step.
+* the MoE model at EP=2 (sequential and grouped experts) follows EP=1 step for step; a resume that
+  switches between the two expert implementations is refused in one line.
 """
 
 import os
@@ -251,3 +252,16 @@ def test_moe_expert_parallel_training_matches_ep1(moe_ep1, corpus, tiny_hf, tmp_
     assert len(ref) == len(got) == 6 and ref[-1] < ref[0]
     for i, (a, b) in enumerate(zip(ref, got)):
         assert abs(a - b) <= 1e-4 * abs(a), f"step {i + 1}: EP=1 {a:.6f} vs EP=2 {b:.6f}"
+
+
+def test_resume_across_expert_implementations_is_refused_in_one_line(corpus, tiny_hf, tmp_path):
+    """The optimizer state of grouped and sequential experts is laid out differently: a resume that
+    switches model.moe_grouped_gemm stops with one line naming both ways out, before training."""
+    torchrun("train_worker.py", *overrides(corpus, tiny_hf["moe"], tmp_path, "training.train_iters=4", "checkpoint.save_interval=2"))
+    proc = torchrun("train_worker.py", *overrides(corpus, tiny_hf["moe"], tmp_path, "training.train_iters=6", "model.moe_grouped_gemm=true"), check=False)
+    assert proc.returncode != 0
+    errors = [x for x in proc.stderr.splitlines() if "error:" in x and "moe_grouped_gemm" in x]
+    # one line per rank, no traceback of ours (torchrun adds its own for the failed worker)
+    assert errors and os.path.join(ROOT, "megatron_attnedit") not in proc.stderr, proc.stderr[-3000:]
+    assert "model.moe_grouped_gemm=false" in errors[0] and "checkpoint.pretrained_checkpoint=" in errors[0], errors[0]
+    assert max(read_metrics(str(tmp_path))) == 4  # nothing trained after the refusal

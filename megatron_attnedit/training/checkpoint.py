@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_attnedit.config import ConfigError
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -153,6 +154,8 @@ class Checkpointer:
             "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
             "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
             "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+            # The distributed optimizer's flat state follows the expert modules' parameter layout.
+            "moe_grouped_gemm": bool(self.cfg.model.moe_grouped_gemm),
         }
 
     def save(self, state: TrainState) -> str:
@@ -233,6 +236,13 @@ class Checkpointer:
             return None
         d = iter_dir(root, it)
         common = dist_checkpointing.load_common_state_dict(d)
+        grouped = common.get("layout", {}).get("moe_grouped_gemm")
+        if grouped is not None and grouped != bool(self.cfg.model.moe_grouped_gemm) and _has_experts(self.models):
+            raise ConfigError(
+                f"{d} was saved with model.moe_grouped_gemm={str(grouped).lower()} and this run sets "
+                f"{str(not grouped).lower()}: the optimizer state cannot move between the two expert layouts; resume with "
+                f"model.moe_grouped_gemm={str(grouped).lower()}, or start a new run from its weights with checkpoint.pretrained_checkpoint={root}"
+            )
         same_world = common.get("layout", {}).get("world_size") == dist.get_world_size()
         _materialize_optimizer_state(self.optimizer)
         sd = _model_sharded_state_dict(self.models)
@@ -253,6 +263,10 @@ class Checkpointer:
             print(f"note: {d} was saved on {common.get('layout', {}).get('world_size')} ranks, this run has "
                   f"{dist.get_world_size()}: RNG and objective states start fresh", flush=True)
         return TrainState(iteration=int(common["iteration"]), consumed_samples=int(common["consumed_samples"]))
+
+
+def _has_experts(models) -> bool:
+    return any(".experts." in name for m in models for name, _ in m.named_parameters())
 
 
 def _materialize_optimizer_state(optimizer) -> None:

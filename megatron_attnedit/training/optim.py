@@ -62,14 +62,12 @@ def use_fused_adam(opt: torch.optim.Optimizer) -> None:
     (foreach) path: about ten kernel launches per tensor group and as many passes over the fp32
     state. The fused kernel is one pass. The flag lives in each param group, and megatron's
     checkpoint load replaces the groups (and puts ``step`` on the CPU), so a step pre-hook sets it
-    again and moves ``step`` to the parameter's device as the fused kernel needs, whenever a group
-    lacks it.
+    before every step and moves any ``step`` that is not on its parameter's device there, as the
+    fused kernel needs.
     """
 
-    def pre_step(optimizer, args, kwargs):
+    def pre_step(optimizer, args, kwargs):  # a Python pass over a few hundred shards: ~0.1 ms a step
         for group in optimizer.param_groups:
-            if group.get("fused") and not group.get("foreach"):
-                continue
             group["fused"], group["foreach"] = True, False
             for p in group["params"]:
                 st = optimizer.state.get(p)
