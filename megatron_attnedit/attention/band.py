@@ -31,7 +31,7 @@ with it on the CPU). Imports only torch.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -128,11 +128,6 @@ def _unchunk(x: torch.Tensor, b: int, s: int) -> torch.Tensor:
 def _chunk_empty(n, bh, w, d, like: torch.Tensor) -> torch.Tensor:
     """An [n, bh, w, d] tensor laid out as [n, w, bh, d] (so ``_unchunk`` is a view)."""
     return torch.empty(n, w, bh, d, dtype=like.dtype, device=like.device).transpose(1, 2)
-
-
-def _off(x: torch.Tensor, rows: slice) -> torch.Tensor:
-    """The reversed rows of every chunk but one: chunks 1.. for queries, ..n-2 for keys."""
-    return x[rows].flip(2)
 
 
 def _lse3(lse: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
