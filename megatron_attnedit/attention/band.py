@@ -240,11 +240,14 @@ def usable(kernel: str, q: torch.Tensor, dv: int) -> bool:
         return False
     key = (kernel, q.device.index, q.dtype, q.shape[-1], dv)
     if key not in _PROBED:
-        try:
-            t = lambda d: torch.randn(1, 2, 256, d, device=q.device, dtype=q.dtype, requires_grad=True)  # noqa: E731
-            a, b_, c = t(q.shape[-1]), t(q.shape[-1]), t(dv)
-            band_attention(a, b_, c, 1.0 / math.sqrt(q.shape[-1]), 128, kernel=kernel).sum().backward()
-            _PROBED[key] = True
-        except (RuntimeError, NotImplementedError):
-            _PROBED[key] = False
+        # The first call may come from an evaluation under no_grad / inference_mode: probe the
+        # backward regardless, or the answer would be "no" for the rest of the process.
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                t = lambda d: torch.randn(1, 2, 256, d, device=q.device, dtype=q.dtype, requires_grad=True)  # noqa: E731
+                a, b_, c = t(q.shape[-1]), t(q.shape[-1]), t(dv)
+                band_attention(a, b_, c, 1.0 / math.sqrt(q.shape[-1]), 128, kernel=kernel).sum().backward()
+                _PROBED[key] = True
+            except (RuntimeError, NotImplementedError):
+                _PROBED[key] = False
     return _PROBED[key]
