@@ -150,7 +150,7 @@ class OptimConfig:
     fused_adam: Optional[bool] = None
     """torch's fused AdamW kernel (one launch per parameter group) instead of its multi-tensor
     loop, where megatron falls back to torch's optimizer (no transformer-engine / apex). None: on
-    for CUDA, off elsewhere. Same update to rounding (tests/test_optim.py)."""
+    for CUDA, off elsewhere. Same update to rounding (tests/test_training.py::test_fused_adam_resumes_an_unfused_run)."""
 
     def __post_init__(self):
         _one_of(self.optimizer, ("adam", "sgd"), "optimizer.optimizer")

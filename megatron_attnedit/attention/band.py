@@ -134,6 +134,11 @@ def _lse3(lse: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     return lse.reshape(n, h, w).float()
 
 
+def _sink_logits(sink: torch.Tensor, b: int) -> torch.Tensor:
+    """Per-head sink logits [h] as fp32 rows of the folded [.., b*h, ..] layout."""
+    return sink.float().repeat(b).view(1, -1, 1)
+
+
 def _as_kernel_lse(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(like)
     out.copy_(value.reshape(like.shape))
@@ -151,15 +156,15 @@ class _BandAttention(torch.autograd.Function):
         o1, l1k, a1 = kernel.fwd(Q, K, V, scale)
         l1 = _lse3(l1k, n, bh, w)
         lse = l1.clone()
-        tiles = None
+        off, a2 = [], None  # the off-diagonal blocks' reversed inputs and kernel LSE, for backward
         if n > 1:
             Qo, Ko, Vo = Q[1:, :, : w - 1].flip(2), K[:-1, :, 1:].flip(2), V[:-1, :, 1:].flip(2)
             o2r, l2k, a2 = kernel.fwd(Qo, Ko, Vo, scale)
             l2 = _lse3(l2k, n - 1, bh, w - 1).flip(2)
             lse[1:, :, : w - 1] = torch.logaddexp(l1[1:, :, : w - 1], l2)
-            tiles = (Qo, Ko, Vo, l2k, a2)
+            off = [Qo, Ko, Vo, l2k]
         if sink is not None:
-            lse = torch.logaddexp(lse, sink.float().repeat(b).view(1, bh, 1))
+            lse = torch.logaddexp(lse, _sink_logits(sink, b))
         acc = o1.float() * torch.exp(l1 - lse).unsqueeze(-1)
         if n > 1:
             acc[1:, :, : w - 1] += o2r.flip(2).float() * torch.exp(l2 - lse[1:, :, : w - 1]).unsqueeze(-1)
@@ -167,12 +172,8 @@ class _BandAttention(torch.autograd.Function):
         out.copy_(acc)
         ctx.scale, ctx.kernel, ctx.b, ctx.s, ctx.n, ctx.w = scale, kernel, b, s, n, w
         ctx.has_sink = sink is not None
-        ctx.aux1 = a1
-        ctx.aux2 = tiles[4] if tiles else None
-        saved = [Q, K, V, out, lse, l1k] + ([sink] if sink is not None else [])
-        if tiles:
-            saved += [tiles[0], tiles[1], tiles[2], tiles[3]]
-        ctx.save_for_backward(*saved)
+        ctx.aux1, ctx.aux2 = a1, a2
+        ctx.save_for_backward(Q, K, V, out, lse, l1k, *([sink] if sink is not None else []), *off)
         return _unchunk(out, b, s)
 
     @staticmethod
@@ -182,7 +183,6 @@ class _BandAttention(torch.autograd.Function):
         rest = saved[6:]
         sink = rest.pop(0) if ctx.has_sink else None
         kernel, scale, b, s, n, w = ctx.kernel, ctx.scale, ctx.b, ctx.s, ctx.n, ctx.w
-        bh = Q.shape[1]
         dO = _chunks(dout, w, n)
         dQ, dK, dV = kernel.bwd(dO, Q, K, V, out, _as_kernel_lse(lse, l1k), ctx.aux1, scale)
         if n > 1:
@@ -190,13 +190,12 @@ class _BandAttention(torch.autograd.Function):
             dOo, Oo = dO[1:, :, : w - 1].flip(2), out[1:, :, : w - 1].flip(2)
             lo = _as_kernel_lse(lse[1:, :, : w - 1].flip(2), l2k)
             dQo, dKo, dVo = kernel.bwd(dOo, Qo, Ko, Vo, Oo, lo, ctx.aux2, scale)
-            dQ, dK, dV = dQ.clone(), dK.clone(), dV.clone()
-            dQ[1:, :, : w - 1] += dQo.flip(2)
+            dQ[1:, :, : w - 1] += dQo.flip(2)  # the kernel's gradients are fresh tensors: add in place
             dK[:-1, :, 1:] += dKo.flip(2)
             dV[:-1, :, 1:] += dVo.flip(2)
         dsink = None
         if sink is not None:
-            p_sink = torch.exp(sink.float().repeat(b).view(1, bh, 1) - lse)
+            p_sink = torch.exp(_sink_logits(sink, b) - lse)
             rows = (dO.float() * out.float()).sum(-1)
             dsink = -(p_sink * rows).sum((0, 2)).view(b, -1).sum(0).to(sink.dtype)
         grads = [_unchunk(g, b, s) for g in (dQ, dK, dV)]

@@ -41,7 +41,6 @@ identity, so each rank back-propagates exactly its own tokens' share.
 from __future__ import annotations
 
 import os
-
 from typing import Optional, Tuple
 
 import torch

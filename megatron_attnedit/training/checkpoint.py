@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_attnedit.config import ConfigError
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
+from megatron_attnedit.training.optim import torch_optimizers
 
 LATEST = "latest_checkpointed_iteration.txt"
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # Megatron-LM default; optimizer reshardable over DP
@@ -274,9 +275,8 @@ def _materialize_optimizer_state(optimizer) -> None:
     into them: megatron 0.16 reads ``step`` from the torch optimizer's state when neither
     transformer-engine nor apex is installed, and that state only exists after a first step. The
     zero-gradient step changes parameters by weight decay only; the load overwrites all of it."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or len(inner.state) > 0:
+    for inner in torch_optimizers(optimizer):
+        if len(inner.state) > 0:
             continue
         for group in inner.param_groups:
             for p in group["params"]:
@@ -290,9 +290,8 @@ def _unshare_adam_steps(optimizer) -> None:
     loader puts one shared step tensor into every parameter's state (torch increments each in
     place, so it would advance once per parameter) and then overwrites it with the placeholder
     step of the parameter-state shards. The true step is the one kept in the param groups."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for group in (inner.param_groups if inner is not None else []):
+    for inner in torch_optimizers(optimizer):
+        for group in inner.param_groups:
             for p in group["params"]:
                 st = inner.state.get(p, {})
                 if torch.is_tensor(st.get("step")):
