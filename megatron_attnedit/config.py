@@ -54,6 +54,10 @@ class ModelConfig:
     gradient_accumulation_fusion: Optional[bool] = None
     """Linear layers add their weight gradients into the fp32 main-grad buffers inside the GEMM
     (models/wgrad.py) instead of a bf16 GEMM plus an add. None: on for CUDA with the local spec."""
+    kernel_fusion: Optional[bool] = None
+    """Fused elementwise kernels (torch.compile) for RoPE and SwiGLU -- megatron's
+    bias_activation_fusion for the dense MLP, models/fusions.py for RoPE and the grouped experts.
+    None: on for CUDA with the local spec."""
     recompute_granularity: Optional[str] = None
     """Activation recomputation: None, full or selective."""
     recompute_modules: Optional[List[str]] = None

@@ -64,6 +64,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_object_for_checkpoint
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
+from megatron_attnedit.models import fusions
+
 IMPLS = ("auto", "grouped_mm", "loop")
 # (stacked parameter, SequentialMLP submodule, TP axis of one expert's weight)
 _PARAMS = (("fc1_weight", "linear_fc1", 0), ("fc2_weight", "linear_fc2", 1))
@@ -191,16 +193,13 @@ class GroupedExperts(MegatronModule):
 
     def _activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """megatron MLP's unfused activation (GLU with its clamp and offset), times the router
-        probability in the probability dtype, back to the activation dtype."""
+        probability in the probability dtype, back to the activation dtype. With the config's
+        ``bias_activation_fusion`` (``model.kernel_fusion``), one compiled kernel on CUDA."""
         c = self.config
         if c.gated_linear_unit:
-            gate, up = torch.chunk(h, 2, dim=-1)
-            if (val := c.activation_func_clamp_value) is not None:
-                gate = gate.clamp(min=None, max=val)
-                up = up.clamp(min=-val, max=val)
-            a = c.activation_func(gate) * (up + c.glu_linear_offset)
-        else:
-            a = c.activation_func(h)
+            fn = fusions.compiled(fusions.glu_times_probs) if c.bias_activation_fusion and fusions.compiles(h) else fusions.glu_times_probs
+            return fn(h, probs, c.activation_func, c.activation_func_clamp_value, c.glu_linear_offset)
+        a = c.activation_func(h)
         return (a * probs).to(a.dtype)
 
     def backward_dw(self):

@@ -132,6 +132,7 @@ class BuildOptions:
     moe_dispatcher: str = "allgather"  # allgather (CPU-safe) | alltoall (GPU)
     grouped_gemm: bool = False  # models/experts.py GroupedExperts (torch._grouped_mm on GPU); SequentialMLP otherwise
     gradient_accumulation_fusion: bool = False  # weight gradients accumulated in the GEMM (models/wgrad.py)
+    kernel_fusion: bool = False  # compiled RoPE / SwiGLU (models/fusions.py, megatron's bias_activation_fusion)
     use_cpu_initialization: bool = True
     perform_initialization: bool = True
     recompute_granularity: Optional[str] = None
@@ -168,6 +169,10 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
         from megatron_attnedit.models import wgrad
 
         wgrad.install()
+    if opts.kernel_fusion:
+        from megatron_attnedit.models import fusions
+
+        fusions.install()
     kw = dict(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -185,7 +190,7 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_dropout_fusion=False,
-        bias_activation_fusion=False,
+        bias_activation_fusion=opts.kernel_fusion,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=opts.gradient_accumulation_fusion,

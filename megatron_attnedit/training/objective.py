@@ -150,6 +150,15 @@ def gradient_accumulation_fusion(cfg: Config, plat) -> bool:
     return plat.name == "cuda" and m.transformer_impl == "local" and wgrad.supported(plat.device)
 
 
+def kernel_fusion(cfg: Config, plat) -> bool:
+    """``model.kernel_fusion``, None resolved: on for CUDA with the local spec (inductor's kernels;
+    TE brings its own fused RoPE and activations)."""
+    m = cfg.model
+    if m.kernel_fusion is not None:
+        return bool(m.kernel_fusion)
+    return plat.name == "cuda" and m.transformer_impl == "local"
+
+
 def build_options(cfg: Config, plat) -> "qwen3.BuildOptions":  # noqa: F821
     from megatron_attnedit.models import qwen3
 
@@ -166,6 +175,7 @@ def build_options(cfg: Config, plat) -> "qwen3.BuildOptions":  # noqa: F821
         moe_dispatcher=m.moe_token_dispatcher_type,
         grouped_gemm=m.moe_grouped_gemm,
         gradient_accumulation_fusion=gradient_accumulation_fusion(cfg, plat),
+        kernel_fusion=kernel_fusion(cfg, plat),
         # Initialise on the CPU from one seed: the same weights at any TP size.
         use_cpu_initialization=True,
         recompute_granularity=m.recompute_granularity,
