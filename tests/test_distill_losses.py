@@ -236,3 +236,29 @@ def test_fused_passes_equal_the_eager_passes(monkeypatch):
         err = (ga.float() - gb.float()).abs() - 2**-6 * torch.maximum(ga.float().abs(), gb.float().abs())
         assert err.max().item() <= 1e-12, (name, (ga.float() - gb.float()).abs().max().item())
         assert (ga != gb).float().mean().item() < 0.01, name  # rare boundary cases, not a different formula
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalized_mse_passes(monkeypatch, dtype):
+    """Stage 1's loss as two passes (compiled here for the CPU, as on CUDA) against eager autograd
+    of the per-token formula: loss and gradient to 1e-6 relative (fp32 sums either way; bf16 inputs
+    are the same rounded values for both). The target may be changed in place after the call --
+    the teacher's layer adds its residual into it -- without touching the gradient."""
+    g = torch.Generator().manual_seed(0)
+    pred0 = torch.randn(12, 2, 64, generator=g).to(dtype)
+    target0 = torch.randn(12, 2, 64, generator=g).to(dtype)
+    x = pred0.clone().requires_grad_()
+    ref = losses.normalized_mse_per_token(x, target0).mean()
+    ref.backward()
+    for fused in (False, True):
+        monkeypatch.setattr(losses, "_fuses", lambda t, fused=fused: fused)
+        x, target = pred0.clone().requires_grad_(), target0.clone()
+        loss = losses.normalized_mse(x, target)
+        target.add_(1.0)  # what the teacher's residual add does to its attention output
+        loss.backward()
+        assert x.grad.dtype == dtype
+        assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item(), fused
+        grad_ref = pred0.clone().requires_grad_()
+        losses.normalized_mse_per_token(grad_ref, target0).mean().backward()
+        assert (x.grad.float() - grad_ref.grad.float()).abs().max().item() <= 1e-6 * grad_ref.grad.float().abs().max().item(), fused
+    assert losses._COMPILED.get(losses._nmse_forward) is not None and losses._COMPILED.get(losses._nmse_backward) is not None

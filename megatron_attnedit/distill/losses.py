@@ -103,9 +103,38 @@ def normalized_mse_per_token(pred: torch.Tensor, target: torch.Tensor, eps: floa
 
 def normalized_mse(pred: torch.Tensor, target: torch.Tensor, loss_mask=None, sp_group=None) -> torch.Tensor:
     """Stage-1 loss: normalized MSE per token, averaged over tokens. ``pred``/``target`` ``[..., h]``.
-    The per-token part is one compiled kernel each way on CUDA (``FUSED``), no fp32 copies of
-    ``[..., h]`` in between."""
-    return token_mean(_normalized_mse_pass(pred, target), loss_mask, sp_group)
+    The per-token part is ``normalized_mse_per_token`` as two passes (``_NormalizedMSE``), each one
+    compiled kernel on CUDA (``FUSED``)."""
+    return token_mean(_NormalizedMSE.apply(pred, target), loss_mask, sp_group)
+
+
+def _nmse_forward(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-12):
+    """(per-token loss, fp32 difference, per-token denominator)."""
+    d = pred.float() - target.float()
+    den = target.float().pow(2).sum(-1).clamp(min=eps)
+    return d.pow(2).sum(-1) / den, d, den
+
+
+def _nmse_backward(grad: torch.Tensor, d: torch.Tensor, den: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (d * (2.0 * grad / den).unsqueeze(-1)).to(dtype)
+
+
+class _NormalizedMSE(torch.autograd.Function):
+    """Saves only the fp32 difference and the denominators (what eager autograd of
+    ``normalized_mse_per_token`` keeps too), never ``target``: the teacher's layer adds its residual
+    into that tensor in place right after stage 1's hook has read it."""
+
+    @staticmethod
+    def forward(ctx, pred, target):
+        loss, d, den = _pass(_nmse_forward)(pred, target.detach())
+        ctx.save_for_backward(d, den)
+        ctx.dtype = pred.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        d, den = ctx.saved_tensors
+        return _pass(_nmse_backward)(grad, d, den, ctx.dtype), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,9 +234,6 @@ def _pass(fn):
         return fn(x, *args)
 
     return call
-
-
-_normalized_mse_pass = _pass(normalized_mse_per_token)
 
 
 def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
