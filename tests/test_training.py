@@ -233,6 +233,42 @@ def test_megatron_linear_accumulates_through_wgrad():
     assert torch.allclose(x.grad, dy @ w.detach(), atol=1e-6)
 
 
+@pytest.mark.parametrize("fusion", [False, True], ids=["plain", "wgrad-fusion"])
+def test_megatron_linear_skips_the_unneeded_input_gradient(fusion):
+    """With models/wgrad.py's dgrad skip, megatron's linear backward on an input that needs no
+    gradient (stage 1's detached teacher hidden state) skips the input-gradient GEMM and gives the same weight and bias gradients as megatron's backward on
+    an input that needs one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_attnedit import platform
+    from megatron_attnedit.models import wgrad
+    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Linear
+
+    platform.init_platform("cpu")
+    wgrad.install()
+    wgrad.install_dgrad_skip()
+    g = torch.Generator().manual_seed(0)
+    x0, dy = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 6, generator=g)
+    w0, b0 = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+
+    def backward(needs_input_grad):
+        w, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+        if fusion:
+            w.main_grad, w.grad_added_to_main_grad = torch.zeros(6, 8), False
+        x = x0.clone().requires_grad_(needs_input_grad)
+        y = Linear.apply(x, w, b, fusion, False, False, None, 0, None)
+        with FlopCounterMode(display=False) as flops:
+            y.backward(dy)
+        return (w.main_grad if fusion else w.grad), b.grad, x.grad, flops.get_total_flops()
+
+    w_ref, b_ref, x_grad, flops_ref = backward(True)
+    w_got, b_got, none, flops_got = backward(False)
+    assert x_grad is not None and none is None
+    assert torch.allclose(w_got, w_ref, atol=1e-6) and torch.allclose(b_got, b_ref, atol=1e-6)
+    assert torch.allclose(w_ref, dy.reshape(-1, 6).t() @ x0.reshape(-1, 8), atol=1e-5)
+    assert flops_ref - flops_got == 2 * 15 * 6 * 8  # exactly the input-gradient GEMM is gone
+
+
 @pytest.fixture(scope="module")
 def moe_ep1(corpus, tiny_hf, tmp_path_factory):
     """6 steps of the qwen3-moe-debug model at EP=1 (SequentialMLP) on 2 data-parallel ranks."""

@@ -165,10 +165,12 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
     """megatron TransformerConfig for an HF Qwen3 / Qwen3-MoE config."""
     check_hf_config(cfg)
     check_parallel(cfg, opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.expert_model_parallel_size)
-    if opts.gradient_accumulation_fusion and opts.spec == "local":
+    if opts.spec == "local":
         from megatron_attnedit.models import wgrad
 
-        wgrad.install()
+        wgrad.install_dgrad_skip()
+        if opts.gradient_accumulation_fusion:
+            wgrad.install()
     if opts.kernel_fusion:
         from megatron_attnedit.models import fusions
 

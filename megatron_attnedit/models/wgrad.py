@@ -12,6 +12,13 @@ linear layers.
 Measured on an H100 (launch/bench_wgrad.py, 4096 tokens): 1.18-1.30x faster per weight gradient at
 Qwen3-8B shapes, and an error against fp64 of 0.002 instead of 1.0 (the bf16 rounding of the
 gradient before accumulation).
+
+``install_dgrad_skip()`` (every build on the local spec): megatron's linear backward computes the
+input gradient ``grad_output @ weight`` whether or not the input needs one (TE's linears check).
+Stage 1 feeds each student attention the teacher's detached hidden state, so the query and latent
+projections' input gradients -- 13% of the student's FLOPs at Qwen3-8B MLA shape -- were computed
+and thrown away; stage 2's first layer likewise. Where autograd asks for no input gradient, the
+backward now computes the weight (and bias) gradient only, through the same accumulation as above.
 """
 
 from __future__ import annotations
@@ -68,3 +75,51 @@ def install() -> None:
         return
     layers.fused_weight_gradient_mlp_cuda = WgradAccumulation
     layers._grad_accum_fusion_available = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward without the unneeded input gradient
+# ------------------------------------------------------------------------------------------------
+
+_MEGATRON_BACKWARD: dict = {}
+
+
+def _weight_grads_only(ctx, grad_output):
+    """megatron's ``LinearWithGradAccumulationAndAsyncCommunication.backward`` for an input that
+    needs no gradient, without sequence parallelism or deferred weight gradients (those -- and any
+    input that needs a gradient -- take megatron's own backward): the same weight-gradient paths
+    (fused accumulation into ``main_grad`` with megatron's dummy ``grad_weight``, or a plain GEMM)
+    and bias gradient, ``None`` for the input."""
+    from megatron.core.tensor_parallel import layers
+
+    original = _MEGATRON_BACKWARD["linear"]
+    input, weight = ctx.saved_tensors
+    if ctx.needs_input_grad[0] or ctx.sequence_parallel or ctx.grad_output_buffer is not None or hasattr(weight, "__fsdp_param__"):
+        return original(ctx, grad_output)
+    x = input.reshape(-1, input.shape[-1])
+    dy = grad_output.reshape(-1, grad_output.shape[-1])
+    if ctx.gradient_accumulation_fusion:
+        weight.main_grad = ctx.main_grad
+        if weight.main_grad.dtype == torch.float32:
+            layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x, dy, weight.main_grad)
+        else:
+            layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x, dy, weight.main_grad)
+        grad_weight = None
+        if hasattr(weight, "grad_added_to_main_grad"):  # megatron's dummy gradient, for its DDP hooks
+            make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+            grad_weight = make(weight.main_grad.shape, dtype=input.dtype, device=input.device)
+            weight.grad_added_to_main_grad = True
+    else:
+        grad_weight = dy.t().matmul(x)
+    grad_bias = dy.sum(dim=0) if ctx.use_bias else None
+    return (None, grad_weight, grad_bias) + (None,) * 6
+
+
+def install_dgrad_skip() -> None:
+    """Route megatron's tensor-parallel linear backward through ``_weight_grads_only`` (idempotent;
+    the autograd function looks ``backward`` up on its class at every call)."""
+    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as F
+
+    if "linear" not in _MEGATRON_BACKWARD:
+        _MEGATRON_BACKWARD["linear"] = F.backward
+        F.backward = staticmethod(_weight_grads_only)
