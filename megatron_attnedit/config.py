@@ -58,6 +58,10 @@ class ModelConfig:
     """Fused elementwise kernels (torch.compile) for RoPE and SwiGLU -- megatron's
     bias_activation_fusion for the dense MLP, models/fusions.py for RoPE and the grouped experts.
     None: on for CUDA with the local spec."""
+    init_on_cpu: bool = True
+    """Initialise weights on the CPU from one seed: the same weights at any TP/EP layout. False:
+    on the accelerator with megatron's model-parallel RNG -- minutes faster at 30B (for random-
+    weight runs and benchmarks; weights loaded from hf_dir replace either)."""
     recompute_granularity: Optional[str] = None
     """Activation recomputation: None, full or selective."""
     recompute_modules: Optional[List[str]] = None

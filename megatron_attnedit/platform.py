@@ -43,6 +43,13 @@ class Platform:
         elif self.name == "npu":
             torch.npu.synchronize()  # type: ignore[attr-defined]
 
+    def reset_peak_memory(self) -> None:
+        """Start ``max_memory_allocated`` over (the CPU's resident-set figure has no peak to reset)."""
+        if self.name == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self.name == "npu":
+            torch.npu.reset_peak_memory_stats()  # type: ignore[attr-defined]
+
     def max_memory_allocated(self) -> int:
         if self.name == "cuda":
             return torch.cuda.max_memory_allocated()

@@ -107,3 +107,21 @@ def test_lr_schedules_warmup_cosine_and_wsd(tmp_path):
     assert cos[54] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-9)  # half-way through the decay
     wsd = lrs("optimizer.lr_decay_style=WSD", "optimizer.lr_wsd_decay_iters=20")
     assert wsd[9:80] == [1.0] * 71 and wsd[89] == pytest.approx(0.55) and wsd[-1] == pytest.approx(0.1)
+
+
+def test_accelerator_defaults_resolve_per_platform():
+    """model.kernel_fusion (None: on for CUDA with the local spec) and model.init_on_cpu (false:
+    initialise on the accelerator; the CPU always initialises on the CPU) reach the build options."""
+    from megatron_attnedit.platform import Platform
+    from megatron_attnedit.training import objective
+
+    cuda, cpu = Platform("cuda", "nccl"), Platform("cpu", "gloo")
+    no_probe = ["model.gradient_accumulation_fusion=false"]  # resolving it would probe a CUDA device
+    cfg = load_config("tiny_lm", no_probe)
+    assert objective.kernel_fusion(cfg, cuda) and not objective.kernel_fusion(cfg, cpu)
+    assert not objective.kernel_fusion(load_config("tiny_lm", no_probe + ["model.transformer_impl=transformer_engine"]), cuda)
+    off = load_config("tiny_lm", no_probe + ["model.kernel_fusion=false", "model.init_on_cpu=false"])
+    gpu_opts, cpu_opts = objective.build_options(off, cuda), objective.build_options(off, cpu)
+    assert not gpu_opts.kernel_fusion and not gpu_opts.use_cpu_initialization
+    assert cpu_opts.use_cpu_initialization
+    assert objective.build_options(cfg, cuda).use_cpu_initialization  # the default: one seed, any layout

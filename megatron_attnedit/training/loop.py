@@ -263,9 +263,12 @@ def train(cfg: Config) -> Dict[str, float]:
     s = setup(cfg)
     state, t, ckpt = s.state, cfg.training, s.checkpointer
     monitor = Monitor(cfg, dist.get_rank())
+    built = memory_gb(s.plat)
     monitor.print(f"{cfg.name}: objective {cfg.objective.name}, {s.n_train:,} trainable parameters, "
                   f"{'resumed at' if s.resumed else 'starting at'} iteration {state.iteration}/{t.train_iters}, "
-                  f"{s.num_micro} micro-batch(es) per step per data-parallel rank, run dir {cfg.run_dir}")
+                  f"{s.num_micro} micro-batch(es) per step per data-parallel rank, run dir {cfg.run_dir}"
+                  + (f", {built:.1f} GiB peak memory while building" if built is not None and s.plat.name != "cpu" else ""))
+    s.plat.reset_peak_memory()  # mem_gb below: the training steps' peak
     monitor.start_progress(state.iteration, t.train_iters)
     window, logged = defaultdict(float), {}
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length

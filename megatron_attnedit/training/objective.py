@@ -176,8 +176,7 @@ def build_options(cfg: Config, plat) -> "qwen3.BuildOptions":  # noqa: F821
         grouped_gemm=m.moe_grouped_gemm,
         gradient_accumulation_fusion=gradient_accumulation_fusion(cfg, plat),
         kernel_fusion=kernel_fusion(cfg, plat),
-        # Initialise on the CPU from one seed: the same weights at any TP size.
-        use_cpu_initialization=True,
+        use_cpu_initialization=m.init_on_cpu or plat.name == "cpu",
         recompute_granularity=m.recompute_granularity,
         recompute_modules=m.recompute_modules,
     )
