@@ -23,10 +23,12 @@ FLOPs per token count the matmuls a step executes (Megatron-LM's way of counting
 token; attention scores QK^T and PV over the mean number of keys a query sees, (s+1)/2 causal, less
 in a window; MoE layers count the router and the top-k experts only). Backward: input gradients
 cost one forward, weight gradients one more -- only for weights that train (frozen linears, e.g.
-the MLP and output layer in stage 2 with ``trainable: attention``, skip theirs); attention scores
-backward costs twice their forward. So lm = 3 F_student, teacher_fwd = F_teacher without the output
-layer, stage1 = that + 3 x (trained attention), stage2 = F_teacher + 2 F_student + trained weights'
-share + score backward. MFU = per-GPU model FLOP/s over ``--peak-tflops`` (dense bf16; H100/H200:
+the MLP and output layer in stage 2 with ``trainable: attention``, skip theirs), and none for the
+projections whose input needs no gradient (models/wgrad.py skips those GEMMs: every stage-1
+attention, stage 2's first layer); attention scores backward costs twice their forward. So lm =
+3 F_student, teacher_fwd = F_teacher without the output layer, stage1 = that + 3 x (trained
+attention) - their input projections, stage2 = F_teacher + 2 F_student + trained weights' share +
+score backward - the first layer's input projections. MFU = per-GPU model FLOP/s over ``--peak-tflops`` (dense bf16; H100/H200:
 989) -- left null where the device's peak is unknown.
 """
 
@@ -101,6 +103,8 @@ class Flops:
             q_proj = 2 * h * nh * (qk + dr) if not ql else 2 * (h * ql + ql * nh * (qk + dr))
             mla_proj = q_proj + 2 * h * (r + dr) + 2 * r * nh * (qk + v) + 2 * nh * v * h
             mla_score = 2 * mean_keys(seq) * nh * (qk + dr + v)
+            mla_input = (2 * h * nh * (qk + dr) if not ql else 2 * h * ql) + 2 * h * (r + dr)
+            self.s_input = [mla_input if k == "M" else 2 * h * (nh + 2 * nkv) * d for k in kinds]
             self.s_proj = [mla_proj if k == "M" else gqa_proj for k in kinds]
             self.s_score = [mla_score if k == "M" else gqa_score for k in kinds]
             self.trained = [k == "M" for k in kinds]
@@ -108,6 +112,7 @@ class Flops:
             kinds = expand_pattern(o.get("pattern", "SSSSSF"), L, {"S": "window", "F": "full"})
             gate = 2 * h * nh * (d if o.get("gate", "head") == "channel" else 1)
             self.s_proj = [gqa_proj + gate] * L
+            self.s_input = [2 * h * (nh + 2 * nkv) * d + gate] * L
             self.s_score = [4 * mean_keys(seq, o.get("window", 4096) if k == "S" else None) * nh * d for k in kinds]
             self.trained = [True] * L
         else:
@@ -120,11 +125,14 @@ class Flops:
         s_score = sum(self.s_score)
         trained_attn = sum(p for p, t in zip(self.s_proj, self.trained) if t)
         weight_grads = s_linear if trainable == "all" else trained_attn
+        # no input gradient where nothing upstream trains: stage 1's attentions read the teacher's
+        # detached states; stage 2's first layer reads the frozen embedding (trainable: attention)
+        first_dgrad = 0 if trainable == "all" else self.s_input[0]
         return {
             "lm": 3 * (s_linear + s_score),
             "teacher_fwd": t_dec + (self.out if teacher_logits else 0),
-            "stage1": t_dec + 3 * sum(p + s for p, s, t in zip(self.s_proj, self.s_score, self.trained) if t),
-            "stage2": t_dec + self.out + (s_linear + s_score) + s_linear + weight_grads + 2 * s_score,
+            "stage1": t_dec + sum(3 * (p + s) - i for p, s, i, t in zip(self.s_proj, self.s_score, self.s_input, self.trained) if t),
+            "stage2": t_dec + self.out + (s_linear + s_score) + s_linear - first_dgrad + weight_grads + 2 * s_score,
         }
 
 

@@ -76,7 +76,9 @@ def test_flop_model_counts_windows_and_frozen_weights():
     assert sum(swa.s_score) < 0.6 * sum(full.s_score)
     p_att, p_all = swa.per_token("attention"), swa.per_token("all")
     frozen = sum(swa.mlp) + swa.out  # weight gradients skipped with trainable: attention
-    assert p_all["stage2"] - p_att["stage2"] == pytest.approx(frozen)
+    assert p_all["stage2"] - p_att["stage2"] == pytest.approx(frozen + swa.s_input[0])  # + layer 0's input gradient
+    attn = sum(3 * (p + s) for p, s in zip(swa.s_proj, swa.s_score))
+    assert p_att["stage1"] == pytest.approx(p_att["teacher_fwd"] + attn - sum(swa.s_input))  # no input gradients
     assert p_all["stage2"] == pytest.approx(p_all["teacher_fwd"] + swa.out + p_all["lm"])  # teacher + full training step
 
 
