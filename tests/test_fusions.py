@@ -3,8 +3,9 @@
 The CUDA path is inductor's code for these functions; here inductor compiles the same functions for
 the CPU. Tolerances: fp32 1e-6 (values and gradients); bf16: no further from an fp64 reference than
 megatron's unfused bf16 result (which rounds after every op where the fused kernel keeps fp32).
-Whole models: a tiny Qwen3, its MoE variant (grouped experts) and an MLA student, built with and
-without kernel_fusion from the same seed, give the same logits and gradients (fp32, 1e-5).
+Whole models: a tiny Qwen3, its MoE variant (grouped experts) and an MLA student (its query/key
+assembly fused too), built with and without kernel_fusion from the same seed, give the same logits
+and gradients (fp32, 1e-5).
 """
 
 import pytest
@@ -119,7 +120,7 @@ def logits_and_grads(build):
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "mla"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "mla", "mla_q_lora"])
 def test_fused_model_matches_unfused(compile_on_cpu, kind):
     from megatron_attnedit.attention.targets import TargetConfig
     from megatron_attnedit.models.student import build_student
@@ -129,13 +130,14 @@ def test_fused_model_matches_unfused(compile_on_cpu, kind):
 
     def build(fusion):
         opts = qwen3.BuildOptions(kernel_fusion=fusion, grouped_gemm=kind == "moe")
-        if kind == "mla":
-            return lambda: build_student(cfg, TargetConfig("mla", {"kv_lora_rank": 16, "qk_pos_emb_head_dim": 8, "init": "random"}), opts)
+        if kind.startswith("mla"):
+            options = {"kv_lora_rank": 16, "qk_pos_emb_head_dim": 8, "init": "random", "q_lora_rank": 24 if kind == "mla_q_lora" else None}
+            return lambda: build_student(cfg, TargetConfig("mla", options), opts)
         return lambda: qwen3.build_model(cfg, opts)
 
     ref_logits, ref_grads = logits_and_grads(build(False))
     logits, grads = logits_and_grads(build(True))
-    assert fusions.installed() and ("glu_times_probs" if kind == "moe" else "rope_bshd") in compile_on_cpu
+    assert fusions.installed() and {"dense": "rope_bshd", "moe": "glu_times_probs", "mla": "mla_qkv", "mla_q_lora": "mla_qkv"}[kind] in compile_on_cpu
     assert (logits - ref_logits).abs().max().item() <= 1e-5
     assert grads.keys() == ref_grads.keys() and len(grads) > 5
     for n in grads:

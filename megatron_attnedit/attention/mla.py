@@ -63,6 +63,7 @@ from megatron_attnedit.attention.targets import AttentionTarget, check_int, expa
 from megatron_attnedit.convert import mapping
 from megatron_attnedit.convert.mapping import Rule
 from megatron_attnedit.convert.qwen3 import GQA_ATTENTION, H, P, gqa_attention_rules, shapes
+from megatron_attnedit.models import fusions
 from megatron_attnedit.models.qwen3 import ConfigError, gqa_attention_spec, head_dim, rope_theta
 
 KINDS = {"M": "multi-head latent attention", "G": "the teacher's GQA attention"}
@@ -103,6 +104,45 @@ class RotarySelfAttention(SelfAttention):
             seq = hidden_states.size(0) * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
             kwargs["rotary_pos_emb"] = self.own_rotary(seq)
         return super().forward(hidden_states, attention_mask, **kwargs)
+
+
+class FusedMLASelfAttention(MLASelfAttention):
+    """megatron's MLASelfAttention (``model.kernel_fusion``) whose plain training path -- TP=1 and
+    CP=1, no packed sequences, no inference cache, no up-projection recompute, ``rope`` RoPE, a
+    device ``fusions.DEVICES`` compiles for -- builds query, key and value from the up-projections
+    in one compiled kernel (``fusions.mla_qkv``); every other case, and everything else, is
+    megatron's. Same parameters, same math (tests/test_fusions.py: logits and gradients)."""
+
+    def _fuses(self, hidden_states, key_value_states, packed_seq_params, inference_context) -> bool:
+        c = self.config
+        return (
+            fusions.compiles(hidden_states) and key_value_states is None and packed_seq_params is None
+            and inference_context is None and c.rope_type == "rope" and not self.recompute_up_proj
+            and not self.cache_mla_latents and self.pg_collection.tp.size() == 1 and self.pg_collection.cp.size() == 1
+        )
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, position_ids=None, packed_seq_params=None, inference_context=None, *, inference_params=None):
+        if not self._fuses(hidden_states, key_value_states, packed_seq_params, inference_context or inference_params):
+            return super().get_query_key_value_tensors(hidden_states, key_value_states, position_ids, packed_seq_params,
+                                                       inference_context=inference_context, inference_params=inference_params)
+        c = self.config
+        if c.q_lora_rank is None:
+            q_compressed = hidden_states
+            q, _ = self.linear_q_proj(hidden_states)
+        else:
+            q_compressed = self.q_layernorm(self.linear_q_down_proj(hidden_states)[0])
+            q, _ = self.linear_q_up_proj(q_compressed)
+        kv_combined, _ = self.linear_kv_down_proj(hidden_states)
+        kv_compressed, k_pos_emb = torch.split(kv_combined, [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
+        kv_compressed = self.kv_layernorm(kv_compressed)
+        kv, _ = self.linear_kv_up_proj(kv_compressed)
+        n = self.num_attention_heads_per_partition
+        s = hidden_states.shape[0]
+        query, key, value = fusions.compiled(fusions.mla_qkv)(
+            q.view(*q.shape[:-1], n, self.q_head_dim), kv.view(*kv.shape[:-1], n, c.qk_head_dim + c.v_head_dim),
+            k_pos_emb.unsqueeze(-2), self.rotary_pos_emb(s)[:s], c.qk_head_dim, c.v_head_dim, c.rotary_interleaved,
+        )
+        return query, key, value, q_compressed, kv_compressed
 
 
 class MLATarget(AttentionTarget):
@@ -213,7 +253,7 @@ class MLATarget(AttentionTarget):
         norm = backend.layer_norm(rms_norm=True, for_qk=True)
         col = backend.column_parallel_linear()
         return ModuleSpec(
-            module=MLASelfAttention,
+            module=FusedMLASelfAttention if build_opts.kernel_fusion else MLASelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=MLASelfAttentionSubmodules(
                 linear_q_proj=col,

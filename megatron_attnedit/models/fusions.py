@@ -9,6 +9,10 @@ turns each of them into one inductor-generated kernel per direction:
   looked up at call time by ``apply_rotary_pos_emb``, for GQA and MLA alike -- with ``rope_bshd``
   compiled for CUDA tensors (``DEVICES``; the original runs for every other tensor). The CUDA profile of a stage-1
   step at Qwen3-8B shape had 8.5% of its kernel time in RoPE's ``cat`` copies alone.
+* **MLA's query/key assembly**: ``mla_qkv`` -- RoPE on the query's and the shared key's RoPE parts,
+  the ``cat`` of each with its no-RoPE part, the value split -- as one kernel each way
+  (``attention/mla.py``'s ``FusedMLASelfAttention``); megatron's ``cat`` and ``contiguous`` copies
+  took 9.4% of a stage-1 step's kernel time after the RoPE fusion.
 * **SwiGLU**: megatron's own ``bias_activation_fusion`` (``fusions/fused_bias_swiglu.py``, compiled
   by megatron's ``jit_fuser``, torch.compile) for the dense MLP; the grouped-GEMM experts call
   ``glu_times_probs`` here (the router probability multiplied in the same kernel).
@@ -115,3 +119,21 @@ def glu_times_probs(h: torch.Tensor, probs: torch.Tensor, activation: Callable =
         up = up.clamp(min=-clamp, max=clamp)
     a = activation(gate) * (up + offset)
     return (a * probs).to(a.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# MLA: query, key and value from the up-projections
+# ------------------------------------------------------------------------------------------------
+
+
+def mla_qkv(q: torch.Tensor, kv: torch.Tensor, k_pos_emb: torch.Tensor, freqs: torch.Tensor, qk_head_dim: int, v_head_dim: int, rotary_interleaved: bool = False):
+    """megatron MLA's up-projection tail: ``q`` ``[s, b, n, qk + dr]``, ``kv`` ``[s, b, n, qk + v]``,
+    ``k_pos_emb`` ``[s, b, 1, dr]`` (the shared RoPE key, pair-interleaved like the query's RoPE
+    part), ``freqs`` ``[s, 1, 1, dr]`` -> (query ``[s, b, n, qk + dr]``, key ``[s, b, n, qk + dr]``,
+    value ``[s, b, n, v]``), contiguous."""
+    n = q.shape[-2]
+    q_nope, q_pe = torch.split(q, [qk_head_dim, q.shape[-1] - qk_head_dim], dim=-1)
+    k_nope, value = torch.split(kv, [qk_head_dim, v_head_dim], dim=-1)
+    q_pe = rope_bshd(q_pe, freqs, rotary_interleaved, multi_latent_attention=True)
+    k_pe = rope_bshd(k_pos_emb, freqs, rotary_interleaved, multi_latent_attention=True).expand(-1, -1, n, -1)
+    return torch.cat((q_nope, q_pe), dim=-1), torch.cat((k_nope, k_pe), dim=-1), value.contiguous()
