@@ -1,14 +1,14 @@
 """Fused elementwise kernels for megatron-core's local spec (``model.kernel_fusion``).
 
-Without transformer-engine and apex, the local spec runs RoPE, SwiGLU and the stage-1 loss op by
-op: every ``cat``, ``mul`` and ``add`` is its own kernel with its own bf16 (or fp32) intermediate in
+Without transformer-engine and apex, the local spec runs RoPE, MLA's query/key assembly and SwiGLU
+op by op: every ``cat``, ``mul`` and ``add`` is its own kernel with its own bf16 (or fp32) intermediate in
 HBM, forward and backward. ``model.kernel_fusion`` (on by default for CUDA with the local spec)
 turns each of them into one inductor-generated kernel per direction:
 
 * **RoPE**: ``install()`` replaces megatron's unfused ``rope_utils._apply_rotary_pos_emb_bshd`` --
   looked up at call time by ``apply_rotary_pos_emb``, for GQA and MLA alike -- with ``rope_bshd``
-  compiled for CUDA tensors (``DEVICES``; the original runs for every other tensor). The CUDA profile of a stage-1
-  step at Qwen3-8B shape had 8.5% of its kernel time in RoPE's ``cat`` copies alone.
+  compiled for CUDA tensors (``DEVICES``; the original runs for every other tensor). The CUDA
+  profile of a stage-1 step at Qwen3-8B shape had 8.5% of its kernel time in RoPE's ``cat`` copies.
 * **MLA's query/key assembly**: ``mla_qkv`` -- RoPE on the query's and the shared key's RoPE parts,
   the ``cat`` of each with its no-RoPE part, the value split -- as one kernel each way
   (``attention/mla.py``'s ``FusedMLASelfAttention``); megatron's ``cat`` and ``contiguous`` copies
