@@ -140,7 +140,7 @@ class FusedMLASelfAttention(MLASelfAttention):
         s = hidden_states.shape[0]
         query, key, value = fusions.compiled(fusions.mla_qkv)(
             q.view(*q.shape[:-1], n, self.q_head_dim), kv.view(*kv.shape[:-1], n, c.qk_head_dim + c.v_head_dim),
-            k_pos_emb.unsqueeze(-2), self.rotary_pos_emb(s)[:s], c.qk_head_dim, c.v_head_dim, c.rotary_interleaved,
+            k_pos_emb.unsqueeze(-2), self.rotary_pos_emb(s), c.qk_head_dim, c.v_head_dim, c.rotary_interleaved,
         )
         return query, key, value, q_compressed, kv_compressed
 

@@ -132,7 +132,7 @@ class BuildOptions:
     moe_dispatcher: str = "allgather"  # allgather (CPU-safe) | alltoall (GPU)
     grouped_gemm: bool = False  # models/experts.py GroupedExperts (torch._grouped_mm on GPU); SequentialMLP otherwise
     gradient_accumulation_fusion: bool = False  # weight gradients accumulated in the GEMM (models/wgrad.py)
-    kernel_fusion: bool = False  # compiled RoPE / SwiGLU (models/fusions.py, megatron's bias_activation_fusion)
+    kernel_fusion: bool = False  # compiled RoPE / MLA assembly / SwiGLU (models/fusions.py, megatron's bias_activation_fusion)
     use_cpu_initialization: bool = True
     perform_initialization: bool = True
     recompute_granularity: Optional[str] = None
