@@ -162,6 +162,55 @@ def test_students_of_the_moe_teacher(env, tiny_hf):
     assert torch.isfinite(forward_logits(mixed, tokens)).all()
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_colocated_student_is_built_around_the_teachers_mlps(env, tiny_hf, monkeypatch, kind):
+    """Attention-only training: the student's MLP/MoE modules are the teacher's from the moment the
+    student is built (no second copy, even briefly), and the pair computes what a student built
+    whole and initialised from the teacher computes. With trainable=all the student owns copies."""
+    from megatron_attnedit.distill import colocate as col
+    from megatron_attnedit.models.forward import forward_logits
+    from megatron_attnedit.models.student import build_student, init_student_from_teacher
+
+    cfg = qwen3.load_hf_config(tiny_hf[kind])
+    load = col.hf_loader(tiny_hf[kind], cfg, qwen3.BuildOptions())
+    tc = TargetConfig("gate_swa", {"window": 8, "pattern": "SF"})
+    at_build = {}
+    real_build = col._StudentAPI.build_student
+
+    def spy(self, *args, **kwargs):
+        model = real_build(self, *args, **kwargs)
+        at_build["new"] = {n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in at_build["teacher"]}
+        at_build["mlps"] = [layer.mlp for layer in local_layers(model)]
+        return model
+
+    real_teacher = col.build_teacher
+
+    def teacher_spy(*args, **kwargs):
+        t = real_teacher(*args, **kwargs)
+        at_build["teacher"] = col.storages(t)
+        return t
+
+    monkeypatch.setattr(col._StudentAPI, "build_student", spy)
+    monkeypatch.setattr(col, "build_teacher", teacher_spy)
+    pair = col.colocate(cfg, tc, qwen3.BuildOptions(), load)
+    teacher_mlps = [layer.mlp for layer in local_layers(pair.teacher)]
+    assert all(s is t for s, t in zip(at_build["mlps"], teacher_mlps)) and len(teacher_mlps) == cfg["num_hidden_layers"]
+    assert at_build["new"] and not any(".mlp." in n for n in at_build["new"]), sorted(at_build["new"])
+    assert {f"decoder.layers.{i}.mlp" for i in range(cfg["num_hidden_layers"])} <= set(pair.shared)
+    assert not any(p.requires_grad for m in teacher_mlps for p in m.parameters())
+
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    whole = build_student(cfg, tc, qwen3.BuildOptions())
+    init_student_from_teacher(whole, pair.teacher, cfg, tc)
+    assert (forward_logits(pair.student, tokens) - forward_logits(whole, tokens)).abs().max().item() <= TOL
+
+    own = col.colocate(cfg, tc, qwen3.BuildOptions(), load, trainable="all")
+    for s_mlp, t_mlp in zip([layer.mlp for layer in local_layers(own.student)], [layer.mlp for layer in local_layers(own.teacher)]):
+        assert s_mlp is not t_mlp
+        for (n, a), (_, b) in zip(s_mlp.named_parameters(), t_mlp.named_parameters()):
+            assert a.requires_grad and torch.equal(a, b) and a.data_ptr() != b.data_ptr(), n
+
+
 def test_gate_swa_window_matches_dense_reference(dense):
     cfg, teacher = dense
     w = 5

@@ -20,8 +20,11 @@ state. Tied embeddings: the output layer uses the (shared, frozen) word embeddin
 last stage's copy is a separate frozen parameter whose gradient is None, which megatron's
 embedding all-reduce skips.
 
-Cost to know: the student is built complete before sharing, so building holds the non-attention
-weights twice for a moment; they are freed before training starts.
+The MLP/MoE modules -- most of the weights -- are not even built twice: with ``"attention"`` and
+a student config equal to the teacher's, the student's layers are built around the teacher's MLP
+objects (``build_student(borrow_mlp_from=teacher)``). Embedding, output layer and norms are built,
+initialised from the teacher and then shared as above, so building holds only those twice for a
+moment.
 """
 
 from __future__ import annotations
@@ -141,7 +144,8 @@ def colocate(
     check_configs(hf_cfg, student_hf_cfg)
     teacher = build_teacher(hf_cfg, opts, load_teacher)
     api = _student_api()
-    student = api.build_student(student_hf_cfg, target, opts)
+    borrow = trainable == "attention" and student_hf_cfg == hf_cfg
+    student = api.build_student(student_hf_cfg, target, opts, borrow_mlp_from=teacher if borrow else None)
     check_pair(teacher, student)
     calibration = None
     if calibration_tokens is not None:
@@ -209,10 +213,12 @@ def share_frozen_modules(teacher: torch.nn.Module, student: torch.nn.Module) -> 
 def _share(t: torch.nn.Module, s: torch.nn.Module, prefix: str, shared: List[str]) -> None:
     for name, s_child in list(s.named_children()):
         t_child = getattr(t, name, None)
-        if name == _NEVER_SHARED or not isinstance(t_child, torch.nn.Module) or s_child is t_child:
+        if name == _NEVER_SHARED or not isinstance(t_child, torch.nn.Module):
             continue
         path = f"{prefix}{name}"
-        if _identical_frozen(t_child, s_child):
+        if s_child is t_child:  # borrowed at build time
+            shared.append(path)
+        elif _identical_frozen(t_child, s_child):
             setattr(s, name, t_child)
             shared.append(path)
         else:
@@ -303,8 +309,8 @@ class _StudentAPI:
 
         self.targets, self.student = targets, student
 
-    def build_student(self, hf_cfg, target, opts):
-        return self.student.build_student(hf_cfg, target, opts)
+    def build_student(self, hf_cfg, target, opts, borrow_mlp_from=None):
+        return self.student.build_student(hf_cfg, target, opts, borrow_mlp_from=borrow_mlp_from)
 
     def init_student_from_teacher(self, student, teacher, hf_cfg, target, calibration=None):
         return self.student.init_student_from_teacher(student, teacher, hf_cfg, target, calibration=calibration)

@@ -275,7 +275,22 @@ def mlp_spec(opts: BuildOptions, moe: bool) -> ModuleSpec:
     return spec
 
 
-def layer_spec(attention: ModuleSpec, mlp: ModuleSpec, opts: BuildOptions) -> ModuleSpec:
+def borrowed(module: torch.nn.Module) -> type:
+    """A spec entry that builds to ``module`` itself, not to a new module.
+
+    megatron's ``build_module`` instantiates the class a spec names; this class's ``__new__`` hands
+    back the existing module, so a student layer can be built around its teacher's MLP without ever
+    allocating (and initialising) a second copy of it. A bare class, not a ModuleSpec, so that
+    TransformerLayer passes no MLP-type-specific arguments (and logs no unknown-type warning)."""
+
+    def __new__(cls, *args, **kwargs):
+        return module
+
+    return type(f"Borrowed{type(module).__name__}", (), {"__new__": __new__, "__doc__": "the module " + repr(type(module))})
+
+
+def layer_spec(attention: ModuleSpec, mlp, opts: BuildOptions, moe: bool) -> ModuleSpec:
+    """One transformer layer; ``mlp`` is a ModuleSpec or a ``borrowed`` module."""
     norm = _norm(opts) if opts.spec == "local" else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
@@ -283,7 +298,7 @@ def layer_spec(attention: ModuleSpec, mlp: ModuleSpec, opts: BuildOptions) -> Mo
             input_layernorm=norm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm if (opts.spec == "local" or mlp.module.__name__ == "MoELayer") else IdentityOp,
+            pre_mlp_layernorm=norm if (opts.spec == "local" or moe) else IdentityOp,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             # Checkpoint keys follow the TE layout whatever the spec, as Megatron-LM does.
@@ -306,11 +321,17 @@ def block_spec(
     opts: BuildOptions,
     attention_for_layer: Optional[AttentionSpecFn] = None,
     pp_rank: Optional[int] = None,
+    borrow_mlp: Optional[Dict[int, torch.nn.Module]] = None,
 ) -> TransformerBlockSubmodules:
-    """Fresh per-layer specs for this pipeline stage."""
+    """Fresh per-layer specs for this pipeline stage. ``borrow_mlp``: {global layer index: an
+    existing MLP/MoE module} that those layers take as their own (see ``borrowed``)."""
     attention_for_layer = attention_for_layer or (lambda i: gqa_attention_spec(opts))
+    borrow_mlp = borrow_mlp or {}
     pattern = moe_layer_pattern(cfg)
-    specs = [layer_spec(attention_for_layer(i), mlp_spec(opts, bool(pattern[i])), opts) for i in range(len(pattern))]
+    specs = []
+    for i, moe in enumerate(pattern):
+        mlp = borrowed(borrow_mlp[i]) if i in borrow_mlp else mlp_spec(opts, bool(moe))
+        specs.append(layer_spec(attention_for_layer(i), mlp, opts, bool(moe)))
     if pp_rank is None:
         from megatron.core import parallel_state
 
@@ -325,8 +346,10 @@ def build_model(
     opts: BuildOptions,
     config: Optional[TransformerConfig] = None,
     attention_for_layer: Optional[AttentionSpecFn] = None,
+    borrow_mlp: Optional[Dict[int, torch.nn.Module]] = None,
 ) -> GPTModel:
-    """A GPTModel for this rank (its pipeline stage and TP/EP shard) on the current device."""
+    """A GPTModel for this rank (its pipeline stage and TP/EP shard) on the current device.
+    ``borrow_mlp`` as in ``block_spec``."""
     from megatron.core import parallel_state
 
     config = config or transformer_config(cfg, opts)
@@ -334,7 +357,7 @@ def build_model(
     post = parallel_state.is_pipeline_last_stage()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(cfg, config, opts, attention_for_layer),
+        transformer_layer_spec=block_spec(cfg, config, opts, attention_for_layer, borrow_mlp=borrow_mlp),
         vocab_size=padded_vocab_size(cfg["vocab_size"], opts.tensor_model_parallel_size),
         max_sequence_length=int(cfg.get("max_position_embeddings", 4096)),
         pre_process=pre,

@@ -28,12 +28,24 @@ def student_config(hf_cfg: dict, target: TargetConfig, opts: qwen3.BuildOptions)
     return qwen3.transformer_config(hf_cfg, opts, config_class=config_class, **overrides)
 
 
-def build_student(hf_cfg: dict, target: TargetConfig, opts: qwen3.BuildOptions):
-    """This rank's student GPTModel (its pipeline stage, its TP shard), same layout as the teacher."""
+def build_student(hf_cfg: dict, target: TargetConfig, opts: qwen3.BuildOptions, borrow_mlp_from=None):
+    """This rank's student GPTModel (its pipeline stage, its TP shard), same layout as the teacher.
+
+    ``borrow_mlp_from``: a teacher built from the same config and layout whose MLP/MoE modules the
+    student's layers take as their own -- the student's MLPs are then never allocated, which is
+    what keeps a frozen-MLP student (stage 1, stage 2 with attention-only training) from holding
+    the largest part of the model twice while it is built."""
     t = get_target(target.name)
     config = student_config(hf_cfg, target, opts)
+    borrow = None
+    if borrow_mlp_from is not None:
+        borrow = {global_layer_index(layer): layer.mlp for layer in local_layers(_unwrap(borrow_mlp_from))}
     return qwen3.build_model(
-        hf_cfg, opts, config=config, attention_for_layer=lambda i: t.attention_spec(i, hf_cfg, target.options, opts)
+        hf_cfg,
+        opts,
+        config=config,
+        attention_for_layer=lambda i: t.attention_spec(i, hf_cfg, target.options, opts),
+        borrow_mlp=borrow,
     )
 
 
@@ -87,9 +99,9 @@ def init_student_from_teacher(
     if copy_shared:
         t_params = dict(t_mod.named_parameters())
         for name, p in s_mod.named_parameters():
-            if ".self_attention." in name:
-                continue
             src = t_params.get(name)
+            if ".self_attention." in name or p is src:  # a borrowed module is the teacher's already
+                continue
             if src is None or src.shape != p.shape:
                 raise RuntimeError(f"student parameter {name} has no teacher counterpart of shape {tuple(p.shape)}; are both built with the same layout?")
             p.copy_(src)
