@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_attnedit import platform
-from megatron_attnedit.attention import band, core, flex, npu
+from megatron_attnedit.attention import band, core, cudnn_window, flex, npu
 
 platform.init_platform("cpu")
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -78,8 +78,38 @@ def test_window_kernel_choice(monkeypatch):
     with pytest.raises(RuntimeError, match="use flex"):
         core.window_kernel(q, 16, None)
     monkeypatch.setenv("ATTNEDIT_WINDOW_KERNEL", "fast")
-    with pytest.raises(ValueError, match="auto, cudnn, flash or flex"):
+    with pytest.raises(ValueError, match="auto, cudnn_window, cudnn, flash or flex"):
         core.window_kernel(q, 16, None)
+    monkeypatch.setenv("ATTNEDIT_WINDOW_KERNEL", "cudnn_window")
+    with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):
+        core.window_kernel(q, 16, 4)
+    assert not cudnn_window.usable(q, 16)
+
+
+# (heads, kv heads, length, dk, dv, window): windows of 1, 2 and 8, GQA, MQA, MLA-like widths,
+# full causal (None) and a window longer than the sequence.
+WINDOW_CASES = [(4, 4, 32, 16, 16, 8), (4, 2, 37, 16, 16, 8), (4, 1, 33, 24, 16, 2), (2, 2, 16, 8, 8, 1), (4, 2, 40, 16, 16, None), (4, 2, 20, 16, 16, 64)]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+@pytest.mark.parametrize("sinks", [False, True], ids=["nosink", "sink"])
+def test_band_kernel_sink_composition_matches_reference_with_gradients(case, sinks):
+    """cudnn_window's autograd Function -- band kernel without sinks, sinks composed from its
+    log-sum-exp, kernel backward run with the sink-normalised output and lse -- on the fp32 math
+    kernel of the same fwd/bwd contract: outputs and the gradients of q, k, v and the sinks against
+    autograd through the dense-mask reference. On CUDA the same Function runs cuDNN's band kernel
+    (launch/bench_attention.py checks it against fp32 at bf16)."""
+    h, hk, s, dk, dv, window = case
+    q, k, v = (x.double().requires_grad_() for x in _qkv(h, hk, s, s, dk, dv, seed=5))
+    sink = torch.linspace(-1.0, 2.0, h, dtype=torch.float64).requires_grad_() if sinks else None
+    ins = (q, k, v) + ((sink,) if sinks else ())
+    grad = torch.randn(2, h, s, dv, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got = cudnn_window.window_attention(q, k, v, dk**-0.5, window, sink, kernel="math")
+    ref = core.reference_attention(q, k, v, dk**-0.5, window, sink)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= TOL
+    for name, a, b in zip("q k v sink".split(), torch.autograd.grad(got, ins, grad), torch.autograd.grad(ref, ins, grad)):
+        assert (a - b).abs().max().item() <= 5 * TOL * max(1.0, b.abs().max().item()), name
 
 
 def test_window_covering_sequence_is_bitwise_causal():

@@ -5,10 +5,11 @@ the CUDA RNG tracker; this module is a drop-in replacement (same constructor and
 signature) that calls a fused kernel instead:
 
 * CUDA / CPU: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient /
-  cuDNN kernels on CUDA) for full causal attention; on CUDA sliding-window layers use FlexAttention
-  with a block-sparse mask (``flex.py``) and full layers with sinks use cuDNN's causal kernel plus
-  the sink's log-sum-exp term (``band.py``; ``window_kernel`` says how to choose otherwise); on the
-  CPU, SDPA with an explicit boolean mask.
+  cuDNN kernels on CUDA) for full causal attention; on CUDA sliding-window layers and layers with
+  sinks use cuDNN's diagonal-band kernel through the cuDNN frontend when it is installed
+  (``cudnn_window.py``), else FlexAttention with a block-sparse mask (``flex.py``) for windows and
+  cuDNN's causal kernel plus the sink's log-sum-exp term (``band.py``) for full layers with sinks
+  (``window_kernel`` says how to choose otherwise); on the CPU, SDPA with an explicit boolean mask.
 * Ascend: ``torch_npu.npu_fusion_attention`` (causal = sparse_mode 2/3, band = sparse_mode 4;
   ``npu.py``).
 
@@ -94,6 +95,10 @@ def attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if plat == "cuda":
         kernel = window_kernel(q, v.shape[-1], window) if sq == sk else "flex"
+        if kernel == "cudnn_window":
+            from megatron_attnedit.attention.cudnn_window import window_attention
+
+            return window_attention(q, k, v, scale, window, sink)
         if kernel != "flex":
             from megatron_attnedit.attention.band import band_attention
 
@@ -110,18 +115,29 @@ def attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch
 def window_kernel(q: torch.Tensor, dv: int, window: Optional[int]) -> str:
     """Kernel for windowed or sink attention on CUDA, from ``ATTNEDIT_WINDOW_KERNEL``:
 
-    * auto (default): full causal layers with sinks take the band path on cuDNN's causal kernel
-      (one chunk: the kernel plus the sink's log-sum-exp term; 57.7 ms vs FlexAttention's 78.2 ms
-      fwd+bwd at 32K on an H100); windowed layers take FlexAttention (18.4 ms vs 22.3 ms for the
-      two-call band decomposition at 32K, W = 4096: ``launch/bench_attention.py``).
+    * auto (default): cuDNN's diagonal-band kernel when the cuDNN frontend is installed and runs
+      here (``cudnn_window.py``: 14.6 ms fwd+bwd at 32K, W = 4096 on an H100, 3.7x cuDNN's full
+      causal 54.4 ms; ``launch/bench_attention.py``). Without it, windowed layers take
+      FlexAttention (18.4 ms) and full causal layers with sinks take the band path on cuDNN's
+      causal kernel (one chunk: the kernel plus the sink's log-sum-exp term; 57.7 ms vs
+      FlexAttention's 78.2 ms).
+    * cudnn_window: the frontend's band kernel for every layer (an error if it cannot run).
     * cudnn / flash: the band decomposition (``band.py``) on that causal kernel for every layer.
     * flex: FlexAttention for every layer.
     """
-    from megatron_attnedit.attention import band
+    from megatron_attnedit.attention import band, cudnn_window
 
     choice = os.environ.get("ATTNEDIT_WINDOW_KERNEL", "auto")
-    if choice not in ("auto", "cudnn", "flash", "flex"):
-        raise ValueError(f"ATTNEDIT_WINDOW_KERNEL={choice!r}: use auto, cudnn, flash or flex")
+    if choice not in ("auto", "cudnn_window", "cudnn", "flash", "flex"):
+        raise ValueError(f"ATTNEDIT_WINDOW_KERNEL={choice!r}: use auto, cudnn_window, cudnn, flash or flex")
+    if choice in ("auto", "cudnn_window"):
+        if cudnn_window.usable(q, dv):
+            return "cudnn_window"
+        if choice == "cudnn_window":
+            raise RuntimeError(
+                f"ATTNEDIT_WINDOW_KERNEL=cudnn_window: cuDNN's band kernel does not run for {q.dtype} head size "
+                f"{q.shape[-1]} here (is the cuDNN frontend installed? pip install --no-deps 'nvidia-cudnn-frontend>=1.32,<2'); use auto"
+            )
     if choice == "flex" or (choice == "auto" and window is not None):
         return "flex"
     name = "cudnn" if choice == "auto" else choice
