@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.common.embeddings import RotaryEmbedding
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import (
@@ -107,40 +108,46 @@ class RotarySelfAttention(SelfAttention):
 
 
 class FusedMLASelfAttention(MLASelfAttention):
-    """megatron's MLASelfAttention (``model.kernel_fusion``) whose plain training path -- TP=1 and
-    CP=1, no packed sequences, no inference cache, no up-projection recompute, ``rope`` RoPE, a
-    device ``fusions.DEVICES`` compiles for -- builds query, key and value from the up-projections
-    in one compiled kernel (``fusions.mla_qkv``); every other case, and everything else, is
-    megatron's. Same parameters, same math (tests/test_fusions.py: logits and gradients)."""
+    """megatron's MLASelfAttention (``model.kernel_fusion``) whose plain training path -- any TP,
+    CP=1, no sequence parallelism (which the local spec's norms refuse anyway), no packed
+    sequences, no inference cache, no up-projection recompute, ``rope`` RoPE, a device
+    ``fusions.DEVICES`` compiles for -- builds query, key and value from the up-projections in one
+    compiled kernel (``fusions.mla_qkv``); every other case, and everything else, is megatron's.
+    Same parameters, same math, same TP communication as megatron's ``get_query_key_value_tensors``
+    (tests/test_fusions.py: logits and gradients at TP=1 and TP=2, with and without q_lora)."""
 
     def _fuses(self, hidden_states, key_value_states, packed_seq_params, inference_context) -> bool:
         c = self.config
         return (
             fusions.compiles(hidden_states) and key_value_states is None and packed_seq_params is None
             and inference_context is None and c.rope_type == "rope" and not self.recompute_up_proj
-            and not self.cache_mla_latents and self.pg_collection.tp.size() == 1 and self.pg_collection.cp.size() == 1
+            and not self.cache_mla_latents and self.pg_collection.cp.size() == 1 and not c.sequence_parallel
         )
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, position_ids=None, packed_seq_params=None, inference_context=None, *, inference_params=None):
         if not self._fuses(hidden_states, key_value_states, packed_seq_params, inference_context or inference_params):
             return super().get_query_key_value_tensors(hidden_states, key_value_states, position_ids, packed_seq_params,
                                                        inference_context=inference_context, inference_params=inference_params)
-        c = self.config
+        c, tp = self.config, self.pg_collection.tp
         if c.q_lora_rank is None:
             q_compressed = hidden_states
             q, _ = self.linear_q_proj(hidden_states)
         else:
-            q_compressed = self.q_layernorm(self.linear_q_down_proj(hidden_states)[0])
+            q_compressed, _ = self.linear_q_down_proj(hidden_states)
+            if q_compressed.size(-1) != c.q_lora_rank:  # a column-parallel down-projection: gather the latent
+                q_compressed = gather_from_tensor_model_parallel_region(q_compressed, group=tp)
+            q_compressed = self.q_layernorm(q_compressed)
             q, _ = self.linear_q_up_proj(q_compressed)
         kv_combined, _ = self.linear_kv_down_proj(hidden_states)
+        if kv_combined.size(-1) != c.kv_lora_rank + c.qk_pos_emb_head_dim:  # column-parallel, as above
+            kv_combined = gather_from_tensor_model_parallel_region(kv_combined, group=tp)
         kv_compressed, k_pos_emb = torch.split(kv_combined, [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
         kv_compressed = self.kv_layernorm(kv_compressed)
         kv, _ = self.linear_kv_up_proj(kv_compressed)
         n = self.num_attention_heads_per_partition
-        s = hidden_states.shape[0]
         query, key, value = fusions.compiled(fusions.mla_qkv)(
             q.view(*q.shape[:-1], n, self.q_head_dim), kv.view(*kv.shape[:-1], n, c.qk_head_dim + c.v_head_dim),
-            k_pos_emb.unsqueeze(-2), self.rotary_pos_emb(s), c.qk_head_dim, c.v_head_dim, c.rotary_interleaved,
+            k_pos_emb.unsqueeze(-2), self.rotary_pos_emb(q.shape[0]), c.qk_head_dim, c.v_head_dim, c.rotary_interleaved,
         )
         return query, key, value, q_compressed, kv_compressed
 
