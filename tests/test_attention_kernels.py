@@ -51,24 +51,32 @@ def test_cpu_and_flex_match_reference(shape, window, sinks):
 BAND_CASES = [(4, 4, 32, 16, 16, 8), (4, 2, 37, 16, 16, 8), (4, 1, 33, 24, 16, 8), (2, 2, 16, 8, 8, 2), (4, 2, 40, 16, 16, None), (4, 2, 20, 16, 16, 64)]
 
 
+def _matches_reference_with_gradients(attend, case, sinks, seed, layout_check=False):
+    """``attend(q, k, v, scale, window, sink)`` in fp64 against autograd through the dense-mask
+    reference: outputs and the gradients of q, k, v and the sinks."""
+    h, hk, s, dk, dv, window = case
+    q, k, v = (x.double().requires_grad_() for x in _qkv(h, hk, s, s, dk, dv, seed=seed))
+    sink = torch.linspace(-1.0, 2.0, h, dtype=torch.float64).requires_grad_() if sinks else None
+    ins = (q, k, v) + ((sink,) if sinks else ())
+    grad = torch.randn(2, h, s, dv, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    got = attend(q, k, v, dk**-0.5, window, sink)
+    ref = core.reference_attention(q, k, v, dk**-0.5, window, sink)
+    assert got.shape == ref.shape
+    if layout_check:
+        assert got.permute(2, 0, 1, 3).is_contiguous()  # [s, b, h, d] memory, as megatron wants
+    assert (got - ref).abs().max().item() <= TOL
+    for name, a, b in zip("q k v sink".split(), torch.autograd.grad(got, ins, grad), torch.autograd.grad(ref, ins, grad)):
+        assert (a - b).abs().max().item() <= 5 * TOL * max(1.0, b.abs().max().item()), name
+
+
 @pytest.mark.parametrize("case", BAND_CASES, ids=str)
 @pytest.mark.parametrize("sinks", [False, True], ids=["nosink", "sink"])
 def test_band_decomposition_matches_reference_with_gradients(case, sinks):
     """The band decomposition (two causal-kernel calls merged through their log-sum-exps, backward
-    through the merged output) on the fp32 reference kernel: outputs and the gradients of q, k, v
-    and the sinks against autograd through the dense-mask reference. On CUDA the same code runs
-    cuDNN's causal kernel (launch/bench_attention.py checks it against fp32 at bf16)."""
-    h, hk, s, dk, dv, window = case
-    q, k, v = (x.double().requires_grad_() for x in _qkv(h, hk, s, s, dk, dv, seed=3))
-    sink = torch.linspace(-1.0, 2.0, h, dtype=torch.float64).requires_grad_() if sinks else None
-    ins = (q, k, v) + ((sink,) if sinks else ())
-    grad = torch.randn(2, h, s, dv, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    got = band.band_attention(q, k, v, dk**-0.5, window, sink, kernel="math")
-    ref = core.reference_attention(q, k, v, dk**-0.5, window, sink)
-    assert got.shape == ref.shape and got.permute(2, 0, 1, 3).is_contiguous()  # [s, b, h, d] memory, as megatron wants
-    assert (got - ref).abs().max().item() <= TOL
-    for name, a, b in zip("q k v sink".split(), torch.autograd.grad(got, ins, grad), torch.autograd.grad(ref, ins, grad)):
-        assert (a - b).abs().max().item() <= 5 * TOL * max(1.0, b.abs().max().item()), name
+    through the merged output) on the fp32 reference kernel. On CUDA the same code runs cuDNN's
+    causal kernel (launch/bench_attention.py checks it against fp32 at bf16)."""
+    attend = lambda *a: band.band_attention(*a, kernel="math")  # noqa: E731
+    _matches_reference_with_gradients(attend, case, sinks, seed=3, layout_check=True)
 
 
 def test_window_kernel_choice(monkeypatch):
@@ -96,20 +104,10 @@ WINDOW_CASES = [(4, 4, 32, 16, 16, 8), (4, 2, 37, 16, 16, 8), (4, 1, 33, 24, 16,
 def test_band_kernel_sink_composition_matches_reference_with_gradients(case, sinks):
     """cudnn_window's autograd Function -- band kernel without sinks, sinks composed from its
     log-sum-exp, kernel backward run with the sink-normalised output and lse -- on the fp32 math
-    kernel of the same fwd/bwd contract: outputs and the gradients of q, k, v and the sinks against
-    autograd through the dense-mask reference. On CUDA the same Function runs cuDNN's band kernel
+    kernel of the same fwd/bwd contract. On CUDA the same Function runs cuDNN's band kernel
     (launch/bench_attention.py checks it against fp32 at bf16)."""
-    h, hk, s, dk, dv, window = case
-    q, k, v = (x.double().requires_grad_() for x in _qkv(h, hk, s, s, dk, dv, seed=5))
-    sink = torch.linspace(-1.0, 2.0, h, dtype=torch.float64).requires_grad_() if sinks else None
-    ins = (q, k, v) + ((sink,) if sinks else ())
-    grad = torch.randn(2, h, s, dv, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    got = cudnn_window.window_attention(q, k, v, dk**-0.5, window, sink, kernel="math")
-    ref = core.reference_attention(q, k, v, dk**-0.5, window, sink)
-    assert got.shape == ref.shape
-    assert (got - ref).abs().max().item() <= TOL
-    for name, a, b in zip("q k v sink".split(), torch.autograd.grad(got, ins, grad), torch.autograd.grad(ref, ins, grad)):
-        assert (a - b).abs().max().item() <= 5 * TOL * max(1.0, b.abs().max().item()), name
+    attend = lambda *a: cudnn_window.window_attention(*a, kernel="math")  # noqa: E731
+    _matches_reference_with_gradients(attend, case, sinks, seed=5)
 
 
 def test_window_covering_sequence_is_bitwise_causal():
