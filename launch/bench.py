@@ -295,7 +295,7 @@ def run_settings(a, recipe: str, name: str, prefix: str, sp: str) -> tuple:
     sets = [
         "model.hf_dir=null", f"model.preset={a.preset}", f"model.overrides={{num_hidden_layers: {a.layers}}}",
         f"parallel.tensor_model_parallel_size={a.tp}", "parallel.pipeline_model_parallel_size=1",
-        f"parallel.expert_model_parallel_size={a.ep}", "parallel.sequence_parallel=false",
+        f"parallel.expert_model_parallel_size={a.ep}", f"parallel.sequence_parallel={str(a.tp > 1).lower()}",
         f"data.data_path=[{prefix}]", f"data.tokenizer_dir={sp}", f"data.seq_length={a.seq}", 'data.split="100,0,0"',
         f"data.micro_batch_size={a.mbs}", f"data.global_batch_size={a.gbs}",
         f"training.train_iters={a.iters}", "training.log_interval=1", "training.eval_interval=0", f"training.platform={a.platform}",

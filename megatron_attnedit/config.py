@@ -272,10 +272,6 @@ class Config:
             _check(0 < o.lr_wsd_decay_iters <= decay, f"optimizer.lr_wsd_decay_iters must be in (0, {decay}]")
         if self.data.tokenizer_dir is None and self.model.hf_dir is None:
             raise ConfigError("data.tokenizer_dir is needed when the model comes from a preset (no model.hf_dir to take it from)")
-        # megatron-core's local-spec norms (WrappedTorchNorm) assert on sequence parallelism
-        _check(not (self.parallel.sequence_parallel and self.parallel.tensor_model_parallel_size > 1 and self.model.transformer_impl == "local"),
-               "parallel.sequence_parallel needs model.transformer_impl=transformer_engine (megatron-core's local-spec norms "
-               "do not support it); set parallel.sequence_parallel=false or use transformer-engine")
 
     # Resolved paths ---------------------------------------------------------------------------
     @property

@@ -188,10 +188,10 @@ def test_loop_stage2_runs_from_the_stage1_checkpoint(loop):
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_loop_layouts_give_tp1_losses(loop, stage, tp, pp):
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (2, 1, True), (1, 2, False)], ids=["tp2", "tp2sp", "pp2"])
+def test_loop_layouts_give_tp1_losses(loop, stage, tp, pp, sp):
     ref = [x["loss"] for x in loop(stage)]
-    got = [x["loss"] for x in loop(stage, tp, pp)]
+    got = [x["loss"] for x in loop(stage, tp, pp, extra=["parallel.sequence_parallel=true"] if sp else ())]
     assert len(got) == len(ref) == 10
     for i, (a, b) in enumerate(zip(ref, got)):
-        assert abs(a - b) <= 0.01 * abs(a), f"{stage} TP={tp} PP={pp} step {i + 1}: {b} vs TP=1 {a}"
+        assert abs(a - b) <= 0.01 * abs(a), f"{stage} TP={tp} PP={pp} SP={sp} step {i + 1}: {b} vs TP=1 {a}"

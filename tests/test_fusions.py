@@ -5,8 +5,8 @@ the CPU. Tolerances: fp32 1e-6 (values and gradients); bf16: no further from an 
 megatron's unfused bf16 result (which rounds after every op where the fused kernel keeps fp32).
 Whole models: a tiny Qwen3, its MoE variant (grouped experts) and an MLA student (its query/key
 assembly fused too), built with and without kernel_fusion from the same seed, give the same logits
-and gradients (fp32, 1e-5); the MLA one also at TP=2 on two gloo processes
-(tests/workers/fused_mla_tp.py).
+and gradients (fp32, 1e-5); the MLA one also at TP=2, with and without sequence parallelism, on two
+gloo processes (tests/workers/fused_mla_tp.py).
 """
 
 import json
@@ -148,15 +148,15 @@ def test_fused_model_matches_unfused(compile_on_cpu, kind):
 
 
 def test_fused_mla_matches_megatron_at_tp2(tmp_path):
-    """The fused MLA assembly at TP=2, with and without the query latent (column-parallel
-    down-projections gathered as megatron's are): same logits and gradients as megatron's
-    MLASelfAttention on every rank (fp32, 1e-5), and it really ran fused."""
+    """The fused MLA assembly at TP=2, with and without sequence parallelism and the query latent
+    (column-parallel down-projections gathered and re-scattered as megatron's are): same logits and
+    gradients as megatron's MLASelfAttention on every rank (fp32, 1e-5), and it really ran fused."""
     from conftest import torchrun
 
     torchrun("fused_mla_tp.py", "--out-dir", tmp_path, nproc=2)
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert set(results) == {"q_full", "q_lora"}
+        assert set(results) == {"q_full", "q_lora", "q_full_sp", "q_lora_sp"}
         for case, r in results.items():
             assert r["fused"] and r["n_grads"] > 5, (rank, case, r)
             assert r["logits"] <= 1e-5 and r["grads"] <= 1e-5, (rank, case, r)

@@ -1,6 +1,7 @@
-"""Hybrid MLA (M/G layers) and GateSWA (S/F layers, sinks) students give TP=1's logits at TP=2 and
-at PP=2, both when initialised from the sharded teacher and when loaded through the student's
-conversion table (2 gloo processes, one torchrun call; see tests/workers/target_layouts.py)."""
+"""Hybrid MLA (M/G layers) and GateSWA (S/F layers, sinks) students give TP=1's logits at TP=2 (with
+and without sequence parallelism) and at PP=2, both when initialised from the sharded teacher and
+when loaded through the student's conversion table (2 gloo processes, one torchrun call; see
+tests/workers/target_layouts.py)."""
 
 import glob
 import json
@@ -25,7 +26,7 @@ def test_hybrid_students_same_logits_across_layouts(tiny_hf, tmp_path):
         # not trivially the teacher, and the perturbation matters
         assert results[f"{key} tp1 student vs teacher"] > 1e-3
         assert results[f"{key} tp1 perturbed vs init"] > 1e-3
-        for layout in ("tp2 pp1", "tp1 pp2"):
+        for layout in ("tp2 pp1", "tp2 pp1 sp", "tp1 pp2"):
             for how in ("init", "loaded"):
                 case = f"{key} {layout} {how}"
                 assert case in results, f"missing {case}: {sorted(results)}"

@@ -57,10 +57,15 @@ def test_lm_loss_goes_down(straight):
     assert sum(ls[-3:]) / 3 < ls[0] - 1.0, ls  # ~5.5 (uniform over 256) -> well below
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], ids=["tp2", "pp2"])
+TP2 = "parallel.tensor_model_parallel_size=2"
+LAYOUTS = {"tp2": [TP2], "tp2sp": [TP2, "parallel.sequence_parallel=true"], "pp2": ["parallel.pipeline_model_parallel_size=2"]}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_first_losses_match_tp1(straight, corpus, tiny_hf, tmp_path, layout):
     # Same schedule as the 20-step reference (decay over 20 iterations), only the first 10 steps.
-    torchrun("train_worker.py", *overrides(corpus, tiny_hf["dense"], tmp_path, layout, "training.train_iters=10",
+    # tp2sp: sequence parallelism with the local spec's norms (qwen3.LocalRMSNorm).
+    torchrun("train_worker.py", *overrides(corpus, tiny_hf["dense"], tmp_path, *LAYOUTS[layout], "training.train_iters=10",
                                            "optimizer.lr_decay_iters=20", "checkpoint.save_interval=0"))
     ref, got = losses(straight, 10), losses(tmp_path, 10)
     assert len(got) == 10

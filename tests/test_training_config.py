@@ -71,11 +71,6 @@ def test_overrides_types_and_resolved_round_trip(tmp_path):
         load_config(write_recipe(tmp_path / "r.yaml"), ["data.global_batch_size=6", "data.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="exactly one of model.hf_dir or model.preset"):
         load_config(write_recipe(tmp_path / "r.yaml"), ["model.hf_dir=/x"])
-    # megatron's local-spec norms assert on sequence parallelism deep in the build: refused up front
-    sp = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
-    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs model.transformer_impl=transformer_engine"):
-        load_config(write_recipe(tmp_path / "r.yaml"), sp)
-    assert load_config(write_recipe(tmp_path / "r.yaml"), sp + ["model.transformer_impl=transformer_engine"]).parallel.sequence_parallel
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.basename(p))

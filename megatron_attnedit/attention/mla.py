@@ -48,7 +48,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.common.embeddings import RotaryEmbedding
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import (
@@ -65,7 +69,7 @@ from megatron_attnedit.convert import mapping
 from megatron_attnedit.convert.mapping import Rule
 from megatron_attnedit.convert.qwen3 import GQA_ATTENTION, H, P, gqa_attention_rules, shapes
 from megatron_attnedit.models import fusions
-from megatron_attnedit.models.qwen3 import ConfigError, gqa_attention_spec, head_dim, rope_theta
+from megatron_attnedit.models.qwen3 import ConfigError, gqa_attention_spec, head_dim, local_norm, rope_theta
 
 KINDS = {"M": "multi-head latent attention", "G": "the teacher's GQA attention"}
 
@@ -109,19 +113,19 @@ class RotarySelfAttention(SelfAttention):
 
 class FusedMLASelfAttention(MLASelfAttention):
     """megatron's MLASelfAttention (``model.kernel_fusion``) whose plain training path -- any TP,
-    CP=1, no sequence parallelism (which the local spec's norms refuse anyway), no packed
-    sequences, no inference cache, no up-projection recompute, ``rope`` RoPE, a device
-    ``fusions.DEVICES`` compiles for -- builds query, key and value from the up-projections in one
-    compiled kernel (``fusions.mla_qkv``); every other case, and everything else, is megatron's.
-    Same parameters, same math, same TP communication as megatron's ``get_query_key_value_tensors``
-    (tests/test_fusions.py: logits and gradients at TP=1 and TP=2, with and without q_lora)."""
+    with or without sequence parallelism, CP=1, no packed sequences, no inference cache, no
+    up-projection recompute, ``rope`` RoPE, a device ``fusions.DEVICES`` compiles for -- builds
+    query, key and value from the up-projections in one compiled kernel (``fusions.mla_qkv``);
+    every other case, and everything else, is megatron's. Same parameters, same math, same TP/SP
+    communication as megatron's ``get_query_key_value_tensors`` (tests/test_fusions.py: logits and
+    gradients at TP=1, and at TP=2 with and without sequence parallelism and q_lora)."""
 
     def _fuses(self, hidden_states, key_value_states, packed_seq_params, inference_context) -> bool:
         c = self.config
         return (
             fusions.compiles(hidden_states) and key_value_states is None and packed_seq_params is None
             and inference_context is None and c.rope_type == "rope" and not self.recompute_up_proj
-            and not self.cache_mla_latents and self.pg_collection.cp.size() == 1 and not c.sequence_parallel
+            and not self.cache_mla_latents and self.pg_collection.cp.size() == 1
         )
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, position_ids=None, packed_seq_params=None, inference_context=None, *, inference_params=None):
@@ -129,19 +133,30 @@ class FusedMLASelfAttention(MLASelfAttention):
             return super().get_query_key_value_tensors(hidden_states, key_value_states, position_ids, packed_seq_params,
                                                        inference_context=inference_context, inference_params=inference_params)
         c, tp = self.config, self.pg_collection.tp
+        sp = c.sequence_parallel and tp.size() > 1
+        # Under SP hidden_states is this rank's sequence shard; the column-parallel projections
+        # gather the sequence, so q / kv below hold every token and this rank's heads.
         if c.q_lora_rank is None:
             q_compressed = hidden_states
             q, _ = self.linear_q_proj(hidden_states)
         else:
             q_compressed, _ = self.linear_q_down_proj(hidden_states)
-            if q_compressed.size(-1) != c.q_lora_rank:  # a column-parallel down-projection: gather the latent
+            if q_compressed.size(-1) != c.q_lora_rank:  # a column-parallel down-projection: whole latent, own tokens
                 q_compressed = gather_from_tensor_model_parallel_region(q_compressed, group=tp)
+                if sp:
+                    q_compressed = scatter_to_sequence_parallel_region(q_compressed, group=tp)
             q_compressed = self.q_layernorm(q_compressed)
             q, _ = self.linear_q_up_proj(q_compressed)
         kv_combined, _ = self.linear_kv_down_proj(hidden_states)
         if kv_combined.size(-1) != c.kv_lora_rank + c.qk_pos_emb_head_dim:  # column-parallel, as above
             kv_combined = gather_from_tensor_model_parallel_region(kv_combined, group=tp)
-        kv_compressed, k_pos_emb = torch.split(kv_combined, [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
+            kv_compressed, k_pos_emb = torch.split(kv_combined, [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
+            if sp:
+                kv_compressed = scatter_to_sequence_parallel_region(kv_compressed, group=tp)
+        else:
+            kv_compressed, k_pos_emb = torch.split(kv_combined, [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
+            if sp:  # the shared RoPE key is needed for every token
+                k_pos_emb = gather_from_sequence_parallel_region(k_pos_emb, group=tp)
         kv_compressed = self.kv_layernorm(kv_compressed)
         kv, _ = self.linear_kv_up_proj(kv_compressed)
         n = self.num_attention_heads_per_partition
@@ -257,7 +272,7 @@ class MLATarget(AttentionTarget):
                 submodules=spec.submodules,
             )
         backend = LocalSpecProvider()
-        norm = backend.layer_norm(rms_norm=True, for_qk=True)
+        norm = local_norm()
         col = backend.column_parallel_linear()
         return ModuleSpec(
             module=FusedMLASelfAttention if build_opts.kernel_fusion else MLASelfAttention,

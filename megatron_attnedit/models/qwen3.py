@@ -238,8 +238,28 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
 # --------------------------------------------------------------------------------------------
 
 
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """The local spec's RMSNorm: what megatron's ``WrappedTorchNorm`` builds (a ``torch.nn.RMSNorm``,
+    same parameter and state-dict names), also under sequence parallelism, which WrappedTorchNorm
+    refuses. A norm works on any token shard; what sequence parallelism adds is that each TP rank's
+    weight gradient comes from its own tokens (or, for the per-head q/k norms, its own heads), so the
+    weight carries ``sequence_parallel`` and megatron's ``finalize_model_grads`` sums it over the TP
+    group, as it does for transformer-engine's norms."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm"):
+        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
+            raise ConfigError("the local spec's norm is a plain RMSNorm (no LayerNorm, zero-centred gamma or memory-efficient variant); use transformer_impl=transformer_engine")
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+def local_norm() -> type:
+    return LocalRMSNorm
+
+
 def _norm(opts: BuildOptions):
-    return LocalSpecProvider().layer_norm(rms_norm=True, for_qk=False)
+    return local_norm()
 
 
 def gqa_attention_spec(opts: BuildOptions) -> ModuleSpec:
@@ -249,7 +269,7 @@ def gqa_attention_spec(opts: BuildOptions) -> ModuleSpec:
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True).submodules.self_attention
     backend = LocalSpecProvider()
-    qk_norm = backend.layer_norm(rms_norm=True, for_qk=True)
+    qk_norm = local_norm()
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},

@@ -59,17 +59,23 @@ def student_table(hf_cfg: dict, target: TargetConfig, tp: int = 1) -> ModelTable
 @torch.no_grad()
 def capture_attention_inputs(teacher, tokens: torch.Tensor, max_tokens: int = 8192) -> Dict[int, torch.Tensor]:
     """{global layer: the teacher's normalised attention input [n, hidden]} on ``tokens`` for this
-    rank's layers (its sequence shard under sequence parallelism), at most ``max_tokens`` rows each.
-    Calibration for initialisers that want input statistics (mla svd)."""
+    rank's layers, at most ``max_tokens`` rows each. Calibration for initialisers that want input
+    statistics (mla svd). Under sequence parallelism each rank holds a shard of the sequence; it is
+    gathered, so every TP rank initialises its shard of the student from the same statistics."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
     from megatron_attnedit.models.forward import forward_logits
 
     out: Dict[int, torch.Tensor] = {}
     handles = []
+    sp = _unwrap(teacher).config.sequence_parallel
     for layer in local_layers(teacher):
         idx = global_layer_index(layer)
 
         def hook(mod, args, kwargs, idx=idx):
             x = args[0] if args else kwargs["hidden_states"]
+            if sp:
+                x = gather_from_sequence_parallel_region(x.detach(), tensor_parallel_output_grad=False)
             out[idx] = x.detach().reshape(-1, x.shape[-1])[:max_tokens].float().cpu()
 
         handles.append(layer.self_attention.register_forward_pre_hook(hook, with_kwargs=True))

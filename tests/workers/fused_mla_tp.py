@@ -1,6 +1,6 @@
 """FusedMLASelfAttention at TP=2 against megatron's MLASelfAttention, on 2 gloo processes.
 
-For each case (query latent off / on) an MLA student is built twice
+For each case (query latent off / on, sequence parallelism off / on) an MLA student is built twice
 from the same seed, with and without ``kernel_fusion`` (the fused functions compiled for the CPU
 by inductor, as for CUDA), and one forward + backward runs on the same tokens. Each rank writes
 {case: {"logits": max |diff| of its vocabulary shard, "grads": max relative |diff| over its
@@ -15,7 +15,12 @@ import sys
 
 import torch
 
-CASES = {"q_full": None, "q_lora": 24}  # the query latent rank
+CASES = {  # (query latent rank, sequence parallel)
+    "q_full": (None, False),
+    "q_lora": (24, False),
+    "q_full_sp": (None, True),
+    "q_lora_sp": (24, True),
+}
 
 
 def main():
@@ -47,14 +52,14 @@ def main():
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
     results = {}
-    for name, case in CASES.items():
-        options = {"kv_lora_rank": 16, "qk_pos_emb_head_dim": 8, "init": "random", "q_lora_rank": case}
+    for name, (q_lora_rank, sp) in CASES.items():
+        options = {"kv_lora_rank": 16, "qk_pos_emb_head_dim": 8, "init": "random", "q_lora_rank": q_lora_rank}
         runs = []
         for fusion in (False, True):
             ran.clear()
             tensor_parallel.model_parallel_cuda_manual_seed(1234)
             torch.manual_seed(1234)
-            opts = qwen3.BuildOptions(tensor_model_parallel_size=2, kernel_fusion=fusion)
+            opts = qwen3.BuildOptions(tensor_model_parallel_size=2, sequence_parallel=sp, kernel_fusion=fusion)
             model = build_student(cfg, TargetConfig("mla", options), opts)
             logits = model(tokens, pos, None)
             logits.float().square().mean().backward()

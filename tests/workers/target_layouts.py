@@ -4,7 +4,7 @@ One torchrun call runs every layout in turn (megatron's parallel state is rebuil
 * TP=1 (data-parallel 2): each student is initialised from the teacher; its logits are the
   reference. Then its gate/sink parameters are perturbed (so nothing is trivially "open"), it is
   saved through the student's conversion table, and the perturbed logits are a second reference.
-* TP=2 and PP=2: (a) the student initialised from the teacher sharded that way, (b) the saved
+* TP=2 (with and without sequence parallelism) and PP=2: (a) the student initialised from the teacher sharded that way, (b) the saved
   student loaded through the table; each rank holding logits compares them with TP=1's.
 Each rank writes {case: max |difference|} to --out-dir/rank<R>.json.
 """
@@ -22,7 +22,7 @@ STUDENTS = {
     # sliding and full layers mixed (S F S F), window 8 < 24 tokens, sinks on.
     "gate_swa": {"name": "gate_swa", "options": {"pattern": "SF", "window": 8, "sinks": True}},
 }
-LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+LAYOUTS = [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)]  # (TP, PP, sequence parallel)
 
 
 @torch.no_grad()
@@ -74,11 +74,12 @@ def main():
     tokens = torch.load(a.tokens)
     vocab = cfg["vocab_size"]
     ref, results = {}, {}
-    for tp, pp in LAYOUTS:
+    for tp, pp, sp in LAYOUTS:
         platform.init_distributed(plat, tp, pp)
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         rank = dist.get_rank()
-        opts = qwen3.BuildOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        opts = qwen3.BuildOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
+        where = f"tp{tp} pp{pp}" + (" sp" if sp else "")
         teacher = qwen3.build_model(cfg, opts)
         hf_io.load_into_model(teacher, hf_io.HFCheckpoint(a.hf_dir), ModelTable(cfg, tp=tp))
         teacher_logits = forward.forward_logits(teacher, tokens, vocab)
@@ -88,7 +89,7 @@ def main():
             init_student_from_teacher(student, teacher, cfg, tc)
             init_logits = forward.forward_logits(student, tokens, vocab)
             ckpt = os.path.join(a.work, key)
-            if (tp, pp) == (1, 1):
+            if (tp, pp, sp) == (1, 1, False):
                 perturb(student, seed=11)
                 if rank == 0:
                     save_hf(student, student_table(cfg, tc), ckpt, cfg)
@@ -101,8 +102,8 @@ def main():
             hf_io.load_into_model(loaded, hf_io.HFCheckpoint(ckpt), student_table(cfg, tc, tp=tp))
             loaded_logits = forward.forward_logits(loaded, tokens, vocab)
             if init_logits is not None:
-                results[f"{key} tp{tp} pp{pp} init"] = (init_logits - ref[key][0]).abs().max().item()
-                results[f"{key} tp{tp} pp{pp} loaded"] = (loaded_logits - ref[key][1]).abs().max().item()
+                results[f"{key} {where} init"] = (init_logits - ref[key][0]).abs().max().item()
+                results[f"{key} {where} loaded"] = (loaded_logits - ref[key][1]).abs().max().item()
         dist.barrier()
     with open(os.path.join(a.work, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f)
