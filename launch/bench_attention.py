@@ -251,7 +251,7 @@ def main():
         result["goal_3_5x_met"] = result["speedup_vs_sdpa_default"] >= 3.5
         result["best_is_band"] = best["mode"] is not None and best["mode"].startswith("band_")
         best_flex = min((s for s in ok if s["mode"] is None or s["mode"].startswith("max-")), key=lambda s: s["ms"])
-        kernel = best["mode"][len("band_"):] if result["best_is_band"] else best["mode"] if best["mode"] == "cudnn_window" else "flex"
+        kernel = best["mode"][len("band_"):] if result["best_is_band"] else ("cudnn_window" if best["mode"] == "cudnn_window" else "flex")
         result["env_for_training"] = {
             "ATTNEDIT_WINDOW_KERNEL": kernel,
             "ATTNEDIT_FLEX_KERNEL_OPTIONS": json.dumps(best_flex["kernel_options"]),

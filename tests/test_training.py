@@ -241,8 +241,8 @@ def test_megatron_linear_accumulates_through_wgrad():
 @pytest.mark.parametrize("fusion", [False, True], ids=["plain", "wgrad-fusion"])
 def test_megatron_linear_skips_the_unneeded_input_gradient(fusion):
     """With models/wgrad.py's dgrad skip, megatron's linear backward on an input that needs no
-    gradient (stage 1's detached teacher hidden state) skips the input-gradient GEMM and gives the same weight and bias gradients as megatron's backward on
-    an input that needs one."""
+    gradient (stage 1's detached teacher hidden state) skips the input-gradient GEMM and gives the
+    same weight and bias gradients as megatron's backward on an input that needs one."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_attnedit import platform

@@ -116,11 +116,11 @@ def window_kernel(q: torch.Tensor, dv: int, window: Optional[int]) -> str:
     """Kernel for windowed or sink attention on CUDA, from ``ATTNEDIT_WINDOW_KERNEL``:
 
     * auto (default): cuDNN's diagonal-band kernel when the cuDNN frontend is installed and runs
-      here (``cudnn_window.py``: 14.6 ms fwd+bwd at 32K, W = 4096 on an H100, 3.7x cuDNN's full
-      causal 54.4 ms; ``launch/bench_attention.py``). Without it, windowed layers take
-      FlexAttention (18.4 ms) and full causal layers with sinks take the band path on cuDNN's
-      causal kernel (one chunk: the kernel plus the sink's log-sum-exp term; 57.7 ms vs
-      FlexAttention's 78.2 ms).
+      here (``cudnn_window.py``: 14.8 ms fwd+bwd at 32K, W = 4096 on an H100, 3.68x SDPA's full
+      causal 54.5 ms; ``launch/bench_attention.py``). Without it, windowed layers take
+      FlexAttention (18.2 ms) and full causal layers with sinks take the band path on cuDNN's
+      causal kernel (one chunk: the kernel plus the sink's log-sum-exp term; 57.8 ms vs
+      FlexAttention's 78.1 ms).
     * cudnn_window: the frontend's band kernel for every layer (an error if it cannot run).
     * cudnn / flash: the band decomposition (``band.py``) on that causal kernel for every layer.
     * flex: FlexAttention for every layer.

@@ -4,9 +4,11 @@ cuDNN's fused attention takes a diagonal band -- query i sees keys i-W < j <= i 
 tiles outside it, forward and backward. torch does not expose that option; the cuDNN frontend
 does, as the torch ops ``torch.ops.cudnn.sdpa_fwd`` / ``sdpa_bwd`` (optional:
 ``pip install --no-deps 'nvidia-cudnn-frontend>=1.32,<2'`` -- its graph API needs none of the
-package's dependencies; measured with 1.32.0 and the cuDNN 9.19 of torch 2.11+cu130). At 32K tokens, W = 4096, 32 heads of 128 on an H100 it takes 14.6 ms
-fwd+bwd against 54.4 ms for cuDNN's full causal kernel (3.7x) and 18.9 ms for FlexAttention's
-block-sparse window (``launch/bench_attention.py``).
+package's dependencies; measured with 1.32.0 and the cuDNN 9.19 of torch 2.11+cu130). At 32K
+tokens, W = 4096, 32 heads of 128 on an H100 it takes 14.8 ms fwd+bwd against 54.5 ms for SDPA's
+full causal kernel (3.68x) and 18.2 ms for FlexAttention's block-sparse window
+(``python launch/bench_attention.py --sweep quick``,
+``launch/results/bench_attention_32k_cudnn_window_h100.json``).
 
 The frontend's ``window_left`` is cuDNN's ``diagonal_band_left_bound``: the number of keys a
 query sees *including itself*, i.e. our W (measured against a dense-mask reference on the GPU:

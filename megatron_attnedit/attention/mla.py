@@ -48,11 +48,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.common.embeddings import RotaryEmbedding
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_model_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region, scatter_to_sequence_parallel_region
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import (
@@ -69,7 +65,7 @@ from megatron_attnedit.convert import mapping
 from megatron_attnedit.convert.mapping import Rule
 from megatron_attnedit.convert.qwen3 import GQA_ATTENTION, H, P, gqa_attention_rules, shapes
 from megatron_attnedit.models import fusions
-from megatron_attnedit.models.qwen3 import ConfigError, gqa_attention_spec, head_dim, local_norm, rope_theta
+from megatron_attnedit.models.qwen3 import ConfigError, LocalRMSNorm, gqa_attention_spec, head_dim, rope_theta
 
 KINDS = {"M": "multi-head latent attention", "G": "the teacher's GQA attention"}
 
@@ -134,29 +130,26 @@ class FusedMLASelfAttention(MLASelfAttention):
                                                        inference_context=inference_context, inference_params=inference_params)
         c, tp = self.config, self.pg_collection.tp
         sp = c.sequence_parallel and tp.size() > 1
-        # Under SP hidden_states is this rank's sequence shard; the column-parallel projections
-        # gather the sequence, so q / kv below hold every token and this rank's heads.
+        # The down-projections are column-parallel: at TP > 1 each rank holds a slice of the latent
+        # (for every token under SP, the layer gathering the sequence), gathered whole here; under
+        # SP the latent that feeds a norm then goes back to this rank's sequence shard.
         if c.q_lora_rank is None:
             q_compressed = hidden_states
             q, _ = self.linear_q_proj(hidden_states)
         else:
             q_compressed, _ = self.linear_q_down_proj(hidden_states)
-            if q_compressed.size(-1) != c.q_lora_rank:  # a column-parallel down-projection: whole latent, own tokens
+            if q_compressed.size(-1) != c.q_lora_rank:
                 q_compressed = gather_from_tensor_model_parallel_region(q_compressed, group=tp)
-                if sp:
-                    q_compressed = scatter_to_sequence_parallel_region(q_compressed, group=tp)
+            if sp:
+                q_compressed = scatter_to_sequence_parallel_region(q_compressed, group=tp)
             q_compressed = self.q_layernorm(q_compressed)
             q, _ = self.linear_q_up_proj(q_compressed)
         kv_combined, _ = self.linear_kv_down_proj(hidden_states)
-        if kv_combined.size(-1) != c.kv_lora_rank + c.qk_pos_emb_head_dim:  # column-parallel, as above
+        if kv_combined.size(-1) != c.kv_lora_rank + c.qk_pos_emb_head_dim:
             kv_combined = gather_from_tensor_model_parallel_region(kv_combined, group=tp)
-            kv_compressed, k_pos_emb = torch.split(kv_combined, [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
-            if sp:
-                kv_compressed = scatter_to_sequence_parallel_region(kv_compressed, group=tp)
-        else:
-            kv_compressed, k_pos_emb = torch.split(kv_combined, [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
-            if sp:  # the shared RoPE key is needed for every token
-                k_pos_emb = gather_from_sequence_parallel_region(k_pos_emb, group=tp)
+        kv_compressed, k_pos_emb = torch.split(kv_combined, [c.kv_lora_rank, c.qk_pos_emb_head_dim], dim=-1)
+        if sp:  # k_pos_emb stays whole: the shared RoPE key is needed for every token
+            kv_compressed = scatter_to_sequence_parallel_region(kv_compressed, group=tp)
         kv_compressed = self.kv_layernorm(kv_compressed)
         kv, _ = self.linear_kv_up_proj(kv_compressed)
         n = self.num_attention_heads_per_partition
@@ -272,7 +265,7 @@ class MLATarget(AttentionTarget):
                 submodules=spec.submodules,
             )
         backend = LocalSpecProvider()
-        norm = local_norm()
+        norm = LocalRMSNorm
         col = backend.column_parallel_linear()
         return ModuleSpec(
             module=FusedMLASelfAttention if build_opts.kernel_fusion else MLASelfAttention,

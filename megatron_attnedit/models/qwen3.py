@@ -254,14 +254,6 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
-def local_norm() -> type:
-    return LocalRMSNorm
-
-
-def _norm(opts: BuildOptions):
-    return local_norm()
-
-
 def gqa_attention_spec(opts: BuildOptions) -> ModuleSpec:
     """The teacher's attention: fused QKV, per-head q/k RMSNorm, our flash core attention."""
     if opts.spec == "te":
@@ -269,7 +261,7 @@ def gqa_attention_spec(opts: BuildOptions) -> ModuleSpec:
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True).submodules.self_attention
     backend = LocalSpecProvider()
-    qk_norm = local_norm()
+    qk_norm = LocalRMSNorm
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -311,7 +303,7 @@ def borrowed(module: torch.nn.Module) -> type:
 
 def layer_spec(attention: ModuleSpec, mlp, opts: BuildOptions, moe: bool) -> ModuleSpec:
     """One transformer layer; ``mlp`` is a ModuleSpec or a ``borrowed`` module."""
-    norm = _norm(opts) if opts.spec == "local" else IdentityOp
+    norm = LocalRMSNorm if opts.spec == "local" else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -358,7 +350,7 @@ def block_spec(
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
     n_local = len(specs) // config.pipeline_model_parallel_size
-    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + n_local], layer_norm=_norm(opts))
+    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + n_local], layer_norm=LocalRMSNorm)
 
 
 def build_model(
