@@ -85,10 +85,22 @@ class ParallelConfig:
     """EP for MoE models; must divide the number of experts."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (only with TP > 1)."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Reduce (reduce-scatter) each gradient bucket over the data-parallel ranks as soon as the last
+    micro-batch's backward has filled it, overlapped with the rest of the backward (Megatron-LM's
+    --overlap-grad-reduce). None: on for GPU/NPU, off on CPU."""
+    overlap_param_gather: Optional[bool] = None
+    """With the distributed optimizer: all-gather the updated parameters bucket by bucket during
+    the next step's forward instead of right after the optimizer step (--overlap-param-gather).
+    None: on whenever overlap_grad_reduce is on."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters per gradient bucket when overlapping (--ddp-bucket-size); None: megatron's
+    default, max(40M, 1M x data-parallel size)."""
 
     def __post_init__(self):
         for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             _check(getattr(self, k) >= 1, f"parallel.{k} must be >= 1")
+        _check(self.ddp_bucket_size is None or self.ddp_bucket_size > 0, "parallel.ddp_bucket_size must be > 0 (or null for megatron's default)")
 
 
 @dataclasses.dataclass
@@ -270,6 +282,8 @@ class Config:
         _check(o.lr_warmup_iters < decay, f"optimizer.lr_warmup_iters={o.lr_warmup_iters} must be below the decay length {decay}")
         if o.lr_wsd_decay_iters is not None:
             _check(0 < o.lr_wsd_decay_iters <= decay, f"optimizer.lr_wsd_decay_iters must be in (0, {decay}]")
+        _check(not (self.parallel.overlap_param_gather and not o.use_distributed_optimizer),
+               "parallel.overlap_param_gather needs optimizer.use_distributed_optimizer=true (only its sharded update leaves a gather to overlap)")
         if self.data.tokenizer_dir is None and self.model.hf_dir is None:
             raise ConfigError("data.tokenizer_dir is needed when the model comes from a preset (no model.hf_dir to take it from)")
 

@@ -8,6 +8,8 @@
 * a NaN loss stops the run with one line and leaves the last good checkpoint as the latest;
 * torch's fused AdamW resumes a multi-tensor AdamW checkpoint and follows its run;
 * weight gradients accumulated inside the GEMM (models/wgrad.py) train like megatron's unfused path;
+* gradient reduce and parameter all-gather overlapped with backward and forward (several buckets)
+  follow the plain run, and its saves and evaluations see the updated parameters;
 * the MoE model at EP=2 (sequential and grouped experts) follows EP=1 step for step; a resume that
   switches between the two expert implementations is refused in one line.
 """
@@ -204,6 +206,30 @@ def test_fused_adam_resumes_an_unfused_run(straight, corpus, tiny_hf, tmp_path):
     assert groups and all(g["fused"] and not g["foreach"] for g in groups), groups
 
 
+def test_overlapped_grad_reduce_and_param_gather_follow_the_plain_run(straight, corpus, tiny_hf, tmp_path):
+    """parallel.overlap_grad_reduce / overlap_param_gather (on for GPU/NPU by default): buckets of ~2K
+    parameters reduced from DDP's backward hooks and all-gathered from its forward pre-hooks give the
+    20-step run's losses, evaluations in between change nothing, and the step-10 and step-20 saves
+    hold the updated weights (the gather is forced before a save: without it, they hold the previous
+    step's weights on the shards other ranks updated, about 4e-4 off here)."""
+    torchrun("train_worker.py", *overrides(corpus, tiny_hf["dense"], tmp_path, "training.train_iters=20", "parallel.overlap_grad_reduce=true",
+                                           "parallel.overlap_param_gather=true", "parallel.ddp_bucket_size=2000",
+                                           "training.eval_interval=7", "training.eval_iters=1"))
+    ref, got = losses(straight), losses(tmp_path)
+    assert len(got) == 20
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {i + 1}: plain {a:.7f} vs overlapped {b:.7f}"
+    val = [m["val_loss"] for _, m in sorted(read_metrics(str(tmp_path)).items()) if "val_loss" in m]
+    assert len(val) == 2 and val[-1] < val[0], val  # steps 7 and 14: not just before a save
+    for it in ("iter_0000010", "iter_0000020"):
+        a = _dcp_tensors(straight / "checkpoints" / it, tmp_path / "a.pt")
+        b = _dcp_tensors(tmp_path / "checkpoints" / it, tmp_path / "b.pt")
+        weights = [k for k in a if k.startswith(("decoder.", "embedding.", "output_layer.")) and torch.is_tensor(a[k])]
+        assert len(weights) > 5
+        for k in weights:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{it} {k}")
+
+
 def test_gradient_accumulation_fusion_follows_the_unfused_run(straight, corpus, tiny_hf, tmp_path):
     """model.gradient_accumulation_fusion (weight gradients added into the fp32 main grads inside the
     GEMM, models/wgrad.py; on for CUDA by default) trains like megatron's unfused path: same losses
@@ -282,13 +308,18 @@ def moe_ep1(corpus, tiny_hf, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("experts", ["model.moe_grouped_gemm=false", "model.moe_grouped_gemm=true"], ids=["sequential", "grouped"])
+OVERLAP = "parallel.overlap_grad_reduce=true parallel.overlap_param_gather=true parallel.ddp_bucket_size=3000"
+
+
+@pytest.mark.parametrize("experts", ["model.moe_grouped_gemm=false", "model.moe_grouped_gemm=true", f"model.moe_grouped_gemm=true {OVERLAP}"],
+                         ids=["sequential", "grouped", "grouped_overlapped"])
 def test_moe_expert_parallel_training_matches_ep1(moe_ep1, corpus, tiny_hf, tmp_path, experts):
     """The qwen3-moe-debug model trained with its experts split over 2 ranks (EP=2) follows the
     EP=1 run step for step; the backward of megatron's expert-parallel token exchange runs on the
-    CPU too (platform.py covers custom backwards)."""
+    CPU too (platform.py covers custom backwards). Also with the dense and the expert gradient
+    buckets reduced, and the parameters gathered, overlapped."""
     torchrun("train_worker.py", *overrides(corpus, tiny_hf["moe"], tmp_path, "training.train_iters=6", "checkpoint.save_interval=0",
-                                           experts, "parallel.expert_model_parallel_size=2"))
+                                           *experts.split(), "parallel.expert_model_parallel_size=2"))
     ref, got = losses(moe_ep1), losses(tmp_path)
     assert len(ref) == len(got) == 6 and ref[-1] < ref[0]
     for i, (a, b) in enumerate(zip(ref, got)):

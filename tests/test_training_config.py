@@ -71,6 +71,14 @@ def test_overrides_types_and_resolved_round_trip(tmp_path):
         load_config(write_recipe(tmp_path / "r.yaml"), ["data.global_batch_size=6", "data.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="exactly one of model.hf_dir or model.preset"):
         load_config(write_recipe(tmp_path / "r.yaml"), ["model.hf_dir=/x"])
+    with pytest.raises(ConfigError, match="overlap_param_gather needs optimizer.use_distributed_optimizer=true"):
+        load_config(write_recipe(tmp_path / "r.yaml"), ["parallel.overlap_param_gather=true", "optimizer.use_distributed_optimizer=false"])
+    from megatron_attnedit.training.optim import overlaps
+
+    cfg = load_config(write_recipe(tmp_path / "r.yaml"))
+    assert overlaps(cfg, "cuda") == overlaps(cfg, "npu") == (True, True) and overlaps(cfg, "cpu") == (False, False)
+    cfg = load_config(write_recipe(tmp_path / "r.yaml"), ["optimizer.use_distributed_optimizer=false"])
+    assert overlaps(cfg, "cuda") == (True, False)  # nothing to gather without the sharded update
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.basename(p))

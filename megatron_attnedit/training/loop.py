@@ -27,7 +27,7 @@ from megatron_attnedit.training import checkpoint as ckpt_lib
 from megatron_attnedit.training import data as data_lib
 from megatron_attnedit.training import objective as objective_lib
 from megatron_attnedit.training.monitor import Monitor, memory_gb
-from megatron_attnedit.training.optim import build_optimizer, build_scheduler, wrap_ddp
+from megatron_attnedit.training.optim import build_optimizer, build_scheduler, synced_params, wrap_ddp
 
 
 class TrainingStopped(RuntimeError):
@@ -159,7 +159,7 @@ def setup(cfg: Config) -> Run:
         raise ConfigError(f"objective {cfg.objective.name!r} marks no parameter as trainable")
 
     bf16 = objective_lib.use_bf16(cfg, plat)
-    models = wrap_ddp(models, cfg)
+    models = wrap_ddp(models, cfg, plat.device.type)
     optimizer = build_optimizer(cfg, models, bf16, plat.device.type)
     scheduler = build_scheduler(cfg, optimizer)
     checkpointer = ckpt_lib.Checkpointer(cfg, plat, models, optimizer, scheduler, objective, hf)
@@ -295,13 +295,15 @@ def train(cfg: Config) -> Dict[str, float]:
                 monitor.log(state.iteration, logged)
                 window, n_window, start = defaultdict(float), 0, time.time()
             if s.valid and t.eval_interval and state.iteration % t.eval_interval == 0:
-                val = evaluate(s, cfg)
+                with synced_params(s.models):
+                    val = evaluate(s, cfg)
                 monitor.log(state.iteration, val)
                 logged.update(val)
                 start = time.time()  # tokens/s counts training only
             interval = cfg.checkpoint.save_interval
             if (interval and state.iteration % interval == 0) or state.iteration == t.train_iters:
-                ckpt.save(state)
+                with synced_params(s.models):
+                    ckpt.save(state)
                 start = time.time()
         exit_code = 0
     except TrainingStopped as e:

@@ -2,23 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import List
 
 import torch
 
 
-def wrap_ddp(models: List[torch.nn.Module], cfg) -> List[torch.nn.Module]:
-    """megatron DistributedDataParallel around each chunk (contiguous grad buffers, fp32 reduce)."""
+def overlaps(cfg, device_type: str):
+    """(overlap_grad_reduce, overlap_param_gather) of this run: the recipe's, or on for GPU/NPU."""
+    p = cfg.parallel
+    grad = p.overlap_grad_reduce if p.overlap_grad_reduce is not None else device_type in ("cuda", "npu")
+    param = p.overlap_param_gather if p.overlap_param_gather is not None else grad
+    return grad, param and cfg.optimizer.use_distributed_optimizer
+
+
+def wrap_ddp(models: List[torch.nn.Module], cfg, device_type: str = "cuda") -> List[torch.nn.Module]:
+    """megatron DistributedDataParallel around each chunk (contiguous grad buffers, fp32 reduce).
+
+    With the overlaps on, the gradient buckets are reduced from DDP's backward hooks as they fill and
+    the parameters are all-gathered from its forward pre-hooks; ``synced_params`` must then wrap
+    anything that reads the parameters between an optimizer step and the next forward.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    grad, param = overlaps(cfg, device_type)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=grad,
+        overlap_param_gather=param,
+        bucket_size=cfg.parallel.ddp_bucket_size,
         use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # the loop checks the loss and the grad norm itself
     )
     # Chunks after the first of a virtual pipeline would not bucket; we run one chunk per rank.
     return [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m, disable_bucketing=i > 0) for i, m in enumerate(models)]
+
+
+@contextlib.contextmanager
+def synced_params(models: List[torch.nn.Module]):
+    """The parameters as the last optimizer step left them, for a checkpoint save or an evaluation.
+
+    With ``overlap_param_gather`` the step only updates each rank's shard; the all-gather runs from
+    the next forward's pre-hooks. Here the hooks are taken off and the gather is forced
+    (Megatron-LM does the same around its saves and evaluations), then the hooks are put back.
+    """
+    hooked = [m for m in models if getattr(m, "use_forward_hook", False)]
+    for m in hooked:
+        m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m.enable_forward_pre_hook()
 
 
 def build_optimizer(cfg, models: List[torch.nn.Module], bf16: bool, device_type: str = "cuda"):
