@@ -88,7 +88,7 @@ class ParallelConfig:
     overlap_grad_reduce: Optional[bool] = None
     """Reduce (reduce-scatter) each gradient bucket over the data-parallel ranks as soon as the last
     micro-batch's backward has filled it, overlapped with the rest of the backward (Megatron-LM's
-    --overlap-grad-reduce). None: on for GPU/NPU, off on CPU."""
+    --overlap-grad-reduce). None: on for GPU/NPU with more than one data-parallel rank, off on CPU."""
     overlap_param_gather: Optional[bool] = None
     """With the distributed optimizer: all-gather the updated parameters bucket by bucket during
     the next step's forward instead of right after the optimizer step (--overlap-param-gather).

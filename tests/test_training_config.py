@@ -76,9 +76,10 @@ def test_overrides_types_and_resolved_round_trip(tmp_path):
     from megatron_attnedit.training.optim import overlaps
 
     cfg = load_config(write_recipe(tmp_path / "r.yaml"))
-    assert overlaps(cfg, "cuda") == overlaps(cfg, "npu") == (True, True) and overlaps(cfg, "cpu") == (False, False)
+    assert overlaps(cfg, "cuda", 2) == overlaps(cfg, "npu", 8) == (True, True)
+    assert overlaps(cfg, "cpu", 2) == overlaps(cfg, "cuda", 1) == (False, False)
     cfg = load_config(write_recipe(tmp_path / "r.yaml"), ["optimizer.use_distributed_optimizer=false"])
-    assert overlaps(cfg, "cuda") == (True, False)  # nothing to gather without the sharded update
+    assert overlaps(cfg, "cuda", 2) == (True, False)  # nothing to gather without the sharded update
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.basename(p))

@@ -8,10 +8,11 @@ from typing import List
 import torch
 
 
-def overlaps(cfg, device_type: str):
-    """(overlap_grad_reduce, overlap_param_gather) of this run: the recipe's, or on for GPU/NPU."""
+def overlaps(cfg, device_type: str, dp_size: int):
+    """(overlap_grad_reduce, overlap_param_gather) of this run: the recipe's, or on for GPU/NPU with
+    more than one data-parallel rank (with one there is nothing to overlap, only hooks to run)."""
     p = cfg.parallel
-    grad = p.overlap_grad_reduce if p.overlap_grad_reduce is not None else device_type in ("cuda", "npu")
+    grad = p.overlap_grad_reduce if p.overlap_grad_reduce is not None else device_type in ("cuda", "npu") and dp_size > 1
     param = p.overlap_param_gather if p.overlap_param_gather is not None else grad
     return grad, param and cfg.optimizer.use_distributed_optimizer
 
@@ -23,9 +24,10 @@ def wrap_ddp(models: List[torch.nn.Module], cfg, device_type: str = "cuda") -> L
     the parameters are all-gathered from its forward pre-hooks; ``synced_params`` must then wrap
     anything that reads the parameters between an optimizer step and the next forward.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    grad, param = overlaps(cfg, device_type)
+    grad, param = overlaps(cfg, device_type, ps.get_data_parallel_world_size(with_context_parallel=True))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=grad,
