@@ -34,6 +34,10 @@ def _one_of(value, allowed, key: str) -> None:
     _check(value in allowed, f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "mla_up_proj")
+"""megatron's selective-recompute modules that the local spec and this project's modules support."""
+
+
 @dataclasses.dataclass
 class ModelConfig:
     hf_dir: Optional[str] = None
@@ -63,9 +67,16 @@ class ModelConfig:
     on the accelerator with megatron's model-parallel RNG -- minutes faster at 30B (for random-
     weight runs and benchmarks; weights loaded from hf_dir replace either)."""
     recompute_granularity: Optional[str] = None
-    """Activation recomputation: None, full or selective."""
+    """Activation recomputation (Megatron-LM's --recompute-granularity): None, full (whole layers,
+    see recompute_method) or selective (the modules in recompute_modules)."""
     recompute_modules: Optional[List[str]] = None
-    """With selective recomputation: which modules (megatron's names, e.g. [core_attn])."""
+    """With selective: any of core_attn (the default), layernorm, mlp, moe (the whole MoE layer),
+    mla_up_proj (MLA students)."""
+    recompute_method: Optional[str] = None
+    """With full: uniform (every recompute_num_layers layers form one recomputed chunk) or block
+    (the first recompute_num_layers layers of each pipeline stage are recomputed). Default uniform."""
+    recompute_num_layers: Optional[int] = None
+    """With full: see recompute_method. Default 1."""
 
     def __post_init__(self):
         _check((self.hf_dir is None) != (self.preset is None), "model: set exactly one of model.hf_dir or model.preset")
@@ -73,6 +84,19 @@ class ModelConfig:
         _one_of(self.transformer_impl, ("local", "transformer_engine"), "model.transformer_impl")
         _one_of(self.moe_token_dispatcher_type, ("allgather", "alltoall"), "model.moe_token_dispatcher_type")
         _one_of(self.recompute_granularity, (None, "full", "selective"), "model.recompute_granularity")
+        if self.recompute_granularity == "full":
+            self.recompute_method = self.recompute_method or "uniform"
+            self.recompute_num_layers = self.recompute_num_layers or 1
+            _one_of(self.recompute_method, ("uniform", "block"), "model.recompute_method")
+            _check(self.recompute_num_layers >= 1, "model.recompute_num_layers must be >= 1")
+        else:
+            _check(self.recompute_method is None and self.recompute_num_layers is None,
+                   "model.recompute_method / recompute_num_layers apply to model.recompute_granularity=full only")
+        if self.recompute_modules is not None:
+            _check(self.recompute_granularity == "selective", "model.recompute_modules applies to model.recompute_granularity=selective only")
+            bad = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+            _check(not bad, f"model.recompute_modules: {', '.join(bad)} not supported here; choose from {', '.join(RECOMPUTE_MODULES)}"
+                   + (" (moe_act is for megatron's GroupedMLP; use moe to recompute the whole MoE layer)" if "moe_act" in bad else ""))
 
 
 @dataclasses.dataclass

@@ -108,6 +108,7 @@ def init_platform(name: str = "auto") -> Platform:
     else:
         raise SystemExit(f"error: unknown platform {name!r}; use auto, cuda, npu or cpu")
     _fix_megatron_without_te()
+    _fix_recompute_without_grad()
     _ACTIVE = plat
     return plat
 
@@ -136,6 +137,51 @@ def _fix_megatron_without_te() -> None:
     # The router calls te_general_gemm when it is not None, but without TE it is never defined.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # CheckpointWithoutOutput (selective recompute of layernorm, mla_up_proj) sets its fp8 flag
+    # from `fp8 is not None`, True for its default False, and then reads TE's FP8GlobalStateManager,
+    # never imported without TE (NameError). Without TE there is no fp8: the flag is False.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    cls = mrandom.CheckpointWithoutOutput
+    if not hasattr(mrandom, "FP8GlobalStateManager") and not getattr(cls.__init__, "no_fp8", False):
+        init = cls.__init__
+
+        def __init__(self, fp8=False):
+            init(self, fp8)
+            self.fp8 = False
+
+        __init__.no_fp8 = True
+        cls.__init__ = __init__
+
+
+def _fix_recompute_without_grad() -> None:
+    """megatron's CheckpointWithoutOutput (selective recompute of layernorm / mla_up_proj) on inputs
+    that need no gradient: its autograd function then records no backward node and keeps no saved
+    inputs, yet the output is still freed and "recomputed" from those missing inputs (TypeError in
+    the backward). It happens in distillation, where the first layer's input (the frozen embedding's
+    output) and the shared norms need no gradient. There the output is not needed for any gradient
+    but the next GEMM's weight gradient, so it is simply kept: no checkpoint, nothing freed."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    cls = mrandom.CheckpointWithoutOutput
+    if getattr(cls.checkpoint, "skips_without_grad", False):
+        return
+    checkpoint, discard = cls.checkpoint, cls.discard_output_and_register_recompute
+
+    def needs_grad(run_function, args) -> bool:
+        params = run_function.parameters() if isinstance(run_function, torch.nn.Module) else ()
+        return torch.is_grad_enabled() and (any(torch.is_tensor(a) and a.requires_grad for a in args) or any(p.requires_grad for p in params))
+
+    def checkpoint_if_needed(self, run_function, *args):
+        self.skipped = not needs_grad(run_function, args)
+        return run_function(*args) if self.skipped else checkpoint(self, run_function, *args)
+
+    def discard_if_checkpointed(self, hook_tensor):
+        if not getattr(self, "skipped", False):
+            discard(self, hook_tensor)
+
+    checkpoint_if_needed.skips_without_grad = True
+    cls.checkpoint, cls.discard_output_and_register_recompute = checkpoint_if_needed, discard_if_checkpointed
 
 
 # --------------------------------------------------------------------------------------------

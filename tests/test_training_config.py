@@ -73,6 +73,12 @@ def test_overrides_types_and_resolved_round_trip(tmp_path):
         load_config(write_recipe(tmp_path / "r.yaml"), ["model.hf_dir=/x"])
     with pytest.raises(ConfigError, match="overlap_param_gather needs optimizer.use_distributed_optimizer=true"):
         load_config(write_recipe(tmp_path / "r.yaml"), ["parallel.overlap_param_gather=true", "optimizer.use_distributed_optimizer=false"])
+    with pytest.raises(ConfigError, match="recompute_method / recompute_num_layers apply to model.recompute_granularity=full only"):
+        load_config(write_recipe(tmp_path / "r.yaml"), ["model.recompute_method=block"])
+    with pytest.raises(ConfigError, match="moe_act not supported here.*use moe to recompute the whole MoE layer"):
+        load_config(write_recipe(tmp_path / "r.yaml"), ["model.recompute_granularity=selective", "model.recompute_modules=[moe_act]"])
+    cfg = load_config(write_recipe(tmp_path / "r.yaml"), ["model.recompute_granularity=full"])
+    assert (cfg.model.recompute_method, cfg.model.recompute_num_layers) == ("uniform", 1)
     from megatron_attnedit.training.optim import overlaps
 
     cfg = load_config(write_recipe(tmp_path / "r.yaml"))

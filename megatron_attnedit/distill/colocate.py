@@ -95,6 +95,10 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _without_recompute(opts: qwen3.BuildOptions) -> qwen3.BuildOptions:
+    return dataclasses.replace(opts, recompute_granularity=None, recompute_modules=None, recompute_method=None, recompute_num_layers=None)
+
+
 def build_teacher(hf_cfg: dict, opts: qwen3.BuildOptions, load: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
     """This rank's teacher shard, filled by ``load(model)`` and frozen."""
     teacher = qwen3.build_model(hf_cfg, opts)
@@ -142,10 +146,17 @@ def colocate(
         raise DistillError(f"trainable set {trainable!r} unknown; use one of {', '.join(TRAINABLE_SETS)}")
     student_hf_cfg = student_hf_cfg or hf_cfg
     check_configs(hf_cfg, student_hf_cfg)
-    teacher = build_teacher(hf_cfg, opts, load_teacher)
+    # The teacher never trains: no activation recomputation. (megatron's layernorm recompute would
+    # also free the normalised inputs that stage 1 and the calibration take from the teacher.)
+    teacher = build_teacher(hf_cfg, _without_recompute(opts), load_teacher)
     api = _student_api()
     borrow = trainable == "attention" and student_hf_cfg == hf_cfg
     student = api.build_student(student_hf_cfg, target, opts, borrow_mlp_from=teacher if borrow else None)
+    if borrow:  # a borrowed MoE layer decides its own recompute from its config, the teacher's
+        moe_recompute = opts.recompute_granularity == "selective" and "moe" in (opts.recompute_modules or ())
+        for layer in _unwrap(student).decoder.layers:
+            if hasattr(layer.mlp, "moe_layer_recompute"):
+                layer.mlp.moe_layer_recompute = moe_recompute
     check_pair(teacher, student)
     calibration = None
     if calibration_tokens is not None:

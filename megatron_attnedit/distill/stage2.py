@@ -228,7 +228,12 @@ class Stage2Objective(Objective):
     def build(self, cfg, plat):
         from megatron_attnedit.distill.colocate import build_pair
 
-        self.pair = build_pair(cfg, plat, trainable=self.options["trainable"])
+        o = self.options
+        if cfg.model.recompute_granularity == "full" and o["feature_layers"] and float(o["feature_weight"]) > 0:
+            raise DistillError("objective.options.feature_layers needs layer outputs with their gradient, which "
+                               "model.recompute_granularity=full does not keep (it recomputes them in the backward); "
+                               "use selective recompute, or feature_weight: 0")
+        self.pair = build_pair(cfg, plat, trainable=o["trainable"])
         self.stage = Stage2(self.pair, **self.options)
         self.teacher = self.pair.teacher
         return [self.pair.student]

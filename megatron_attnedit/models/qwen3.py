@@ -137,6 +137,8 @@ class BuildOptions:
     perform_initialization: bool = True
     recompute_granularity: Optional[str] = None
     recompute_modules: Optional[List[str]] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
     extra: Dict[str, object] = dataclasses.field(default_factory=dict)  # raw TransformerConfig fields
 
 
@@ -212,6 +214,9 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
         kw["recompute_granularity"] = opts.recompute_granularity
         if opts.recompute_modules:
             kw["recompute_modules"] = list(opts.recompute_modules)
+        if opts.recompute_granularity == "full":
+            kw["recompute_method"] = opts.recompute_method or "uniform"
+            kw["recompute_num_layers"] = opts.recompute_num_layers or 1
     pattern = moe_layer_pattern(cfg)
     if any(pattern):
         kw.update(

@@ -179,6 +179,8 @@ def build_options(cfg: Config, plat) -> "qwen3.BuildOptions":  # noqa: F821
         use_cpu_initialization=m.init_on_cpu or plat.name == "cpu",
         recompute_granularity=m.recompute_granularity,
         recompute_modules=m.recompute_modules,
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
     )
 
 
