@@ -213,22 +213,29 @@ def test_loop_overlapped_data_parallel_gives_dp1_losses(loop, stage):
 SELECTIVE = ["model.recompute_granularity=selective", "model.recompute_modules=[core_attn,layernorm,mlp]"]
 
 
-@pytest.mark.parametrize("stage,recompute", [("stage1", SELECTIVE), ("stage2", SELECTIVE)])
-def test_loop_with_activation_recompute_gives_the_same_losses(loop, stage, recompute):
+NO_FEATURES = ["objective.options.feature_weight=0"]
+
+
+@pytest.mark.parametrize("stage,base,recompute", [("stage1", [], SELECTIVE), ("stage2", [], SELECTIVE),
+                                                  ("stage2", NO_FEATURES, ["model.recompute_granularity=full"])],
+                         ids=["stage1_selective", "stage2_selective", "stage2_full"])
+def test_loop_with_activation_recompute_gives_the_same_losses(loop, stage, base, recompute):
     """Stage 1 calls the students' attentions directly (core_attn recompute applies inside them);
-    stage 2 runs the student's whole decoder with its feature term (tests/test_recompute.py counts
-    the recomputation)."""
-    ref = [x["loss"] for x in loop(stage)]
-    got = [x["loss"] for x in loop(stage, extra=recompute)]
+    stage 2 runs the student's whole decoder, with its feature term under selective recompute, and
+    under full recompute without it (refused, below) -- there the frozen embedding's output is what
+    lets any gradient through (before that fix: no gradient, a loss 16% off at step 2).
+    tests/test_recompute.py counts the recomputation."""
+    ref = [x["loss"] for x in loop(stage, extra=base)]
+    got = [x["loss"] for x in loop(stage, extra=base + recompute)]
     assert len(got) == len(ref) == 10
     for i, (a, b) in enumerate(zip(ref, got)):
         assert abs(a - b) <= 1e-5 * abs(a), f"{stage} with {recompute} step {i + 1}: {b} vs {a}"
 
 
 def test_full_recompute_with_feature_matching_is_refused_in_one_line(tiny_hf, tmp_path):
-    """Full recompute runs each layer's forward without gradient and again in the backward: a feature
-    term taken from a layer's output would get no gradient (measured: stage-2 losses 16% off from
-    step 2). Refused before anything is built."""
+    """Full recompute runs each layer's forward without gradient and again in the backward: the layer
+    output the feature term's hook takes is the no-gradient one, so the term would train nothing.
+    Refused before anything is built."""
     from megatron_attnedit.config import load_config
     from megatron_attnedit.distill.colocate import DistillError
     from megatron_attnedit.distill.stage2 import Stage2Objective

@@ -31,6 +31,9 @@ CASES = {
     # gradient; it is then not checkpointed (megatron's would fail in the backward) and runs once.
     "layernorm_frozen_input": ("qwen3-debug", False, dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
                                {"input_layernorm": [1, 2, 3], "pre_mlp_layernorm": [0, 1, 2, 3]}),
+    # Full recompute with a frozen embedding: megatron's reentrant checkpoint gives no weight any
+    # gradient unless the decoder input asks for one (qwen3._decoder_input_needs_grad).
+    "full_frozen_input": ("qwen3-debug", False, dict(recompute_granularity="full"), {"": [0, 1, 2, 3]}),
     "moe": ("qwen3-moe-debug", False, dict(recompute_granularity="selective", recompute_modules=["moe"]),
             {"mlp.router": [1, 2, 3], "mlp.experts": [1, 2, 3], "self_attention": []}),  # layer 0 is dense (mlp_only_layers)
     "mla_up_proj": ("qwen3-debug", True, dict(recompute_granularity="selective", recompute_modules=["mla_up_proj", "core_attn"]),

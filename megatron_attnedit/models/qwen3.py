@@ -391,7 +391,24 @@ def build_model(
     for m in model.modules():
         if isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
             m.to(opts.params_dtype)
+    if opts.recompute_granularity == "full":
+        model.decoder.register_forward_pre_hook(_decoder_input_needs_grad, with_kwargs=True)
     return model.to(platform.active().device)
+
+
+def _decoder_input_needs_grad(module, args, kwargs):
+    """Full recompute runs layers inside megatron's reentrant CheckpointFunction, whose output needs a
+    gradient only if one of its tensor inputs does (the layer weights are not inputs). With a frozen
+    embedding -- distillation's student, whose embedding is the teacher's -- no layer would get a
+    gradient at all; a decoder input that asks for one (its gradient goes nowhere) restores them.
+    (Later pipeline stages receive their input with requires_grad already.)"""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not (torch.is_tensor(x) and torch.is_grad_enabled() and module.training and not x.requires_grad):
+        return None
+    x = x.detach().requires_grad_()
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": x}
+    return (x, *args[1:]), kwargs
 
 
 def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
