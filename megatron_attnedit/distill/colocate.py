@@ -30,6 +30,7 @@ moment.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -260,6 +261,7 @@ def build_pair(cfg, plat, trainable: str = "attention") -> Colocated:
     hf = obj.hf_config(cfg)
     opts = obj.build_options(cfg, plat)
     target = _target(cfg.target)
+    _warn_if_nothing_to_learn(target, cfg.data.seq_length)
     n_calib = _student_api().targets.get_target(target.name).calibration_tokens(hf, target.options)
     calib = None
     # A student that starts from a checkpoint (stage 2 after stage 1) is initialised only to be overwritten.
@@ -304,6 +306,21 @@ def _params(items: Iterable) -> Iterable[torch.nn.Parameter]:
 # ----------------------------------------------------------------------------------------------
 # The attention-target API this module builds on (models/student.py, attention/targets.py)
 # ----------------------------------------------------------------------------------------------
+
+
+def _warn_if_nothing_to_learn(target, seq_length: int) -> None:
+    """GateSWA trained on sequences no longer than its window: every sliding-window layer then sees
+    the whole sequence and the student starts equal to the teacher (losses exactly 0). Allowed --
+    benchmarks time it -- but said once, on rank 0."""
+    if target.name != "gate_swa":
+        return
+    from megatron_attnedit.attention.gate_swa import GateSWATarget
+
+    window = int(target.options.get("window", GateSWATarget.DEFAULTS["window"]))
+    if window >= seq_length and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"warning: target.options.window={window} >= data.seq_length={seq_length}: every sliding-window layer sees the "
+              "whole sequence, so the student equals the teacher and has nothing to learn; train on sequences longer than "
+              "the window (the GateSWA recipes use twice it)", file=sys.stderr, flush=True)
 
 
 def _target(cfg_target):
