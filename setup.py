@@ -1,4 +1,13 @@
+import os
+
 from setuptools import find_packages, setup
+
+
+def _pins(name):
+    """Exact pins from a requirements file next to this one (what the test suite ran with)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
 
 setup(
     name="megatron-attnedit",
@@ -9,27 +18,15 @@ setup(
     # project is used from a checkout, installed in editable mode by launch/install.sh).
     package_data={"megatron_attnedit": ["assets/teachers/*/*", "convert/hf_gateswa/*.py"]},
     python_requires=">=3.10",
-    # torch is deliberately not pinned here: the install script installs torch==2.13.0 only when
-    # no torch is present, and never replaces the user's own build (CUDA, ROCm, torch_npu).
-    install_requires=[
-        "megatron-core==0.16.1",
-        "transformers>=5.0,<6",
-        "safetensors>=0.4",
-        "sentencepiece>=0.2",
-        "tokenizers>=0.20",
-        "wandb>=0.18",
-        "pyyaml>=6",
-        "tqdm>=4.60",
-        "psutil>=5.9",
-        "numpy",
-        "einops",
-    ],
+    # Exact pins (requirements.txt). torch is deliberately not among them: the install script
+    # installs torch==2.13.0 only when no torch is present, and never replaces the user's own build.
+    install_requires=_pins("requirements.txt"),
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # torch_npu must match the installed torch; MindSpeed is installed from its repository
         # (see README, "Ascend").
         "npu": ["torch_npu"],
-        "report": ["matplotlib>=3.7"],
-        "test": ["pytest>=7", "matplotlib>=3.7"],
+        "report": [p for p in _pins("requirements-test.txt") if p.startswith("matplotlib")],
+        "test": _pins("requirements-test.txt"),
     },
 )

@@ -13,10 +13,25 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[install] no torch found: installing torch==2.13.0"
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-if "$PY" -c "import megatron_attnedit, megatron.core, transformers, safetensors, sentencepiece, wandb, yaml, tqdm, psutil" >/dev/null 2>&1 \
-   && { [ -z "$extras" ] || "$PY" -c "import pytest, matplotlib" >/dev/null 2>&1; } \
-   && [ "$("$PY" -c 'import megatron_attnedit,os;print(os.path.dirname(os.path.dirname(megatron_attnedit.__file__)))')" = "$PWD" ]; then
+# Fast path: the project is installed from this checkout and every pinned dependency is installed
+# at its pinned version (requirements*.txt); anything else reinstalls, so a user gets what CI ran.
+pins="requirements.txt"
+[ -n "$extras" ] && pins="$pins requirements-test.txt"
+if "$PY" - $pins >/dev/null 2>&1 <<'PY'
+import os, sys
+from importlib.metadata import requires, version
+import megatron_attnedit
+assert os.path.dirname(os.path.dirname(os.path.abspath(megatron_attnedit.__file__))) == os.getcwd()
+declared = {r.split(";")[0].replace(" ", "") for r in requires("megatron-attnedit") or []}
+for path in sys.argv[1:]:
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if line:
+            name, pinned = line.split("==")
+            assert version(name) == pinned and line in declared, (name, version(name), pinned)
+PY
+then
   exit 0
 fi
-echo "[install] installing megatron-attnedit$extras (editable) and its dependencies"
+echo "[install] installing megatron-attnedit$extras (editable) and its pinned dependencies"
 "$PY" -m pip install -q -e ".$extras"

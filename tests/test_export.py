@@ -76,6 +76,14 @@ def test_loads_offline_and_generates_with_cache(exports, case):
     assert len(r["generated"]) == 14
     # 10 prompt + 14 new tokens > window (8 / 6): sliding layers decode from a truncated cache
     assert r["cache_vs_full_forward"] <= TOL, r
+    assert r["generated"] == r["generated_uncached"], r
+    # the cache is filled: every position of the 10-token prompt in full layers, W - 1 in sliding
+    # ones (transformers keeps W - 1; the next token makes W). An attention that reads the cache
+    # under another keyword than transformers passes leaves it empty (transformers 5.25).
+    cfg = _config(w, case)
+    kinds = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]
+    expected = [10 if k == "full_attention" else min(10, cfg["sliding_window"] - 1) for k in kinds]
+    assert r["cached_positions"] == expected, r
 
 
 def test_deepseek_config_expresses_the_student(exports):

@@ -10,12 +10,17 @@ gives what recomputing everything gives). MoE cases also report the difference u
 renormalised router (``norm_topk_prob``), which stock transformers' DeepseekV2 does not apply.
 """
 
+import inspect
 import json
 import os
 import sys
 import warnings
 
 import torch
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+CACHE_KEYWORD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 warnings.filterwarnings("ignore")
 
@@ -42,6 +47,14 @@ def check(hf_dir, megatron_logits, tokens, prompt_len=10, new_tokens=14):
     steps = torch.stack(gen.logits, dim=1)
     out["generated"] = gen.sequences[0, prompt_len:].tolist()
     out["cache_vs_full_forward"] = (steps - full[:, prompt_len - 1 : -1]).abs().max().item()
+    plain = model.generate(tokens[:1, :prompt_len], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           use_cache=False, pad_token_id=0)
+    out["generated_uncached"] = plain[0, prompt_len:].tolist()
+    # what the cache holds after the prompt, per layer (a cache passed by the keyword the model's
+    # transformers version reads is filled; one the attention never sees stays empty)
+    cache = DynamicCache(config=model.config)
+    model(tokens[:1, :prompt_len], use_cache=True, **{CACHE_KEYWORD: cache})
+    out["cached_positions"] = [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None else 0 for layer in cache.layers]
     if cfg.get("model_type") == "deepseek_v2" and cfg.get("first_k_dense_replace", 0) < cfg["num_hidden_layers"]:
         router_cls = type(model.model.layers[-1].mlp.gate)
         router_cls._stock_forward = router_cls.forward

@@ -14,8 +14,14 @@ the attention is transformers' own Qwen3 / Qwen3-MoE. Per layer i:
 KV cache: transformers' ``DynamicCache(config)`` gives sliding layers a ``DynamicSlidingWindowLayer``
 (it keeps the last W-1 keys, the new token makes W) and full layers a plain one; masks come from
 transformers' ``create_causal_mask`` / ``create_sliding_window_causal_mask`` per layer type.
-Written against transformers 5.x (the version the exporter is tested with is in the README).
+The cache keyword: transformers 5.25 passes it as ``cache=`` (``past_key_values`` is deprecated
+there, its removal planned for 5.40); earlier 5.x releases pass ``past_key_values=``. An attention
+that reads only one of them silently runs without a cache under the other (generation then
+diverges at the second token), so this code takes either (``_cache_of``). The project's tests
+check cached greedy generation against the uncached forward on the transformers version it pins.
 """
+
+import inspect
 
 import torch
 from torch import nn
@@ -31,11 +37,25 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_gateswa import GateSWAConfig, GateSWAMoeConfig
 
+# The name under which this transformers passes the cache to masks, layers and model outputs.
+_CACHE_KEYWORD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
 # The checkpoint stores routed experts one by one, as Qwen3-MoE checkpoints do; transformers merges
 # them on load by model type, and does so for custom code only when the mapping is registered.
 register_checkpoint_conversion_mapping(
     GateSWAMoeConfig.model_type, get_checkpoint_conversion_mapping("qwen3_moe"), overwrite=True
 )
+
+
+def _cache_of(kwargs, *named):
+    """The KV cache, whichever keyword carried it (``cache`` from transformers 5.25 on,
+    ``past_key_values`` before); removes both from ``kwargs``."""
+    found = [c for c in named if c is not None]
+    for key in ("cache", "past_key_values"):
+        value = kwargs.pop(key, None)
+        if value is not None:
+            found.append(value)
+    return found[0] if found else None
 
 
 def _causal_mask(q_len, k_len, window, device):
@@ -71,15 +91,16 @@ class GateSWAAttention(Qwen3Attention):
         self.output_gate = nn.Linear(config.hidden_size, config.num_attention_heads * self.gate_width, bias=True)
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads)) if config.attention_sinks else None
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        cache = _cache_of(kwargs, cache)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         if self.sinks is not None:
             attention = attention_with_sinks
         else:
@@ -123,29 +144,32 @@ class GateSWAMoeModel(Qwen3MoeModel):
 
     @merge_with_config_defaults
     @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
+        cache = _cache_of(kwargs, cache)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           past_key_values=past_key_values, position_ids=position_ids)
-        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-        if "sliding_attention" in self.config.layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+                           position_ids=position_ids, **{_CACHE_KEYWORD: cache})
+        masks = attention_mask  # generate may already have built one mask per layer type
+        if not isinstance(masks, dict):
+            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in self.config.layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer, kind in zip(self.layers, self.config.layer_types):
             hidden_states = layer(hidden_states, attention_mask=masks[kind], position_ids=position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache,
+                                  use_cache=use_cache, **{_CACHE_KEYWORD: cache},
                                   position_embeddings=position_embeddings, **kwargs)
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{_CACHE_KEYWORD: cache})
 
 
 class GateSWAMoeForCausalLM(Qwen3MoeForCausalLM):
