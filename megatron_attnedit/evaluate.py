@@ -10,7 +10,7 @@ up-projections (eval/mla_decode.py), checked against the stock transformers forw
 students load with trust_remote_code (their config has an auto_map; the code ships in the
 checkpoint directory). Output in --report-dir: report.md, results.json, PNG plots (KV against
 context; stage-1 and stage-2 curves from --run-dir). Bad input stops with one ``error:`` line and
-exit code 2; a failed MLA decode check writes the report, then exits 1.
+exit code 2 (``errors.run_cli``); a failed MLA decode check writes the report, then exits 1.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
+from megatron_attnedit.errors import run_cli, strip_debug
 from megatron_attnedit.eval import EvalError
 
 TEACHER_TYPES = ("qwen3", "qwen3_moe")
@@ -62,6 +63,7 @@ def parse_args(argv):
     ap.add_argument("--decode-tokens", type=int, default=64, help="greedy decode steps after the prefill")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also ATTNEDIT_DEBUG=1)")
     return ap.parse_args(argv)
 
 
@@ -241,11 +243,7 @@ def run(a, argv) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
-    try:
-        return run(a, argv)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(a, strip_debug(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bytes-per-elem", type=int, default=2, help="cache element size (2 = bf16)")
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="comma-separated context lengths")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also ATTNEDIT_DEBUG=1)")
     for flag, (name, typ) in OPTION_FLAGS.items():
         if typ is None:
             ap.add_argument(flag, dest=name, action="store_true", default=None)
@@ -111,18 +112,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             ap.add_argument(flag, dest=name, type=typ, default=None)
     a = ap.parse_args(argv)
 
+    from megatron_attnedit.errors import UserError, run_cli
     from megatron_attnedit.models import qwen3
 
-    try:
+    def body():
         cfg = qwen3.load_hf_config(a.hf_dir) if a.hf_dir else qwen3.config_for_preset(a.preset)
         options = {name: getattr(a, name) for name, _ in OPTION_FLAGS.values() if getattr(a, name) is not None}
-        contexts = tuple(int(c) for c in a.contexts.split(","))
+        try:
+            contexts = tuple(int(c) for c in a.contexts.split(","))
+        except ValueError:
+            raise UserError(f"--contexts {a.contexts!r} must be comma-separated integers, e.g. 4096,32768") from None
         r = report(cfg, a.target, options, a.bytes_per_elem, contexts)
-    except (qwen3.ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(r, indent=1) if a.json else format_report(r))
-    return 0
+        print(json.dumps(r, indent=1) if a.json else format_report(r))
+
+    return run_cli(body, argv)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from megatron_attnedit.errors import RunFault, run_cli, strip_debug
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"mla": "quickstart_mla", "gateswa": "quickstart_gateswa"}
 QUICK = dict(stage1_iters=6, stage2_iters=6, warmup=2, max_tokens=2048, decode_tokens=16,
@@ -45,7 +47,7 @@ GOALS = {"mla": 1.10, "gateswa": 1.05}
 """Held-out perplexity / teacher's that issue 5 asks of the full run (reported, not tuned to)."""
 
 
-class QuickstartError(RuntimeError):
+class QuickstartError(RunFault):
     """A step failed; one line, the log says the rest."""
 
 
@@ -139,18 +141,17 @@ def train_cmd(a, nproc: int, recipe: str, stage: str, run_dir: str, sets: List[s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    a = parse_args(argv)
+    a = parse_args(strip_debug(argv))
     t_start = time.time()
-    try:
+
+    def body():
         summary = run(a)
-    except QuickstartError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    summary["wall_s"] = time.time() - t_start
-    with open(os.path.join(a.run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print_summary(summary)
-    return 0
+        summary["wall_s"] = time.time() - t_start
+        with open(os.path.join(a.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print_summary(summary)
+
+    return run_cli(body, argv)  # a failed step: one line naming its log, exit 1
 
 
 def run(a) -> dict:

@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from megatron_attnedit.errors import UserError, run_cli, strip_debug
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teachers")
 NAMES = {"dense": "qwen3-tiny-stdlib", "moe": "qwen3-moe-tiny-stdlib"}
 CARD_JSON = "teacher_card.json"
@@ -55,7 +57,7 @@ ARCHITECTURES = {
 }
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     """Bad input to a teacher step; one line saying what to do."""
 
 
@@ -520,12 +522,9 @@ def main(argv=None) -> int:
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--full", action="store_true", help="every window at seq 1024 (default: the test protocol)")
     p.add_argument("--device", default="auto")
-    a = ap.parse_args(argv)
+    a = ap.parse_args(strip_debug(argv))  # --debug (anywhere) or ATTNEDIT_DEBUG=1: the traceback of an error
 
-    from megatron_attnedit.data.corpus import CorpusError
-    from megatron_attnedit.data.tokenizer import TokenizerError
-
-    try:
+    def body():
         if a.cmd == "data":
             prepare_data(a.out, a.vocab_size)
         elif a.cmd == "datasets":
@@ -550,10 +549,7 @@ def main(argv=None) -> int:
             r = evaluate_dir(a.hf_dir, proto, device=_device(a.device))
             print(f"held-out loss {r['loss']:.4f} (perplexity {math.exp(r['loss']):.2f}) on {r['tokens']:,} tokens of "
                   f"{len(r['files'])} valid files (Python {sys.version.split()[0]}, seq_len {proto['seq_len']})")
-    except (TeacherError, CorpusError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(body, argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Run it under torchrun for several processes (launch/pretrain.sh, launch/distill.sh do that).
 ``--recipe`` is a file or a name in launch/recipes/; ``--stage`` applies the recipe's overlay of that
 name and trains the objective of that name (stage1, stage2); ``--set`` overrides single fields.
-A run resumes by itself from the latest checkpoint in its checkpoint directory.
+A run resumes by itself from the latest checkpoint in its checkpoint directory. Bad input ends in one
+``error:`` line and exit code 2, a fault during the run in one line and exit code 1; ``--debug``
+(or ATTNEDIT_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -12,18 +14,7 @@ import argparse
 import os
 import sys
 
-
-def _user_error_types() -> tuple:
-    """Exception types that mean bad input (printed as one line), from the modules loaded so far."""
-    from megatron_attnedit.config import ConfigError
-    from megatron_attnedit.training.data import DataError
-
-    types = [ConfigError, DataError]
-    for mod, name in (("megatron_attnedit.models.qwen3", "ConfigError"), ("megatron_attnedit.convert.hf_io", "CheckpointError"),
-                      ("megatron_attnedit.training.checkpoint", "CheckpointError"), ("megatron_attnedit.training.loop", "TrainingStopped")):
-        if mod in sys.modules:
-            types.append(getattr(sys.modules[mod], name))
-    return tuple(types)
+from megatron_attnedit.errors import run_cli
 
 
 def main(argv=None) -> int:
@@ -32,10 +23,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", default=None, help="apply the recipe's stages.<STAGE> overlay and train objective STAGE")
     ap.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override a field, e.g. --set optimizer.lr=1e-4 training.train_iters=100")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also ATTNEDIT_DEBUG=1)")
     a = ap.parse_args(argv)
     overrides = [x for group in a.overrides for x in group]
     rank0 = os.environ.get("RANK", "0") == "0"
-    try:
+
+    def body():
         from megatron_attnedit.config import load_config
         from megatron_attnedit.training.data import check_prefixes
 
@@ -44,19 +37,16 @@ def main(argv=None) -> int:
         from megatron_attnedit.training.loop import train
 
         train(cfg)
-    except Exception as e:
-        if not isinstance(e, _user_error_types()):
-            raise
-        if rank0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+
+    try:
+        # bad input: one line on rank 0, exit 2; a fault once training runs: exit 1 (errors.py)
+        return run_cli(body, argv, rank0=rank0)
     finally:
         if "torch" in sys.modules:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":  # required: dist_checkpointing's helper processes re-import this module

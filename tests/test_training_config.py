@@ -29,7 +29,7 @@ def run_train(*args):
 
 
 def one_error_line(proc):
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -1,7 +1,8 @@
 """Command lines of the converters (``checkpoints_tools/hf_to_mcore.py``, ``mcore_to_hf.py``).
 
 User mistakes -- bad config, bad or incomplete input, an output that would clobber something --
-end with one ``error: ...`` line on stderr and exit status 2, no traceback, nothing written.
+and environment faults (disk full, unwritable path) end with one ``error: ...`` line on stderr and
+exit status 2, no traceback, nothing written (``errors.run_cli``; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -10,14 +11,8 @@ import argparse
 import sys
 from typing import Callable, List, Optional
 
-USER_ERROR = 2
+from megatron_attnedit.errors import run_cli
 
-
-def _user_errors():
-    from megatron_attnedit.convert.hf_io import CheckpointError
-    from megatron_attnedit.models.qwen3 import ConfigError
-
-    return (ConfigError, CheckpointError)
 
 
 def _free_memory_promptly() -> None:
@@ -45,31 +40,18 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _run(fn: Callable) -> int:
+def _run(fn: Callable, argv: Optional[List[str]]) -> int:
     _free_memory_promptly()
     _interrupt_on_sigterm()
-    try:
-        report = fn()
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except SystemExit as e:  # platform start-up reports its problems this way
-        if isinstance(e.code, str):
-            msg = e.code[len("error: "):] if e.code.startswith("error: ") else e.code
-            print(f"error: {_one_line(msg)}", file=sys.stderr)
-            return USER_ERROR
-        raise
-    except Exception as e:
-        if isinstance(e, _user_errors()) or isinstance(e, OSError):
-            print(f"error: {_one_line(str(e))}", file=sys.stderr)
-            return USER_ERROR
-        raise
-    print(report.line(), flush=True)
-    return 0
+    out = {}
 
+    def body():
+        out["report"] = fn()
 
-def _one_line(msg: str) -> str:
-    return " ".join(msg.split())
+    rc = run_cli(body, argv, interrupt_message="interrupted; nothing was written")
+    if rc == 0:
+        print(out["report"].line(), flush=True)
+    return rc
 
 
 def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
@@ -87,6 +69,7 @@ def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --save-dir")
     ap.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights (they can run code when loaded)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also ATTNEDIT_DEBUG=1)")
     a = ap.parse_args(argv)
 
     def go():
@@ -97,7 +80,7 @@ def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
             ckpt_format=a.ckpt_format, overwrite=a.overwrite, allow_pickle=a.allow_pickle, progress=not a.no_progress,
         )
 
-    return _run(go)
+    return _run(go, argv)
 
 
 def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
@@ -114,6 +97,7 @@ def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an HF checkpoint already in --save-dir")
     ap.add_argument("--allow-pickle", action="store_true", help="unpickle arbitrary objects in common.pt / rank files")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also ATTNEDIT_DEBUG=1)")
     a = ap.parse_args(argv)
 
     def go():
@@ -122,4 +106,4 @@ def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
         return mcore_to_hf(a.load_dir, a.save_dir, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
                            dtype=parse_dtype(a.dtype), allow_pickle=a.allow_pickle, progress=not a.no_progress)
 
-    return _run(go)
+    return _run(go, argv)

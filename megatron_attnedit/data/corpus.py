@@ -33,6 +33,8 @@ import sys
 import sysconfig
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from megatron_attnedit.errors import UserError
+
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 VALID_FRACTION = 0.05
 """5%: about 37 files / 0.6 MB in CPython 3.11, enough for a stable held-out loss (2% would be ~15 files)."""
@@ -42,7 +44,7 @@ SP_WHITESPACE = "\u2581"
 FORMAT_VERSION = 1
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """The corpus cannot be built or read; one line saying what to do."""
 
 

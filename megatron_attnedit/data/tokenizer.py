@@ -28,6 +28,8 @@ import os
 import shutil
 from typing import Dict, Iterable, Iterator, List, Optional
 
+from megatron_attnedit.errors import UserError
+
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 VOCAB_SIZE = 4096
 MODEL_FILE = "tokenizer.model"
@@ -35,7 +37,7 @@ META_FILE = "tokenizer_meta.json"
 _CHUNK_CHARS = 4000  # SentencePiece trains on "sentences"; code is cut at line ends into pieces this long
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """The tokenizer cannot be built or does not reproduce SentencePiece; one line."""
 
 

@@ -11,8 +11,10 @@ report.py       report.md + results.json
 plots.py        PNG plots (matplotlib, Agg): training curves and KV bytes against context length
 """
 
+from megatron_attnedit.errors import UserError
+
 CONTEXTS = (4096, 32768, 131072)  # context lengths of the report's KV columns
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A user-facing problem with the evaluation's input; one line saying what to do."""

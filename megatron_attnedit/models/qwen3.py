@@ -16,9 +16,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
-from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -26,9 +27,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_attnedit.attention.core import FlashCoreAttention
+from megatron_attnedit.errors import UserError
 from megatron_attnedit.models.experts import GroupedExperts
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
@@ -67,7 +68,7 @@ PRESETS: Dict[str, dict] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-facing configuration problem; its message is one line saying what to do."""
 
 

@@ -29,13 +29,14 @@ import torch.distributed as dist
 
 from megatron_attnedit.config import ConfigError
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
+from megatron_attnedit.errors import UserError
 from megatron_attnedit.training.optim import torch_optimizers
 
 LATEST = "latest_checkpointed_iteration.txt"
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # Megatron-LM default; optimizer reshardable over DP
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; one line saying what to do."""
 
 

@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 from megatron_attnedit import platform
 from megatron_attnedit.config import Config, ConfigError
+from megatron_attnedit import errors
+from megatron_attnedit.errors import RunFault
 from megatron_attnedit.training import checkpoint as ckpt_lib
 from megatron_attnedit.training import data as data_lib
 from megatron_attnedit.training import objective as objective_lib
@@ -30,7 +32,7 @@ from megatron_attnedit.training.monitor import Monitor, memory_gb
 from megatron_attnedit.training.optim import build_optimizer, build_scheduler, synced_params, wrap_ddp
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(RunFault):
     """The run cannot go on (non-finite loss); the message says where and what was kept."""
 
 
@@ -269,6 +271,7 @@ def train(cfg: Config) -> Dict[str, float]:
                   f"{s.num_micro} micro-batch(es) per step per data-parallel rank, run dir {cfg.run_dir}"
                   + (f", {built:.1f} GiB peak memory while building" if built is not None and s.plat.name != "cpu" else ""))
     s.plat.reset_peak_memory()  # mem_gb below: the training steps' peak
+    errors.started()  # from here on, an environment fault (disk full while saving) is a fault of the run: exit 1
     monitor.start_progress(state.iteration, t.train_iters)
     window, logged = defaultdict(float), {}
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
