@@ -152,7 +152,8 @@ def resolve_iter_dir(load_dir: str) -> Tuple[str, Optional[int]]:
     tracker = os.path.join(load_dir, TRACKER)
     if not os.path.isfile(tracker):
         raise CheckpointError(f"{load_dir} has no {TRACKER} and is not an iteration directory; is it a megatron checkpoint?")
-    text = open(tracker).read().strip()
+    with open(tracker, errors="replace") as f:
+        text = f.read().strip()
     if text == "release":
         it_dir, it = os.path.join(load_dir, "release"), None
     else:
@@ -169,7 +170,11 @@ def resolve_iter_dir(load_dir: str) -> Tuple[str, Optional[int]]:
 def detect_format(iter_dir: str) -> str:
     md = os.path.join(iter_dir, "metadata.json")
     if os.path.isfile(md):
-        backend = json.load(open(md)).get("sharded_backend")
+        try:
+            with open(md) as f:
+                backend = json.load(f).get("sharded_backend")
+        except (ValueError, AttributeError):
+            raise CheckpointError(f"{md} is damaged (not a JSON mapping); re-copy the checkpoint or save it again") from None
         if backend != "torch_dist":
             raise CheckpointError(f"{iter_dir} is a {backend!r} distributed checkpoint; only torch_dist is supported")
         return "torch_dist"
@@ -190,8 +195,12 @@ def safe_load(path: str, allow_pickle: bool = False, mmap: bool = False):
         raise CheckpointError(
             f"{path} holds Python objects beyond tensors ({first[:120]}); pass --allow-pickle if you trust the source"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        # a truncated or damaged archive (zip reader, unpickling errors); a missing file is checked by callers
+        raise CheckpointError(
+            f"cannot read {path} ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); "
+            "the file is damaged or truncated: re-copy the checkpoint or save it again"
+        ) from None
 
 
 def legacy_rank_files(iter_dir: str) -> dict:
@@ -223,6 +232,10 @@ def read_checkpoint_metadata(load_dir: str, allow_pickle: bool = False) -> dict:
             "it was not written by this project's converter or save_mcore_checkpoint"
         )
     meta = dict(meta)
+    if not isinstance(meta.get("hf_config"), dict) or not all(
+        isinstance(meta.get(k), int) for k in ("padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
+    ):
+        raise CheckpointError(f"{iter_dir}: its megatron-attnedit metadata lacks the HF config or the vocabulary / parallel sizes; it is damaged")
     assets = os.path.join(iter_dir, ASSETS)
     meta.update(format=fmt, iter_dir=iter_dir, iteration=it if it is not None else state.get("iteration"),
                 hf_assets_dir=assets if os.path.isdir(assets) else None)

@@ -17,16 +17,17 @@ import dataclasses
 import os
 import resource
 import shutil
+import sys
 import time
 from typing import Optional
 
 import torch
 
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
-from megatron_attnedit.convert import mapping
+from megatron_attnedit.convert import checks, mapping
 from megatron_attnedit.convert.hf_io import CheckpointError, HFCheckpoint
-from megatron_attnedit.convert.layout import check_table_covers, hf_shapes_of, megatron_shape_from_hf, model_layout, ordered_params
-from megatron_attnedit.convert.outdir import atomic_output_dir, check_output_dir, dir_bytes
+from megatron_attnedit.convert.layout import check_table_covers, hf_shapes_of, model_layout, ordered_params
+from megatron_attnedit.convert.outdir import atomic_output_dir, check_output_dir, dir_bytes, sweep_stale
 
 CKPT_FORMATS = ("torch_dist", "torch")
 # HF entries a Qwen3 checkpoint may carry that hold no weights of their own
@@ -80,6 +81,14 @@ def ensure_megatron_single_process() -> None:
         raise RuntimeError("conversion runs in a single process (megatron initialised at TP=PP=1)")
 
 
+def prepare_output(save_dir: str, overwrite: bool, tool: str, source: str) -> None:
+    """Clear what runs killed outright left beside ``save_dir`` (one stderr line each), then
+    refuse an output that is not ours to replace (``outdir``)."""
+    for note in sweep_stale(save_dir):
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    check_output_dir(save_dir, overwrite, tool, sources=[source])
+
+
 def check_hf_keys(ckpt: HFCheckpoint, table) -> None:
     """Every HF tensor is consumed by the table and every table entry is in the checkpoint."""
     want = set(table.hf_names())
@@ -94,6 +103,19 @@ def check_hf_keys(ckpt: HFCheckpoint, table) -> None:
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         raise CheckpointError(f"{ckpt.dir} holds tensor(s) {', '.join(extra[:3])}{more} that no conversion rule consumes; is config.json right for these weights?")
+
+
+def check_hf_shapes(ckpt: HFCheckpoint, rule, hf_names, want_shapes, cfg: dict) -> None:
+    """Each HF tensor has a weight dtype and exactly the shape config.json implies (from the file
+    headers, before anything is written). The vocabulary rows are one such shape: a vocab_size that
+    is not the embedding's rows would otherwise drop rows or pad zero rows without a word."""
+    for h, want in zip(hf_names, want_shapes):
+        dtype, got = ckpt.info(h)
+        where = os.path.join(ckpt.dir, ckpt.weight_map[h]) if ckpt.weight_map[h] != "<pickle>" else ckpt.dir
+        checks.check_dtype(dtype, h, where)
+        if rule.transform == "vocab" and len(got) == 2 and got[1:] == tuple(want[1:]) and got[0] != want[0]:
+            raise checks.vocab_rows_mismatch(h, where, got[0], cfg["vocab_size"], os.path.join(ckpt.dir, "config.json"))
+        checks.check_shape(got, want, h, where, implied_by="config.json")
 
 
 def _table(cfg: dict, tp: int, padded_vocab: Optional[int] = None):
@@ -149,7 +171,7 @@ def hf_to_mcore(
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
     if ckpt_format not in CKPT_FORMATS:
         raise qwen3.ConfigError(f"unknown --ckpt-format {ckpt_format!r}; use torch_dist or torch")
-    check_output_dir(save_dir, overwrite, sources=[hf_dir])
+    prepare_output(save_dir, overwrite, "hf_to_mcore", hf_dir)
     cfg = qwen3.load_hf_config(hf_dir)
     qwen3.check_parallel(cfg, tp, pp, ep)
     ckpt = HFCheckpoint(hf_dir, allow_pickle=allow_pickle)
@@ -162,14 +184,8 @@ def hf_to_mcore(
     entries = ordered_params(layout, table)
     dtype_of = {}
     for name, hf_names, rule in entries:
-        infos = [ckpt.info(h) for h in hf_names]
-        dtype_of[name] = infos[0][0]
-        got = megatron_shape_from_hf(rule, table.shapes, [s for _, s in infos])
-        if got != layout.params[name]:
-            raise CheckpointError(
-                f"{', '.join(hf_names)} in {hf_dir} make {name} of shape {got}, the model from config.json has {layout.params[name]}; "
-                "does config.json match the weights?"
-            )
+        check_hf_shapes(ckpt, rule, hf_names, hf_shapes_of(rule, table.shapes, layout.params[name]), cfg)
+        dtype_of[name] = ckpt.info(hf_names[0])[0]
     largest = max(torch.Size(s).numel() * d.itemsize for d, s in map(ckpt.info, table.hf_names()))
 
     def materialize(name: str) -> torch.Tensor:
@@ -184,7 +200,7 @@ def hf_to_mcore(
     if ckpt_format == "torch":
         header["args"] = ckpt_dirs.megatron_args(meta)
     rss_before = peak_rss()
-    with atomic_output_dir(save_dir) as tmp:
+    with atomic_output_dir(save_dir, "hf_to_mcore") as tmp:
         iter_dir = os.path.join(tmp, ckpt_dirs.iter_dir_name(0))
         if ckpt_format == "torch_dist":
             total = sum(torch.Size(layout.params[n]).numel() * dtype_of[n].itemsize for n, _, _ in entries)
@@ -225,16 +241,14 @@ def mcore_to_hf(
     from megatron_attnedit.models import qwen3
 
     t0 = time.time()
-    try:
-        max_bytes = parse_size(max_shard_size)
-    except ValueError as e:
-        raise qwen3.ConfigError(str(e)) from None
-    check_output_dir(save_dir, overwrite, sources=[load_dir])
+    max_bytes = parse_size(max_shard_size)
+    prepare_output(save_dir, overwrite, "mcore_to_hf", load_dir)
     meta = ckpt_dirs.read_checkpoint_metadata(load_dir, allow_pickle)
     if meta.get("model_family") != "qwen3":
         raise CheckpointError(f"{load_dir} holds model family {meta.get('model_family')!r}; this converter handles qwen3")
     cfg = meta["hf_config"]
     qwen3.check_hf_config(cfg)
+    check_vocab_metadata(meta, load_dir)
     # A student (the metadata names an attention target) exports in its target's HF format.
     from megatron_attnedit.convert import students
 
@@ -254,19 +268,20 @@ def mcore_to_hf(
 
         dist_reader = ChunkReader(meta["iter_dir"])
         stored = list(dist_reader.metadata.state_dict_metadata)
-        checks = (dist_reader.check, dist_reader.check_no_leftovers)
+        checks_of_layout = (dist_reader.check, dist_reader.check_no_leftovers)
         read = lambda n: dist_reader.read(layout.chunks[n], layout.params[n])  # noqa: E731
         src_dtype = lambda n: dist_reader.dtype(layout.chunks[n])  # noqa: E731
+        file_of = lambda n: dist_reader.file_of(layout.chunks[n])  # noqa: E731
         reader = None
     else:
         from megatron_attnedit.convert.legacy import LegacyReader
 
         reader = LegacyReader(meta["iter_dir"], meta, table, allow_pickle)
         stored = [k for sd in reader.states.values() for k in sd]
-        checks = (reader.check,)
-        read, src_dtype = reader.read, reader.dtype
+        checks_of_layout = (reader.check,)
+        read, src_dtype, file_of = reader.read, reader.dtype, reader.file_of
     try:
-        for check in checks:
+        for check in checks_of_layout:
             check(layout)
     except CheckpointError as e:
         raise _explain_mismatch(e, load_dir, student, students.student_weights_hint(stored)) from None
@@ -281,12 +296,15 @@ def mcore_to_hf(
     plan += zeros
     rss_before = peak_rss()
     largest = max(torch.Size(s).numel() * d.itemsize for _, s, d in plan)
-    with atomic_output_dir(save_dir) as tmp:
+    with atomic_output_dir(save_dir, "mcore_to_hf") as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_bytes)
         try:
             with _progress(writer.total, "mcore_to_hf", progress) as bar:
                 for name, hf_names, rule in entries:
                     full = read(name)
+                    checks.check_tensor(full, layout.params[name], name, file_of(name), implied_by="its stored config")
+                    if name == _EMBEDDING and not cfg.get("tie_word_embeddings"):
+                        check_vocab_padding(full, cfg["vocab_size"], name, file_of(name))
                     for h, t in zip(hf_names, mapping.to_hf(rule, full, table.shapes)):
                         t = transform(h, t)
                         t = t.to(dtype) if dtype is not None else t
@@ -307,6 +325,38 @@ def mcore_to_hf(
         written = dir_bytes(tmp)
     students.print_notes(student)
     return Report("mcore_to_hf", save_dir, written, time.time() - t0, rss_before, peak_rss(), largest)
+
+
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def check_vocab_metadata(meta: dict, load_dir: str) -> None:
+    """The stored config's vocab_size pads to the embedding rows the checkpoint records."""
+    from megatron_attnedit.models.qwen3 import padded_vocab_size
+
+    vocab, rows, tp = meta["hf_config"].get("vocab_size"), meta.get("padded_vocab_size"), meta.get("tensor_model_parallel_size", 1)
+    if not isinstance(vocab, int) or not isinstance(rows, int) or not isinstance(tp, int) or vocab <= 0 or tp <= 0:
+        raise CheckpointError(f"{load_dir}: its metadata has vocab_size {vocab!r} / padded_vocab_size {rows!r} / TP {tp!r}; it is damaged")
+    if padded_vocab_size(vocab, tp) != rows:
+        raise CheckpointError(
+            f"{load_dir}: its stored config has vocab_size {vocab}, which pads to {padded_vocab_size(vocab, tp)} embedding rows "
+            f"at TP {tp}, but the checkpoint has {rows}; the config does not match the weights: convert again from the config "
+            "that came with them"
+        )
+
+
+def check_vocab_padding(embedding: torch.Tensor, vocab: int, name: str, where: str) -> None:
+    """The embedding rows past vocab_size, which the export drops, must be padding: zeros, as the
+    converter writes them (training never changes them: an untied embedding's padding rows are never
+    looked up, so they get no gradient and decay stays at zero). Values there mean vocab_size is
+    smaller than the vocabulary the weights were made for."""
+    dropped = embedding[vocab:]
+    if dropped.numel() and bool(dropped.ne(0).any()):
+        used = vocab + int(dropped.ne(0).any(dim=1).nonzero().max()) + 1
+        raise CheckpointError(
+            f"{name} in {where} has values in rows {vocab}..{used - 1}, past the stored config's vocab_size {vocab}; "
+            f"exporting would drop them: the config does not match the weights (they use at least {used} rows)"
+        )
 
 
 _STUDENT_NAMES = {"mla": "an MLA", "gate_swa": "a GateSWA"}

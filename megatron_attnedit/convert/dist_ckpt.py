@@ -35,8 +35,10 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_attnedit.convert.checks import check_dtype
 from megatron_attnedit.convert.hf_io import CheckpointError
 from megatron_attnedit.convert.layout import Chunk, ModelLayout
+from megatron_attnedit.convert.outdir import os_error_in, torch_save
 
 
 # first components of megatron GPTModel weight keys (anything else -- optimizer., rng_state -- is not model weights)
@@ -89,7 +91,7 @@ class _StreamingFileWriter(dcp.FileSystemWriter):
                 if item.type == WriteItemType.BYTE_IO:
                     f.write(data.getbuffer())
                 else:
-                    torch.save(data, f)
+                    _save_record(data, f)
                 del data
                 length = f.tell() - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length)))
@@ -98,6 +100,28 @@ class _StreamingFileWriter(dcp.FileSystemWriter):
         fut: Future = Future()
         fut.set_result(results)
         return fut
+
+
+def _save_record(data: torch.Tensor, f) -> None:
+    # torch's zip writer reports a failed write (disk full) as "unexpected pos"; raise the OSError
+    try:
+        torch.save(data, f)
+    except RuntimeError as e:
+        err = os_error_in(e)
+        if err is None:
+            raise
+        raise OSError(err.errno, err.strerror, f.name) from None
+
+
+def _unwrapped(e: BaseException) -> BaseException:
+    """DCP wraps what a step raised (our CheckpointError, a disk-full OSError, Ctrl-C) in a
+    CheckpointException, a BaseException with the traceback in its text: the error itself."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException):
+        for exc, _ in e.failures.values():
+            return exc
+    return e
 
 
 def _chunk_item(c: Chunk, dtype: torch.dtype) -> WriteItem:
@@ -163,10 +187,15 @@ def write(
         on_bytes(t.nbytes)
         return t
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     writer = _StreamingFileWriter(iter_dir, single_file_per_rank=True, thread_count=1)
-    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(items, resolve), no_dist=True)
+    try:
+        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(items, resolve), no_dist=True)
+    except CheckpointException as e:
+        raise _unwrapped(e) from None
     current.clear()
-    torch.save(common, os.path.join(iter_dir, "common.pt"))
+    torch_save(common, os.path.join(iter_dir, "common.pt"))
     save_config(CheckpointingConfig("torch_dist", 1), iter_dir)
 
 
@@ -206,9 +235,39 @@ class ChunkReader:
 
     def __init__(self, iter_dir: str):
         self.reader = dcp.FileSystemReader(iter_dir)
-        self.metadata = self.reader.read_metadata()
-        self.reader.set_up_storage_reader(self.metadata, True)
         self.dir = iter_dir
+        path = os.path.join(iter_dir, ".metadata")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{iter_dir} has no .metadata; the checkpoint is incomplete: re-copy it or save it again")
+        try:
+            self.metadata = self.reader.read_metadata()
+            self.reader.set_up_storage_reader(self.metadata, True)
+        except Exception as e:  # a truncated or overwritten pickle: EOFError, UnpicklingError, ...
+            raise CheckpointError(f"cannot read {path} ({_first_line(e)}); the file is damaged: re-copy the checkpoint or save it again") from None
+        self.check_files()
+
+    def check_files(self) -> None:
+        """Every stored record lies inside its file: a truncated or missing .distcp is named before
+        anything is read or written."""
+        sizes: Dict[str, int] = {}
+        for index, info in self.metadata.storage_data.items():
+            path = os.path.join(self.dir, info.relative_path)
+            if path not in sizes:
+                if not os.path.isfile(path):
+                    raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: re-copy it or save it again")
+                sizes[path] = os.path.getsize(path)
+            if info.offset + info.length > sizes[path]:
+                raise CheckpointError(
+                    f"{path} is truncated ({sizes[path]} bytes, {index.fqn} needs {info.offset + info.length}); "
+                    "re-copy the checkpoint or save it again"
+                )
+
+    def file_of(self, chunks: List[Chunk]) -> str:
+        """The file holding (the first stored chunk of) a parameter, for messages."""
+        for index, info in self.metadata.storage_data.items():
+            if index.fqn == chunks[0].key:
+                return os.path.join(self.dir, info.relative_path)
+        return self.dir
 
     def check(self, layout: ModelLayout) -> None:
         """Every chunk's key is in the checkpoint with the global shape the model expects."""
@@ -225,6 +284,7 @@ class ChunkReader:
                         f"{c.key} in {self.dir} has shape {tuple(m.size)}, the model expects {c.global_shape}; "
                         "does the stored config match the weights?"
                     )
+                check_dtype(m.properties.dtype, c.key, self.dir)
 
     def check_no_leftovers(self, layout: ModelLayout) -> None:
         """Model-weight entries in the checkpoint that no parameter reads mean a config mismatch.
@@ -254,8 +314,23 @@ class ChunkReader:
         from torch.distributed.checkpoint.utils import _create_file_view
 
         info = self.metadata.storage_data[MetadataIndex(key, torch.Size(offsets), i)]
-        with open(os.path.join(self.dir, info.relative_path), "rb") as f:
-            return torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        path = os.path.join(self.dir, info.relative_path)
+        with open(path, "rb") as f:
+            try:
+                t = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+            except Exception as e:  # damaged bytes: PytorchStreamReader / unpickling errors
+                raise CheckpointError(f"cannot read {key} from {path} ({_first_line(e)}); the file is damaged: re-copy the checkpoint or save it again") from None
+        md = self.metadata.state_dict_metadata[key]
+        sizes = tuple(md.chunks[i].sizes)
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path} holds a {type(t).__name__} where {key} should be; the file is damaged: re-copy the checkpoint or save it again")
+        if tuple(t.shape) != sizes or t.dtype != md.properties.dtype:
+            raise CheckpointError(
+                f"{key} in {path} is stored as {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}, its metadata says "
+                f"{sizes} {str(md.properties.dtype).replace('torch.', '')}{' (transposed)' if tuple(t.shape) == sizes[::-1] else ''}; "
+                "the file is damaged: re-copy the checkpoint or save it again"
+            )
+        return t
 
     def read(self, chunks: List[Chunk], shape: Tuple[int, ...]) -> torch.Tensor:
         """The full TP=1 parameter. A parameter stored as one chunk (the usual case for what the
@@ -275,5 +350,15 @@ class ChunkReader:
         if covered != full.numel():
             raise CheckpointError(f"{chunks[0].key} in {self.dir} does not cover the whole tensor; the checkpoint is incomplete")
         plan = self.reader.prepare_local_plan(LoadPlan(items))
-        self.reader.read_data(plan, _IntoBuffers(targets)).wait()
+        try:
+            self.reader.read_data(plan, _IntoBuffers(targets)).wait()
+        except Exception as e:  # damaged bytes, or a stored chunk whose shape is not its metadata's
+            files = sorted({os.path.join(self.dir, self.metadata.storage_data[i.storage_index].relative_path) for i in items})
+            raise CheckpointError(f"cannot read {chunks[0].key} from {', '.join(files)} ({_first_line(e)}); the file is damaged: "
+                                  "re-copy the checkpoint or save it again") from None
         return full
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:160] if text else "") or type(e).__name__

@@ -38,8 +38,7 @@ class HFCheckpoint:
         idx = os.path.join(hf_dir, INDEX)
         single = os.path.join(hf_dir, "model.safetensors")
         if os.path.isfile(idx):
-            with open(idx) as f:
-                self.weight_map = dict(json.load(f)["weight_map"])
+            self.weight_map = _read_index(idx)
         elif os.path.isfile(single):
             self.weight_map = {k: "model.safetensors" for k in _header_keys(single)}
         else:
@@ -53,7 +52,7 @@ class HFCheckpoint:
                 raise CheckpointError(f"no model.safetensors or {INDEX} in {hf_dir}")
             self._pickle = {}
             for b in bins:
-                self._pickle.update(torch.load(os.path.join(hf_dir, b), map_location="cpu", weights_only=True))
+                self._pickle.update(_load_pickle_weights(os.path.join(hf_dir, b)))
             self.weight_map = {k: "<pickle>" for k in self._pickle}
         self._headers: Dict[str, dict] = {}
         self._check_files()
@@ -74,7 +73,15 @@ class HFCheckpoint:
         return list(self.weight_map)
 
     def get(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The tensor ``name``; read straight into ``out`` (contiguous, same dtype and shape) if given."""
+        """The tensor ``name``; read straight into ``out`` (contiguous, same dtype and shape) if given.
+        NaN / Inf values are refused here, where every tensor is read (``checks.check_finite``)."""
+        from megatron_attnedit.convert.checks import check_finite
+
+        t = self._get(name, out)
+        check_finite(t, name, os.path.join(self.dir, self.weight_map[name]) if self._pickle is None else self.dir)
+        return t
+
+    def _get(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name} not found in {self.dir}; is this the right model family?")
         if self._pickle is not None or self._headers[self.weight_map[name]][name]["dtype"] not in SAFETENSORS_DTYPES:
@@ -123,18 +130,65 @@ def _read_header(path: str) -> dict:
             raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
 
 
+def _read_index(path: str) -> Dict[str, str]:
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path} is not a safetensors index (no readable weight_map); re-download or re-copy it") from None
+    return dict(weight_map)
+
+
+def _load_pickle_weights(path: str) -> Dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged archive, or objects beyond tensors (weights_only refuses them)
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path} ({first}); the file is damaged or not a weights file: re-download it") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a mapping of tensor names to tensors; it is not a weights file")
+    return state
+
+
 def _check_safetensors(path: str) -> dict:
-    """The header of a complete safetensors file (tensor entries only, plus ``__header_len__``)."""
+    """The header of a complete, self-consistent safetensors file (tensor entries only, plus
+    ``__header_len__``): every entry's byte range fits its dtype and shape and lies in the file."""
     header = _read_header(path)
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a mapping); re-download or re-copy it")
+    out = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, entry in out.items():
+        _check_entry(path, name, entry)
+    end = max((v["data_offsets"][1] for v in out.values()), default=0)
     size = os.path.getsize(path)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated ({size} bytes, needs {8 + n + end}); re-download or re-copy it")
-    out = {k: v for k, v in header.items() if k != "__metadata__"}
     out["__header_len__"] = n
     return out
+
+
+def _check_entry(path: str, name: str, entry) -> None:
+    """One header entry: a dtype, a shape of non-negative ints, and a byte range of that size."""
+    damaged = f"{path}: the header entry of {name} is damaged ({{}}); re-download or re-copy the file"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(damaged.format("no dtype / shape / data_offsets"))
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(damaged.format(f"shape {shape!r}"))
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(damaged.format(f"data_offsets {offsets!r}"))
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is not None:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * dtype.itemsize:
+            raise CheckpointError(damaged.format(
+                f"{offsets[1] - offsets[0]} bytes for shape {tuple(shape)} of {entry['dtype']}, which needs {numel * dtype.itemsize}"))
 
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format description)

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_attnedit.convert.hf_io import INDEX, SAFETENSORS_DTYPES
+from megatron_attnedit.errors import UserError
 
 _DTYPE_CODE = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 DEFAULT_MAX_SHARD = "5GB"
@@ -29,10 +30,13 @@ def parse_size(s: str) -> int:
     """'5GB' -> 5e9, '20KB' -> 2e4, '2GiB' -> 2 * 2**30, '1000' -> 1000 (as transformers reads them)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(s), flags=re.I)
     if not m:
-        raise ValueError(f"cannot read size {s!r}; use e.g. 5GB, 500MB, 2GiB")
+        raise UserError(f"cannot read --max-shard-size {s!r}; use e.g. 5GB, 500MB, 2GiB")
     num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
     power = "KMGT".index(unit) + 1 if unit else 0
-    return int(num * (1024 if binary else 1000) ** power)
+    size = int(num * (1024 if binary else 1000) ** power)
+    if size <= 0:
+        raise UserError(f"--max-shard-size {s!r} is not a positive size; use e.g. 5GB, 500MB, 2GiB")
+    return size
 
 
 class ShardedSafetensorsWriter:

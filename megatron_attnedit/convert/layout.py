@@ -155,13 +155,6 @@ def ordered_params(layout: ModelLayout, table) -> List[Tuple[str, Tuple[str, ...
     return [by_name[p] for p in layout.params]
 
 
-def megatron_shape_from_hf(rule, shapes, hf_shapes: List[Tuple[int, ...]]) -> Tuple[int, ...]:
-    """Megatron shape a rule makes from HF tensors of these shapes (computed on the meta device)."""
-    from megatron_attnedit.convert import mapping
-
-    return tuple(mapping.to_megatron(rule, [torch.empty(s, device="meta") for s in hf_shapes], shapes).shape)
-
-
 def hf_shapes_of(rule, shapes, megatron_shape: Tuple[int, ...]) -> List[Tuple[int, ...]]:
     """HF tensor shapes a rule makes from a megatron tensor of this shape (meta device)."""
     from megatron_attnedit.convert import mapping

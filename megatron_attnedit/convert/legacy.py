@@ -22,9 +22,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from megatron_attnedit.convert import mapping
+from megatron_attnedit.convert.checks import check_dtype, check_shape
 from megatron_attnedit.convert.checkpoint import ATTNEDIT_KEY, legacy_rank_dir, legacy_rank_files, safe_load
 from megatron_attnedit.convert.hf_io import CheckpointError
 from megatron_attnedit.convert.layout import ModelLayout
+from megatron_attnedit.convert.outdir import torch_save
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
@@ -108,7 +110,7 @@ def write(
             sd["output_layer.weight"] = _own_storage(mapping.tp_shard(rule, materialize("embedding.word_embeddings.weight"), tp_rank, rank_map.tp))
         d = os.path.join(iter_dir, rank_map.dir_name(tp_rank, pp_rank, ep_rank))
         os.makedirs(d, exist_ok=True)
-        torch.save(dict(header, model=sd), os.path.join(d, "model_optim_rng.pt"))
+        torch_save(dict(header, model=sd), os.path.join(d, "model_optim_rng.pt"))
         del sd
 
 
@@ -148,6 +150,10 @@ class LegacyReader:
             raise CheckpointError(f"{self.dir}/{self.map.dir_name(*r)} has no {local} (global {name}); the checkpoint does not match its config")
         return sd[local]
 
+    def file_of(self, name: str) -> str:
+        stage, owner, _ = self.map.place(name)
+        return os.path.join(self.dir, self.map.dir_name(0, stage, owner or 0), "model_optim_rng.pt")
+
     def dtype(self, name: str) -> torch.dtype:
         stage, owner, local = self.map.place(name)
         return self._get((0, stage, owner or 0), local, name).dtype
@@ -183,6 +189,24 @@ class LegacyReader:
                 raise CheckpointError(f"{where} lacks {', '.join(missing[:3])}; the checkpoint does not match its config")
             if extra:
                 raise CheckpointError(f"{where} holds {', '.join(extra[:3])}, which the model from its config does not have; does the config match?")
+        self._check_shards(layout)
+
+    def _check_shards(self, layout: ModelLayout) -> None:
+        """Every stored shard has a weight dtype and the shape its TP rank's share of the parameter
+        has (a transposed shard included), from the mapped files' headers before anything is written."""
+        for name, shape in layout.params.items():
+            rule, _, _ = self.table.rule_for(name)
+            stage, owner, local = self.map.place(name)
+            full = torch.empty(shape, device="meta")
+            for tp_rank in range(self.map.tp):
+                r = (tp_rank, stage, owner or 0)
+                t = self._get(r, local, name)
+                where = os.path.join(self.dir, self.map.dir_name(*r), "model_optim_rng.pt")
+                if not isinstance(t, torch.Tensor):
+                    raise CheckpointError(f"{where} holds a {type(t).__name__} as {local}; the file is damaged or not written by this project")
+                check_dtype(t.dtype, local, where)
+                check_shape(tuple(t.shape), tuple(mapping.tp_shard(rule, full, tp_rank, self.map.tp).shape), local, where,
+                            implied_by=f"its stored config at TP rank {tp_rank} of {self.map.tp}")
 
     def close(self) -> None:
         self.states.clear()

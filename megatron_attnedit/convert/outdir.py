@@ -1,20 +1,39 @@
-"""Output directories of the converters: refuse to clobber, write aside, rename into place.
+"""Output directories of the converters: write aside, rename into place, replace only our own.
 
-A conversion writes into a hidden sibling (``.NAME.partial-XXXX``) that becomes ``NAME`` only
-when complete; on an error or an interrupt it is removed. An existing checkpoint is replaced
-only with --overwrite, and a non-empty directory that does not look like a checkpoint never.
+A conversion writes into a hidden sibling (``.NAME.partial-XXXX``) that becomes ``NAME`` only when
+complete; on an error or an interrupt it is removed. The sibling records its writer (host, PID,
+process start time) in ``.attnedit-writer.json``, so a run killed outright (kill -9, a lost node)
+leaves debris that the next conversion to ``NAME`` recognises as stale -- no live process is
+writing it -- removes, and reports in one line (``sweep_stale``).
+
+Every output carries ``.attnedit-manifest.json``: the tool that wrote it and every path it wrote.
+``--overwrite`` replaces a directory only when all it holds is what a previous run of the same
+tool wrote; anything else there (a training run's ``iter_0000050/``, a notes file, a checkpoint
+from another tool or an older version) makes it refuse in one line, and nothing is deleted.
+
+Write errors (disk full, quota) surface as ``OSError`` naming the output, even where torch's
+zip writer reports them as "unexpected pos" (``torch_save``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
+import socket
 import tempfile
-from typing import Iterator, Sequence
+from typing import Iterator, List, Optional, Sequence, Set
+
+import torch
 
 from megatron_attnedit.convert.checkpoint import TRACKER
 from megatron_attnedit.convert.hf_io import INDEX, CheckpointError
+
+MANIFEST = ".attnedit-manifest.json"
+WRITER = ".attnedit-writer.json"
+_DEBRIS = re.compile(r"^\.(?P<base>.+)\.(?P<kind>partial|old)-[^.]+$")
 
 
 def _looks_like_checkpoint(d: str) -> bool:
@@ -31,9 +50,41 @@ def _looks_like_checkpoint(d: str) -> bool:
     )
 
 
-def check_output_dir(path: str, overwrite: bool, sources: Sequence[str] = ()) -> None:
-    """Refuse an output that would clobber a checkpoint (without --overwrite), anything that is not a
-    checkpoint (even with it), or the input itself."""
+def _tree(d: str) -> Set[str]:
+    """Every path under ``d`` (directories and files), relative, '/'-separated."""
+    out = set()
+    for root, dirs, files in os.walk(d):
+        rel = os.path.relpath(root, d)
+        for n in dirs + files:
+            out.add(n if rel == "." else f"{rel}/{n}".replace(os.sep, "/"))
+    return out
+
+
+def read_manifest(d: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(d, MANIFEST)) as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) and isinstance(m.get("tool"), str) and isinstance(m.get("paths"), list) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _foreign(d: str, manifest: dict) -> List[str]:
+    """Top-level names of what ``d`` holds beyond the paths its manifest lists."""
+    recorded = set(manifest["paths"]) | {MANIFEST, WRITER}
+    extra = sorted(_tree(d) - recorded)
+    tops = []
+    for p in extra:
+        top = p.split("/")[0]
+        name = top if top not in recorded else p
+        if not any(name == t or name.startswith(t + "/") for t in tops):
+            tops.append(name)
+    return tops
+
+
+def check_output_dir(path: str, overwrite: bool, tool: str, sources: Sequence[str] = ()) -> None:
+    """Refuse an output that would clobber a checkpoint (without --overwrite), anything this tool
+    did not write (even with it), or the input itself."""
     real = os.path.realpath(path)
     for s in sources:
         rs = os.path.realpath(s)
@@ -45,37 +96,173 @@ def check_output_dir(path: str, overwrite: bool, sources: Sequence[str] = ()) ->
         raise CheckpointError(f"--save-dir {path} exists and is not a directory")
     if not os.listdir(path):
         return
-    if not _looks_like_checkpoint(path):
-        raise CheckpointError(f"--save-dir {path} is not empty and does not look like a checkpoint; refusing to write there, choose another directory")
+    manifest = read_manifest(path)
+    if manifest is None:
+        if not _looks_like_checkpoint(path):
+            raise CheckpointError(f"--save-dir {path} is not empty and does not look like a checkpoint; refusing to write there, choose another directory")
+        raise CheckpointError(
+            f"--save-dir {path} already holds a checkpoint that {tool} did not write (no {MANIFEST}: another tool or an older "
+            f"version); --overwrite replaces only {tool}'s own output: move it away or choose another directory"
+        )
+    if manifest["tool"] != tool:
+        raise CheckpointError(f"--save-dir {path} holds the output of {manifest['tool']}; {tool} will not replace it: choose another directory")
+    foreign = _foreign(path, manifest)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise CheckpointError(
+            f"--save-dir {path} also holds {', '.join(foreign[:3])}{more}, which {tool} did not write; --overwrite replaces only "
+            f"{tool}'s own output: move those away or choose another directory"
+        )
     if not overwrite:
-        raise CheckpointError(f"--save-dir {path} already holds a checkpoint; pass --overwrite to replace it")
+        raise CheckpointError(f"--save-dir {path} already holds a checkpoint written by {tool}; pass --overwrite to replace it")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing aside, and the debris of runs that were killed
+# --------------------------------------------------------------------------------------------
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The kernel's start time of ``pid`` (tells a live writer from a later process with its PID)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _record_writer(d: str, tool: str) -> None:
+    rec = {"tool": tool, "host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+    with open(os.path.join(d, WRITER), "w") as f:
+        json.dump(rec, f)
+
+
+def _writer_alive(rec: dict) -> bool:
+    pid = rec.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user has this PID
+    start = _process_start(pid)
+    return start is None or rec.get("start") is None or start == rec["start"]
+
+
+def sweep_stale(path: str) -> List[str]:
+    """Remove the hidden ``.NAME.partial-*`` / ``.NAME.old-*`` siblings of ``path`` that runs killed
+    outright left and that no live process is writing; returns one line per sibling found, for the
+    user (removed, or left with the reason)."""
+    path = os.path.abspath(path)
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    notes = []
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return notes
+    host = socket.gethostname()
+    for n in names:
+        m = _DEBRIS.match(n)
+        d = os.path.join(parent, n)
+        if not m or m.group("base") != base or not os.path.isdir(d):
+            continue
+        size = f"{dir_bytes(d) / 1e6:.1f} MB"
+        try:
+            with open(os.path.join(d, WRITER)) as f:
+                rec = json.load(f)
+            if not isinstance(rec, dict):
+                rec = None
+        except (OSError, ValueError):
+            rec = None
+        if rec is None:
+            notes.append(f"{d} ({size}) was left by an interrupted conversion that did not record its writer; "
+                         f"remove it if no conversion is writing {base}")
+        elif rec.get("host") != host:
+            notes.append(f"{d} ({size}) is being written, or was left, by a conversion on host {rec.get('host')} "
+                         f"(pid {rec.get('pid')}); remove it if none is running there")
+        elif _writer_alive(rec):
+            notes.append(f"{d} ({size}) is being written by a running conversion (pid {rec['pid']}); left alone")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            notes.append(f"removed {d} ({size}), left by an interrupted conversion (pid {rec.get('pid')}, no longer running)")
+    return notes
+
+
+def os_error_in(e: BaseException) -> Optional[OSError]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def torch_save(obj, path: str) -> None:
+    """``torch.save`` through a Python file, so that a failed write (disk full) raises its OSError
+    instead of torch's zip writer's "unexpected pos" RuntimeError."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        err = os_error_in(e)
+        if err is None:
+            raise
+        raise OSError(err.errno, err.strerror, path) from None
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str) -> Iterator[str]:
-    """Yield a hidden temporary sibling of ``path``; on success it replaces ``path``, on any error
-    (or interrupt) it is removed."""
+def atomic_output_dir(path: str, tool: str) -> Iterator[str]:
+    """Yield a hidden temporary sibling of ``path``; on success it gets a manifest of what it holds
+    and replaces ``path``; on any error (or interrupt) it is removed. An OSError without a path
+    (a failed write) is re-raised naming ``path``."""
     path = os.path.abspath(path)
     parent, base = os.path.dirname(path), os.path.basename(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
+        _record_writer(tmp, tool)
         yield tmp
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"tool": tool, "paths": sorted(_tree(tmp) - {WRITER})}, f, indent=1)
+            f.write("\n")
+        if os.path.exists(path):
+            check_output_dir(path, True, tool)  # nothing else appeared there while we wrote
+            old = os.path.join(parent, os.path.basename(tmp).replace(".partial-", ".old-", 1))
+            os.rename(path, old)
+            try:
+                _record_writer(old, tool)  # until it is gone, it is debris that names its writer
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(path, WRITER))
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        os.remove(os.path.join(path, WRITER))  # the record travels with the data until it is in place
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-        os.rmdir(old)
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
 
 
 def dir_bytes(d: str) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+    total = 0
+    for r, _, fs in os.walk(d):
+        for f in fs:
+            try:
+                total += os.path.getsize(os.path.join(r, f))
+            except OSError:  # removed while we walked
+                pass
+    return total
