@@ -56,6 +56,7 @@ def strip_debug(argv: Optional[List[str]]) -> List[str]:
 _OS_ADVICE = {
     errno.ENOSPC: "no space left on the device; free space or write elsewhere",
     errno.EDQUOT: "disk quota exceeded; free space or write elsewhere",
+    errno.EFBIG: "file too large for the file system or the file-size limit (ulimit -f); write elsewhere or raise the limit",
     errno.EACCES: "permission denied; choose a path you can write to (or read)",
     errno.EPERM: "operation not permitted; choose a path you can write to (or read)",
     errno.EROFS: "read-only file system; write elsewhere",
