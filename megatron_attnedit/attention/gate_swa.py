@@ -42,11 +42,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_attnedit.attention import kv_formula
 from megatron_attnedit.attention.targets import (
     AttentionTarget,
     check_int,
     expand_pattern,
-    gqa_kv_bytes_per_token_per_layer,
     global_layer_index,
     local_layers,
 )
@@ -195,13 +195,10 @@ class GateSWATarget(AttentionTarget):
         if sink is not None:
             sink.fill_(float(o["sink_init"]))
 
-    def kv_bytes_per_token(self, hf_cfg, options, context, bytes_per_elem=2):
-        o = self.resolve(hf_cfg, options)
-        per_layer = gqa_kv_bytes_per_token_per_layer(hf_cfg, bytes_per_elem)
-        kinds = self.layer_kinds(hf_cfg, options)
+    def kv_bytes_per_layer(self, hf_cfg, options, context, bytes_per_elem=2):
         # A sliding layer caches the last W tokens only: averaged over a context of C tokens.
-        window_share = min(o["window"], context) / context
-        return float(sum(per_layer * (window_share if k == "S" else 1.0) for k in kinds))
+        o = self.resolve(hf_cfg, options)
+        return kv_formula.gate_swa_layers(hf_cfg, self.layer_kinds(hf_cfg, options), o["window"], context, bytes_per_elem)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from typing import List
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_attnedit.attention.targets import AttentionTarget, gqa_kv_bytes_per_token_per_layer
+from megatron_attnedit.attention import kv_formula
+from megatron_attnedit.attention.targets import AttentionTarget
 from megatron_attnedit.convert.qwen3 import gqa_attention_rules
 from megatron_attnedit.models.qwen3 import ConfigError, gqa_attention_spec
 
@@ -44,8 +45,8 @@ class GQATarget(AttentionTarget):
         else:
             student_attn.linear_proj.weight.copy_(teacher_attn.linear_proj.weight)
 
-    def kv_bytes_per_token(self, hf_cfg, options, context, bytes_per_elem=2):
-        return float(hf_cfg["num_hidden_layers"] * gqa_kv_bytes_per_token_per_layer(hf_cfg, bytes_per_elem))
+    def kv_bytes_per_layer(self, hf_cfg, options, context, bytes_per_elem=2):
+        return kv_formula.gqa_layers(hf_cfg, bytes_per_elem)
 
     def layer_kinds(self, hf_cfg, options) -> List[str]:
         return ["G"] * hf_cfg["num_hidden_layers"]

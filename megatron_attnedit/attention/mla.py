@@ -60,7 +60,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_attnedit.attention.core import FlashCoreAttention
-from megatron_attnedit.attention.targets import AttentionTarget, check_int, expand_pattern, gqa_kv_bytes_per_token_per_layer
+from megatron_attnedit.attention import kv_formula
+from megatron_attnedit.attention.targets import AttentionTarget, check_int, expand_pattern
 from megatron_attnedit.convert import mapping
 from megatron_attnedit.convert.mapping import Rule
 from megatron_attnedit.convert.qwen3 import GQA_ATTENTION, H, P, gqa_attention_rules, shapes
@@ -309,11 +310,10 @@ class MLATarget(AttentionTarget):
         attn = layer_module.self_attention
         return list(attn.parameters()) if isinstance(attn, MultiLatentAttention) else []
 
-    def kv_bytes_per_token(self, hf_cfg, options, context, bytes_per_elem=2):
+    def kv_bytes_per_layer(self, hf_cfg, options, context, bytes_per_elem=2):
         o = self.resolve(hf_cfg, options)
-        mla = (o["kv_lora_rank"] + o["qk_pos_emb_head_dim"]) * bytes_per_elem
-        gqa = gqa_kv_bytes_per_token_per_layer(hf_cfg, bytes_per_elem)
-        return float(sum(mla if k == "M" else gqa for k in self.layer_kinds(hf_cfg, options)))
+        kinds = self.layer_kinds(hf_cfg, options)
+        return kv_formula.mla_layers(hf_cfg, kinds, o["kv_lora_rank"], o["qk_pos_emb_head_dim"], bytes_per_elem)
 
     # -- init ----------------------------------------------------------------------------------
     @torch.no_grad()

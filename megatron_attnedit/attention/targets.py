@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from megatron_attnedit.attention import kv_formula
 from megatron_attnedit.models.qwen3 import ConfigError, head_dim
 
 # name -> "module:Class". A new target: one file in this package plus one line here.
@@ -131,8 +132,13 @@ class AttentionTarget:
     def trainable_attention_params(self, layer_module) -> List[torch.nn.Parameter]:
         return list(layer_module.self_attention.parameters())
 
-    def kv_bytes_per_token(self, hf_cfg: dict, options: dict, context: int, bytes_per_elem: int = 2) -> float:
+    def kv_bytes_per_layer(self, hf_cfg: dict, options: dict, context: int, bytes_per_elem: int = 2) -> List[float]:
+        """KV-cache bytes per token of each layer at a context of ``context`` tokens (kv_formula.py)."""
         raise NotImplementedError
+
+    def kv_bytes_per_token(self, hf_cfg: dict, options: dict, context: int, bytes_per_elem: int = 2) -> float:
+        """The whole model's KV-cache bytes per token: the layers' sum."""
+        return float(sum(self.kv_bytes_per_layer(hf_cfg, options, context, bytes_per_elem)))
 
     def describe(self, hf_cfg: dict, options: dict) -> str:
         """One line for logs and the KV report."""
@@ -147,7 +153,7 @@ class AttentionTarget:
 
 def gqa_kv_bytes_per_token_per_layer(hf_cfg: dict, bytes_per_elem: int = 2) -> int:
     """K and V of every KV head: 2 x kv_heads x head_dim x bytes."""
-    return 2 * int(hf_cfg["num_key_value_heads"]) * head_dim(hf_cfg) * bytes_per_elem
+    return kv_formula.gqa_layer(hf_cfg, bytes_per_elem)
 
 
 def teacher_kv_bytes_per_token(hf_cfg: dict, bytes_per_elem: int = 2) -> int:

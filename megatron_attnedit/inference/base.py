@@ -1,0 +1,53 @@
+"""What a cached attention kind provides to the engine (one instance per layer).
+
+The engine allocates, then calls ``prefill`` once on the prompt (positions 0 .. s-1) and ``step``
+once per generated token. Both take the layer's normalised input x [b, s, hidden] and the RoPE rows
+(cos, sin [s, d/2]) of the positions they compute, and return the attention's output after o_proj,
+[b, s, hidden]. ``step`` gets the position as a one-element device tensor and must not read it on
+the host, so that a CUDA graph can replay it at every position.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+
+def per_layer(pattern, num_layers: int) -> List[str]:
+    """A per-layer list of kind letters from a list, or a string tiled over the layers ("SSSSSF")."""
+    if isinstance(pattern, str):
+        return [pattern[i % len(pattern)] for i in range(num_layers)]
+    return [str(x) for x in pattern]
+
+
+class CachedAttention:
+    name = ""
+
+    def __init__(self, attn: torch.nn.Module, layer: int, config, options: dict):
+        self.attn, self.layer = attn, layer
+        self.slot_ids = None  # arange(slots) on the cache's device: which slots a position has filled
+
+    def slots(self, max_len: int) -> int:
+        """Positions this layer keeps for a decode of ``max_len`` positions."""
+        return max_len
+
+    def allocate(self, batch: int, max_len: int, device, dtype) -> None:
+        """Zeroed cache tensors for ``batch`` sequences (zeros: a masked slot times its value must be 0, not NaN)."""
+        raise NotImplementedError
+
+    def cache_tensors(self) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache_tensors())
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _valid(self, pos: torch.Tensor) -> torch.Tensor:
+        """Slots holding a position <= pos: those written so far (every slot once a ring has wrapped)."""
+        return self.slot_ids <= pos
