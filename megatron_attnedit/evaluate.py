@@ -2,15 +2,23 @@
 
   python -m megatron_attnedit.evaluate --teacher HF_DIR --student [NAME=]HF_DIR [--student ...] \\
       --data PREFIX | FILE... --report-dir DIR [--run-dir [LABEL=]DIR ...] [--max-tokens N] [--device cpu|cuda]
+      [--probe-trials N] [--probe-context N] [--probe-distances D,D,...] [--allow-longer-than-trained]
 
-Per model: held-out perplexity on the same tokens; KV-cache bytes per token from the config (the
+Per model: held-out perplexity on the same tokens, and from the same forward passes the loss by
+position in the window (eval/distance.py; for a student with sliding layers, its loss on the
+predictions with more than W tokens of context next to the teacher's on the same tokens); a
+retrieval probe, exact-match recall of a key stated at a given distance back (eval/retrieval.py);
+KV-cache bytes per token from the config (the
 attention target's formula) and measured from the cache of a short greedy decode; decode tokens/s;
 parameters. MLA students (DeepSeek-format exports) decode with the latent cache and absorbed
 up-projections (eval/mla_decode.py), checked against the stock transformers forward. GateSWA
 students load with trust_remote_code (their config has an auto_map; the code ships in the
 checkpoint directory). Output in --report-dir: report.md, results.json, PNG plots (KV against
-context; stage-1 and stage-2 curves from --run-dir). Bad input stops with one ``error:`` line and
-exit code 2 (``errors.run_cli``); a failed MLA decode check writes the report, then exits 1.
+context, loss by position, probe accuracy against distance; stage-1 and stage-2 curves from
+--run-dir). Bad input stops with one ``error:`` line and exit code 2 (``errors.run_cli``); so does a
+--seq-length or --probe-context longer than a model's max_position_embeddings, unless
+--allow-longer-than-trained (then one ``warning:`` line); a failed MLA decode check writes the
+report, then exits 1.
 """
 
 from __future__ import annotations
@@ -61,6 +69,13 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward")
     ap.add_argument("--prompt-tokens", type=int, default=32, help="decode prompt, taken from the start of the data")
     ap.add_argument("--decode-tokens", type=int, default=64, help="greedy decode steps after the prefill")
+    ap.add_argument("--probe-trials", type=int, default=None, help="retrieval probe: trials per distance (default 8; 0 = no probe)")
+    ap.add_argument("--probe-context", type=int, default=None, help="retrieval probe: tokens per prompt (default --seq-length)")
+    ap.add_argument("--probe-distances", default=None, help="retrieval probe: comma-separated distances in tokens "
+                    "(default: powers of two from 32, 3/4 of the context, and W/2, 3W/2 for each sliding window W)")
+    ap.add_argument("--probe-seed", type=int, default=0, help="retrieval probe: seed of the keys and the filler (same trials for every model)")
+    ap.add_argument("--allow-longer-than-trained", action="store_true",
+                    help="allow --seq-length / --probe-context beyond a model's max_position_embeddings (prints a warning)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="auto: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also ATTNEDIT_DEBUG=1)")
@@ -81,7 +96,7 @@ def _load(path: str, cfg: dict, dtype, device):
     return model.to(device).eval(), remote
 
 
-def evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype, device) -> dict:
+def evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype, device, probe=None) -> dict:
     import torch
 
     from megatron_attnedit.eval import decode, kv_measure, mla_decode, perplexity
@@ -92,7 +107,9 @@ def evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype
         ppl = perplexity.perplexity(fwd, tokens, windows, a.seq_length, a.batch_size, device)
     prompt = torch.from_numpy(tokens[: a.prompt_tokens]).view(1, -1).to(device)
     out = dict(name=name, role=role, path=os.path.abspath(path), model_type=cfg.get("model_type"), remote_code=remote,
-               params=sum(p.numel() for p in model.parameters()), **{k: ppl[k] for k in ("ppl", "mean_nll", "scored_tokens")})
+               params=sum(p.numel() for p in model.parameters()), **{k: ppl[k] for k in ("ppl", "mean_nll", "scored_tokens", "position_nll")})
+    if probe is not None:  # the retrieval probe (eval/retrieval.py), while the model is loaded
+        out["probe"] = probe(model)
     with torch.no_grad():
         stock = decode.greedy_decode(decode.hf_step(model), decode.hf_cache(model), prompt, a.decode_tokens)
     stock_kv = kv_measure.measured(stock.cache, stock.cached_tokens)
@@ -118,7 +135,7 @@ def evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype
     return out
 
 
-def _plots(staging: str, models: List[dict], teacher_cfg: dict, runs, run_dirs_given: bool):
+def _plots(staging: str, models: List[dict], teacher_cfg: dict, runs, run_dirs_given: bool, by_position: dict, probe: Optional[dict]):
     from megatron_attnedit.eval import kv_measure, plots
 
     made, notes = {}, {}
@@ -126,11 +143,18 @@ def _plots(staging: str, models: List[dict], teacher_cfg: dict, runs, run_dirs_g
         import matplotlib  # noqa: F401
     except ImportError:
         msg = "not plotted: matplotlib is not installed (pip install -e .[report])"
-        return {}, {"kv": msg, "stage1": msg, "stage2": msg}
+        return {}, {"kv": msg, "stage1": msg, "stage2": msg, "by_position": msg, "probe": msg}
     cfgs = {m["name"]: m["_cfg"] for m in models}
     bpe = models[0]["kv"]["bytes_per_elem"]
     plots.plot_kv(models, os.path.join(staging, "kv_vs_context.png"), lambda m, c: kv_measure.config_bytes_per_token(cfgs[m["name"]], teacher_cfg, c, bpe))
     made["kv"] = "kv_vs_context.png"
+    plots.plot_by_position(by_position, os.path.join(staging, "loss_by_position.png"))
+    made["by_position"] = "loss_by_position.png"
+    if probe is not None:
+        plots.plot_probe(models, probe, by_position["windows"], os.path.join(staging, "retrieval_probe.png"))
+        made["probe"] = "retrieval_probe.png"
+    else:
+        notes["probe"] = "no retrieval probe in this run"
     for stage in ("stage1", "stage2"):
         chosen = [r for r in runs if r.stage == stage]
         if chosen:
@@ -141,6 +165,71 @@ def _plots(staging: str, models: List[dict], teacher_cfg: dict, runs, run_dirs_g
         else:
             notes[stage] = f"skipped: no {stage} run among the --run-dir directories"
     return made, notes
+
+
+def check_lengths(models: List[Tuple[str, dict]], lengths: List[Tuple[str, int]], allow: bool) -> List[str]:
+    """Issue 15's length rule: a window or probe context longer than a model's
+    max_position_embeddings is refused, or with --allow-longer-than-trained printed as a warning
+    (returned, for the report's notes)."""
+    warnings = []
+    for flag, n in lengths:
+        for name, cfg in models:
+            limit = cfg.get("max_position_embeddings")
+            if limit is None or n <= int(limit):
+                continue
+            what = f"{flag} {n} is longer than {name}'s max_position_embeddings {limit}"
+            if not allow:
+                raise EvalError(f"{what}: positions it was not built for; give a shorter {flag}, or --allow-longer-than-trained to evaluate there anyway")
+            warnings.append(f"{what}; evaluated anyway (--allow-longer-than-trained): figures past {limit} tokens are out of its range")
+            print(f"warning: {warnings[-1]}", file=sys.stderr, flush=True)
+    return warnings
+
+
+def _probe_plan(a, seq_len: int, windows: List[int]) -> Optional[dict]:
+    """The retrieval probe's settings from the flags (None: --probe-trials 0)."""
+    from megatron_attnedit.eval import retrieval
+
+    trials = 8 if a.probe_trials is None else a.probe_trials
+    if trials < 0:
+        raise EvalError(f"--probe-trials {trials} must be >= 0 (0 = no probe)")
+    if trials == 0:
+        return None
+    context = a.probe_context or seq_len
+    if a.probe_distances:
+        try:
+            distances = sorted({int(d) for d in a.probe_distances.split(",") if d.strip()})
+        except ValueError:
+            raise EvalError(f"--probe-distances {a.probe_distances!r}: give comma-separated token counts, e.g. 32,96,384") from None
+    else:
+        distances = retrieval.default_distances(context, windows)
+    retrieval.check_distances(distances, context)
+    if not distances:
+        raise EvalError(f"--probe-context {context} leaves no distance to probe (each in [{retrieval.MIN_MARGIN}, context - {retrieval.MIN_MARGIN}]); "
+                        "give a longer --probe-context or --probe-trials 0")
+    return dict(context=context, distances=distances, trials=trials, seed=a.probe_seed, explicit=a.probe_trials is not None,
+                chance=retrieval.CHANCE, key_digits=retrieval.KEY_DIGITS)
+
+
+def _probe_trials(plan: Optional[dict], tokens, teacher_dir: str, notes: List[str]):
+    """(trials, decode) for the plan, or (None, None) with a note when the probe was not asked
+    for explicitly and cannot run on this tokenizer or data (asked for: the error stands)."""
+    from megatron_attnedit.eval import perplexity, retrieval
+
+    if plan is None:
+        return None, None
+    tok = perplexity.load_tokenizer(teacher_dir)
+    try:
+        if tok is None:
+            raise EvalError(f"the teacher {teacher_dir} has no tokenizer to write the retrieval probe's prompts with")
+        trials = retrieval.build_trials(tokens, tok.eod, tok.tokenize, tok.decode, plan["context"], plan["distances"], plan["trials"], plan["seed"])
+    except EvalError as e:
+        if plan["explicit"]:
+            raise
+        plan["skipped"] = str(e)
+        notes.append(f"retrieval probe not run: {e}")
+        print(f"note: retrieval probe not run: {e}", flush=True)
+        return None, None
+    return trials, tok.decode
 
 
 def run(a, argv) -> int:
@@ -166,6 +255,13 @@ def run(a, argv) -> int:
     a.seq_length, a.stride = seq_len, a.stride or seq_len
     if not 1 <= a.stride <= seq_len or a.batch_size < 1:
         raise EvalError(f"--stride {a.stride} must be in [1, --seq-length {seq_len}] and --batch-size >= 1")
+    notes: List[str] = []
+    from megatron_attnedit.eval import kv_measure
+
+    sliding = {n: kv_measure.attention_of(c)[1]["window"] for n, _, c in students if kv_measure.attention_of(c)[0] == "gate_swa"}
+    probe_plan = _probe_plan(a, seq_len, sorted(set(sliding.values())))
+    lengths = [("--seq-length", seq_len)] + ([("--probe-context", probe_plan["context"])] if probe_plan else [])
+    notes += check_lengths([("the teacher", teacher_cfg)] + [(f"student {n}", c) for n, _, c in students], lengths, a.allow_longer_than_trained)
     max_pos = int(teacher_cfg.get("max_position_embeddings", 1 << 30))
     if a.prompt_tokens < 1 or a.decode_tokens < 1 or a.prompt_tokens + a.decode_tokens > max_pos:
         raise EvalError(f"--prompt-tokens {a.prompt_tokens} + --decode-tokens {a.decode_tokens} must be >= 1 each and at most max_position_embeddings {max_pos}")
@@ -175,15 +271,20 @@ def run(a, argv) -> int:
         runs += plots.find_runs(path, label)
     staging = report.staging_dir(a.report_dir)
     try:
-        data = perplexity.load_eval_tokens(a.data, a.teacher, vocab, perplexity.tokens_needed(seq_len, a.stride, a.max_tokens))
+        need = perplexity.tokens_needed(seq_len, a.stride, a.max_tokens)
+        if need is not None and probe_plan:  # the probe's filler: runs of whole lines of every length up to its context
+            need = max(need, 64 * probe_plan["context"])
+        data = perplexity.load_eval_tokens(a.data, a.teacher, vocab, need)
         tokens = data["tokens"]
         windows = perplexity.make_windows(len(tokens), seq_len, a.stride, a.max_tokens)
         if len(tokens) < a.prompt_tokens:
             raise EvalError(f"the data holds {len(tokens)} tokens, fewer than --prompt-tokens {a.prompt_tokens}")
 
+        trials, decode_fn = _probe_trials(probe_plan, tokens, a.teacher, notes)
+
         import torch
 
-        from megatron_attnedit.eval import kv_measure
+        from megatron_attnedit.eval import distance, retrieval
 
         for name, path, cfg in students:  # the attention must be known and fit the teacher, before any model loads
             kv_measure.config_bytes_per_token(cfg, teacher_cfg, 4096, 2)
@@ -194,13 +295,16 @@ def run(a, argv) -> int:
         models = []
         for name, role, path, cfg in [("teacher", "teacher", a.teacher, teacher_cfg)] + [(n, "student", p, c) for n, p, c in students]:
             print(f"evaluating {name} ({path}) ...", flush=True)
-            m = evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype, device)
+            probe = (lambda model: retrieval.run(retrieval.hf_completer(model, device), trials, decode_fn, a.batch_size)) if trials else None
+            m = evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype, device, probe=probe)
             m["_cfg"] = cfg
             models.append(m)
         for m in models:
             m["ppl_ratio"] = m["ppl"] / models[0]["ppl"]
-        made, plot_notes = _plots(staging, models, teacher_cfg, runs, bool(a.run_dir))
-        notes = []
+        by_position = distance.compare(models, sliding, seq_len)
+        for m in models:
+            del m["position_nll"]  # per position: in the buckets of by_position
+        made, plot_notes = _plots(staging, models, teacher_cfg, runs, bool(a.run_dir), by_position, probe_plan if trials else None)
         for m in models:
             cfg = m["_cfg"]
             if cfg.get("model_type") == "deepseek_v2" and cfg.get("norm_topk_prob") and cfg.get("n_routed_experts"):
@@ -217,6 +321,8 @@ def run(a, argv) -> int:
             data=dict(source=data["source"], checks=data["checks"], scored_tokens=models[0]["scored_tokens"], windows=len(windows), seq_len=seq_len, stride=a.stride),
             decode=dict(prompt_tokens=a.prompt_tokens, new_tokens=a.decode_tokens),
             models=[{k: v for k, v in m.items() if k != "_cfg"} for m in models],
+            by_position=by_position,
+            probe=probe_plan if probe_plan else dict(skipped="--probe-trials 0"),
             plots=made, plot_notes=plot_notes,
             training_runs=[dict(label=r.label, path=r.path, stage=r.stage, source=r.source) for r in runs],
             notes=notes,
@@ -232,6 +338,8 @@ def run(a, argv) -> int:
         print(f"{m['name']:>12}: ppl {m['ppl']:.3f} ({m['ppl_ratio']:.3f}x teacher), KV {kv['measured_bytes_per_token']:.0f} B/token measured "
               f"({kv['config_bytes_per_token']:.0f} config), KV at 128K {100 * kv['per_context_bytes']['131072'] / t128:.1f}% of the teacher's, "
               f"decode {m['decode']['tokens_per_s']:.1f} tok/s ({m['decode']['path']})")
+    for line in report.against_teacher_lines(results):
+        print(line)
     print(f"report: {os.path.join(a.report_dir, 'report.md')}")
     bad = [m for m in results["models"] if "mla_check" in m and not m["mla_check"]["ok"]]
     for m in bad:

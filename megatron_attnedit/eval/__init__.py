@@ -3,12 +3,16 @@
 Entry point: ``python -m megatron_attnedit.evaluate`` (megatron_attnedit/evaluate.py).
 
 perplexity.py   evaluation tokens (megatron indexed dataset or text files), tokenizer checks, perplexity
+                (and the token NLLs summed by position in the window)
+distance.py     loss by position in the window, in buckets, students against the teacher beyond W
+retrieval.py    the retrieval probe: recall of a key stated at a given distance back in held-out code
 kv_measure.py   which attention a checkpoint has, KV bytes per token from the config (the targets'
                 formula) and as measured from cache tensors
 decode.py       greedy decode with a cache: tokens/s and the cache it leaves, for any HF causal LM
 mla_decode.py   MLA decode of a DeepSeek-format checkpoint with the latent cache and absorbed up-projections
 report.py       report.md + results.json
-plots.py        PNG plots (matplotlib, Agg): training curves and KV bytes against context length
+plots.py        PNG plots (matplotlib, Agg): training curves, KV bytes against context length, loss by
+                position, probe accuracy against distance
 """
 
 from megatron_attnedit.errors import UserError

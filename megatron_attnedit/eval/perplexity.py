@@ -21,7 +21,9 @@ says which checks ran.
 Perplexity: windows of ``seq_len`` inputs (+1 for the last target) start every ``stride`` tokens;
 the first window scores all its targets, later ones only the last ``stride`` (the tokens earlier
 windows did not score), so with stride < seq_len every scored token sees at least
-seq_len - stride tokens of context. ppl = exp(sum of token NLL / scored tokens), in float64.
+seq_len - stride tokens of context. ppl = exp(sum of token NLL / scored tokens), in float64. The
+token NLLs are also summed per position in the window (``position_nll``: index j holds the targets
+predicted from j + 1 tokens of context), for the loss-by-position report (eval/distance.py).
 """
 
 from __future__ import annotations
@@ -244,7 +246,10 @@ def perplexity(logits_fn: Callable, tokens: np.ndarray, windows: List[Tuple[int,
     """``logits_fn(input_ids [B, seq_len]) -> logits [B, seq_len, vocab]``."""
     import torch
 
-    nll, count = 0.0, 0
+    # Per-token NLL summed by position in the window (float64): the loss-by-position figures
+    # (eval/distance.py) come from the same forward passes as the perplexity.
+    pos_sum = torch.zeros(seq_len, dtype=torch.float64)
+    pos_count = torch.zeros(seq_len, dtype=torch.int64)
     t0 = time.perf_counter()
     data = torch.from_numpy(tokens)
     with torch.no_grad():
@@ -253,8 +258,10 @@ def perplexity(logits_fn: Callable, tokens: np.ndarray, windows: List[Tuple[int,
             seqs = torch.stack([data[b : b + seq_len + 1] for b, _ in chunk]).to(device)
             logits = logits_fn(seqs[:, :-1])
             for row, (_, first) in enumerate(chunk):
-                ce = torch.nn.functional.cross_entropy(logits[row, first:].float(), seqs[row, first + 1 :], reduction="sum")
-                nll += float(ce.double())
-                count += seq_len - first
-    mean = nll / count
-    return dict(ppl=math.exp(mean), mean_nll=mean, scored_tokens=count, windows=len(windows), seq_len=seq_len, seconds=time.perf_counter() - t0)
+                ce = torch.nn.functional.cross_entropy(logits[row, first:].float(), seqs[row, first + 1 :], reduction="none")
+                pos_sum[first:] += ce.double().cpu()
+                pos_count[first:] += 1
+    count = int(pos_count.sum())
+    mean = float(pos_sum.sum()) / count
+    return dict(ppl=math.exp(mean), mean_nll=mean, scored_tokens=count, windows=len(windows), seq_len=seq_len, seconds=time.perf_counter() - t0,
+                position_nll=dict(sum=pos_sum.tolist(), count=pos_count.tolist()))

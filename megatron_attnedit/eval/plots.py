@@ -1,4 +1,5 @@
-"""PNG plots for the report (matplotlib, Agg backend): training curves and KV bytes vs context.
+"""PNG plots for the report (matplotlib, Agg backend): training curves, KV bytes vs context, loss by
+position in the window and the retrieval probe against distance.
 
 Training curves come from the run directories the training loop writes (training/monitor.py):
 ``metrics.jsonl`` (one JSON object per logged iteration) when present -- the plain file is
@@ -174,6 +175,67 @@ def plot_kv(models: List[dict], path: str, bytes_fn) -> None:
     right.set_ylim(bottom=0)
     elem = models[0]["kv"]["bytes_per_elem"] if models else 2
     fig.suptitle(f"KV cache from the config formula ({elem} B per element); x: measured after the decode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mark_windows(ax, windows: Dict[str, int]) -> None:
+    for i, (name, w) in enumerate(sorted(windows.items(), key=lambda kv: kv[1])):
+        ax.axvline(w, color="grey", ls=":", lw=1)
+        ax.annotate(f"W={w} ({name})", (w, 1), xycoords=("data", "axes fraction"), xytext=(3, -12 - 11 * i),
+                    textcoords="offset points", fontsize=7, color="dimgrey")
+
+
+def plot_by_position(by_position: dict, path: str) -> None:
+    """Mean loss per context bucket (left) and students' loss / the teacher's (right), against the
+    bucket's upper end; sliding windows marked."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, (name, rows) in enumerate(by_position["models"].items()):
+        xs = [r["hi"] for r in rows if r["mean_nll"] is not None]
+        teacher = k == 0
+        style = dict(lw=2 if teacher else 1.4, ls="-" if teacher else "--", marker="o", ms=3, label=name)
+        left.plot(xs, [r["mean_nll"] for r in rows if r["mean_nll"] is not None], **style)
+        if not teacher:
+            right.plot([r["hi"] for r in rows if r["ratio"] is not None], [r["ratio"] for r in rows if r["ratio"] is not None], **style)
+    right.axhline(1.0, color="black", lw=0.8)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens of context (bucket upper end)")
+        ax.grid(alpha=0.3, which="both")
+        _mark_windows(ax, by_position["windows"])
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    left.set_ylabel("mean loss (nats / token)")
+    right.set_ylabel("student loss / teacher loss")
+    fig.suptitle(f"Loss by position in the {by_position['seq_len']}-token window (same tokens for every model)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_probe(models: List[dict], probe: dict, windows: Dict[str, int], path: str) -> None:
+    """Retrieval probe: exact-match (solid) and per-character accuracy (dotted) against distance;
+    chance levels and sliding windows marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in models:
+        rows = m["probe"]["per_distance"]
+        d = [r["distance"] for r in rows]
+        line, = ax.plot(d, [r["exact"] for r in rows], marker="o", ms=4, lw=2 if m["role"] == "teacher" else 1.4, label=f"{m['name']} exact")
+        ax.plot(d, [r["per_char"] for r in rows], ls=":", marker=".", color=line.get_color(), label=f"{m['name']} per character")
+    ax.axhline(probe["chance"]["per_char"], color="grey", lw=0.8, ls="--")
+    ax.annotate("chance per character", (1, probe["chance"]["per_char"]), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                textcoords="offset points", ha="right", fontsize=7, color="dimgrey")
+    _mark_windows(ax, windows)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("distance from the key to the question (tokens)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(f"Retrieval probe: {probe['trials']} prompts of {probe['context']} tokens per distance")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

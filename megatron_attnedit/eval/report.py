@@ -133,6 +133,149 @@ def mla_section(results: dict) -> List[str]:
     return lines
 
 
+def _windows_text(windows: dict) -> str:
+    return ", ".join(f"W={w} ({n})" for n, w in windows.items())
+
+
+def _probe_total(m: dict) -> str:
+    rows = m.get("probe", {}).get("per_distance", [])
+    n = sum(r["trials"] for r in rows)
+    hits = round(sum(r["exact"] * r["trials"] for r in rows))
+    return f"{hits}/{n}" if n else "n/a"
+
+
+def against_teacher(results: dict) -> List[dict]:
+    """Per student, the figures that set it against its teacher (the report's table, the CLI's lines)."""
+    models, bp = results["models"], results.get("by_position", {})
+    teacher = models[0]
+    t32 = teacher["kv"]["per_context_bytes"]["32768"]
+    out = []
+    for m in models[1:]:
+        kv32 = m["kv"]["per_context_bytes"]["32768"]
+        row = dict(name=m["name"], attention=m["kv"]["description"], ppl_ratio=m["ppl_ratio"], kv32_fraction=kv32 / t32,
+                   probe=_probe_total(m), teacher_probe=_probe_total(teacher), beyond=bp.get("beyond_window", {}).get(m["name"]))
+        out.append(row)
+    return out
+
+
+def _beyond_cell(b) -> str:
+    if b is None:
+        return "n/a (no sliding window)"
+    if not b["tokens"]:
+        return f"W={b['window']}: no scored token beyond it"
+    return f"W={b['window']}: {b['student_nll']:.3f} / {b['teacher_nll']:.3f} ({b['ratio']:.3f}x)"
+
+
+def against_teacher_table(results: dict) -> List[str]:
+    rows = against_teacher(results)
+    if not rows:
+        return []
+    lines = [
+        "## Students against the teacher",
+        "",
+        "| student | attention | ppl / teacher | KV of a 32K sequence / teacher's | loss beyond W: student / teacher (nats) | retrieval probe exact: student / teacher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['attention']} | {r['ppl_ratio']:.4f} | {100 * r['kv32_fraction']:.1f}% (saves {100 * (1 - r['kv32_fraction']):.1f}%) | "
+                     f"{_beyond_cell(r['beyond'])} | {r['probe']} / {r['teacher_probe']} |")
+    lines += [
+        "",
+        "Read across: perplexity on the same held-out tokens (1 = the teacher's); KV cache from the attention target's formula; "
+        "*loss beyond W*: mean loss on the predictions that have more than W tokens of context, where the sliding layers no longer see "
+        "all of it, next to the teacher's on the same predictions (see Loss by position); *retrieval probe*: keys recalled exactly, "
+        "all distances together (see Retrieval probe).",
+        "",
+    ]
+    return lines
+
+
+def against_teacher_lines(results: dict) -> List[str]:
+    """One console line per student."""
+    out = []
+    for r in against_teacher(results):
+        b = r["beyond"]
+        beyond = "" if b is None or not b["tokens"] else (
+            f", loss beyond W={b['window']} {b['student_nll']:.3f} vs teacher {b['teacher_nll']:.3f} nats ({b['ratio']:.3f}x)")
+        out.append(f"{r['name']:>12} vs teacher: ppl {r['ppl_ratio']:.3f}x, KV of a 32K sequence {100 * r['kv32_fraction']:.1f}% of the teacher's"
+                   f"{beyond}, retrieval probe exact {r['probe']} (teacher {r['teacher_probe']})")
+    return out
+
+
+def by_position_section(results: dict) -> List[str]:
+    bp = results.get("by_position")
+    if not bp:
+        return []
+    models = results["models"]
+    marks: dict = {}
+    for n, w in bp["windows"].items():
+        marks.setdefault(w, []).append(n)
+    lines = [
+        "## Loss by position in the window",
+        "",
+        f"Mean loss (nats per token) of the predictions made from a given number of tokens of context: a token's position in the "
+        f"{bp['seq_len']}-token scoring window + 1. Every model on the same tokens; students with their loss / the teacher's."
+        + (f" Sliding windows: {_windows_text(bp['windows'])}; rows above a window's mark hold the predictions whose context is "
+           "longer than the window." if bp["windows"] else ""),
+        "",
+        "| context (tokens) | predictions | " + " | ".join(m["name"] for m in models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
+    teacher_rows = bp["models"][models[0]["name"]]
+    for i, t in enumerate(teacher_rows):
+        mark = f" ← W ({', '.join(marks[t['hi']])})" if t["hi"] in marks else ""
+        cells = [t["label"] + mark, str(t["tokens"])]
+        for m in models:
+            r = bp["models"][m["name"]][i]
+            cell = _fmt(r["mean_nll"])
+            if m["role"] != "teacher" and r["ratio"] is not None:
+                cell += f" ({r['ratio']:.3f}x)"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, b in bp["beyond_window"].items():
+        w = b["within"]
+        if b["tokens"]:
+            lines.append(f"- **{name}**, W={b['window']}: on the {b['tokens']:,} predictions with more than {b['window']} tokens of context, loss "
+                         f"{b['student_nll']:.4f} vs the teacher's {b['teacher_nll']:.4f} on the same tokens ({b['ratio']:.4f}x); within the window "
+                         f"({w['tokens']:,} predictions) {_fmt(w['student_nll'], '.4f')} vs {_fmt(w['teacher_nll'], '.4f')}.")
+        else:
+            lines.append(f"- **{name}**, W={b['window']}: no scored prediction has more than {b['window']} tokens of context.")
+    if bp["beyond_window"]:
+        lines.append("")
+    return lines
+
+
+def probe_section(results: dict) -> List[str]:
+    p = results.get("probe") or {}
+    lines = ["## Retrieval probe", ""]
+    if "distances" not in p or p.get("skipped"):
+        return lines + [f"Not run: {p.get('skipped', 'no probe settings')}.", ""]
+    models = results["models"]
+    windows = results.get("by_position", {}).get("windows", {})
+    ch = p["chance"]
+    lines += [
+        f"{p['trials']} prompts per distance, each exactly {p['context']} tokens of held-out text with one line `KEY_nnnn = \"ddddd\"` "
+        f"(random name and {p['key_digits']}-digit value) inserted and the same statement repeated up to the value at the end "
+        f"(`KEY_nnnn = \"`); each model completes it greedily. *Distance*: tokens from the value's first token to the prompt's last "
+        f"(seed {p['seed']}: the same prompts for every model). Cells: exact matches (value and closing quote) / trials, and the share "
+        f"of the value's characters right. Chance: {ch['exact']:.0e} exact, {100 * ch['per_char']:.0f}% per character. A model that "
+        "copies from its context answers whatever the distance; a sliding-window layer sees only the last W tokens.",
+        "",
+        "| distance (tokens) | " + " | ".join(m["name"] for m in models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for i, d in enumerate(p["distances"]):
+        beyond = [n for n, w in windows.items() if d >= w]
+        cells = [str(d) + (f" (≥ W of {', '.join(beyond)})" if beyond else "")]
+        for m in models:
+            r = m["probe"]["per_distance"][i]
+            cells.append(f"{round(r['exact'] * r['trials'])}/{r['trials']}, chars {100 * r['per_char']:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def markdown(results: dict) -> str:
     d = results["data"]
     lines = [
@@ -150,12 +293,16 @@ def markdown(results: dict) -> str:
         "",
         *summary_table(results),
         "",
+        *against_teacher_table(results),
+        *by_position_section(results),
+        *probe_section(results),
         *kv_details(results),
         *mla_section(results),
         "## Plots",
         "",
     ]
-    for title, key in (("KV cache against context length", "kv"), ("Stage 1: loss per layer", "stage1"), ("Stage 2", "stage2")):
+    for title, key in (("Loss by position in the window", "by_position"), ("Retrieval probe", "probe"), ("KV cache against context length", "kv"),
+                       ("Stage 1: loss per layer", "stage1"), ("Stage 2", "stage2")):
         p = results["plots"].get(key)
         lines += [f"### {title}", "", f"![{title}]({p})" if p else results["plot_notes"].get(key, "not plotted"), ""]
     if results.get("training_runs"):

@@ -61,6 +61,11 @@ class Tokenizer:
             return self._sp.encode(text)
         return self._hf.encode(text, add_special_tokens=False)
 
+    def decode(self, ids: List[int]) -> str:
+        if self.kind == "sentencepiece":
+            return self._sp.decode(list(ids))
+        return self._hf.decode(list(ids))
+
 
 def _has_hf_tokenizer(d: str) -> bool:
     return any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
