@@ -142,7 +142,7 @@ def test_cache_copy_and_limits():
     ref = one.generate(prompt, 3)
     engine = DecodeEngine(model, batch=1, max_len=12)
     first = engine.prefill(prompt).argmax(-1, keepdim=True)
-    engine.allocate(3, copy_sequence=0)
+    engine.allocate(3, source=engine.caches())
     logits = engine.step(first.expand(3, 1))
     assert torch.allclose(logits, ref.step_logits[1].expand(3, -1), atol=1e-5)
     engine.step(logits.argmax(-1, keepdim=True))

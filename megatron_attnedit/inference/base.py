@@ -23,6 +23,7 @@ def per_layer(pattern, num_layers: int) -> List[str]:
 
 class CachedAttention:
     name = ""
+    cache_names = ()  # attributes holding the cache tensors
 
     def __init__(self, attn: torch.nn.Module, layer: int, config, options: dict):
         self.attn, self.layer = attn, layer
@@ -37,7 +38,11 @@ class CachedAttention:
         raise NotImplementedError
 
     def cache_tensors(self) -> List[torch.Tensor]:
-        raise NotImplementedError
+        return [getattr(self, name) for name in self.cache_names]
+
+    def release(self) -> None:
+        for name in self.cache_names:
+            setattr(self, name, None)
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.cache_tensors())

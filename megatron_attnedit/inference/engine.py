@@ -71,6 +71,7 @@ class DecodeEngine:
         self.max_len, self.prefill_chunk = int(max_len), int(prefill_chunk)
         self.rope = RopeTable(self.body.rotary_emb, self.max_len, self.device)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.graph_error: Optional[str] = None  # why the step runs eagerly although graphs were asked for
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.length = 0  # host mirror of pos
         self.batch = 0
@@ -78,25 +79,38 @@ class DecodeEngine:
         self.allocate(batch)
 
     # -- cache ---------------------------------------------------------------------------------
-    def allocate(self, batch: int, copy_sequence: Optional[int] = None) -> None:
-        """(Re)allocate every layer's cache for ``batch`` sequences. With ``copy_sequence`` the
-        new cache holds that sequence of the old one in every row, and the position is kept (a
-        whole batch at a long context without prefilling each sequence)."""
-        self._graph = None
-        old = [kind.cache_tensors() for kind in self.kinds] if copy_sequence is not None else None
+    def allocate(self, batch: int, source: Optional[List[List[torch.Tensor]]] = None) -> None:
+        """(Re)allocate every layer's cache for ``batch`` sequences, at position 0. With ``source``
+        (``caches()`` of an earlier allocation of the same length) every new sequence is a copy of
+        the source's first one and the position is kept: a whole batch at a long context without
+        prefilling each sequence (the benchmark's largest batch)."""
+        self.release()
         for kind in self.kinds:
             kind.allocate(batch, self.max_len, self.device, self.dtype)
         self.batch = batch
-        if old is None:
+        if source is None:
             self.reset()
             return
-        for kind, theirs in zip(self.kinds, old):
+        for kind, theirs in zip(self.kinds, source):
             for mine, t in zip(kind.cache_tensors(), theirs):
-                mine.copy_(t[copy_sequence : copy_sequence + 1].expand_as(mine))
+                mine.copy_(t[:1].expand_as(mine))
 
-    def reset(self) -> None:
-        self.length = 0
-        self.pos.zero_()
+    def caches(self) -> List[List[torch.Tensor]]:
+        """The cache tensors of every layer (references: they stay alive while held)."""
+        return [kind.cache_tensors() for kind in self.kinds]
+
+    def release(self) -> None:
+        """Drop the caches (and the captured step that uses them)."""
+        self._graph = None
+        for kind in self.kinds:
+            kind.release()
+        self.batch = 0
+
+    def reset(self, position: int = 0) -> None:
+        """Continue from ``position``. Slots past it keep what they hold until rewritten (rewinding
+        a ring buffer leaves it stale: for timing only)."""
+        self.length = position
+        self.pos.fill_(position)
 
     def cache_bytes_per_layer(self) -> List[int]:
         """Bytes of the tensors each layer's cache holds (allocated for ``batch`` x its slots)."""
@@ -161,7 +175,15 @@ class DecodeEngine:
         if not self.cuda_graphs:
             return self._step(ids)
         if self._graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # an op of this model that a graph cannot hold (a host sync): run eagerly
+                self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                self.cuda_graphs = False
+                self.pos.fill_(self.length - 1)
+                return self._step(ids)
         self._ids.copy_(ids)
         self._graph.replay()
         return self._logits

@@ -12,7 +12,7 @@ per-head RMSNorm, RoPE (rotate-half).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -23,6 +23,7 @@ from megatron_attnedit.inference.rope import rotate_half
 
 class GQAAttention(CachedAttention):
     name = "gqa"
+    cache_names = ("k", "v")
 
     def __init__(self, attn, layer, config, options):
         super().__init__(attn, layer, config, options)
@@ -38,14 +39,10 @@ class GQAAttention(CachedAttention):
         return max_len if self.window is None else min(self.window, max_len)
 
     def allocate(self, batch, max_len, device, dtype):
-        self.k = self.v = None  # the old cache goes before the new one is made
         n = self.slots(max_len)
         self.k = torch.zeros(batch, self.kv_heads, n, self.head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.slot_ids = torch.arange(n, device=device)
-
-    def cache_tensors(self) -> List[torch.Tensor]:
-        return [self.k, self.v]
 
     def _project(self, x, cos, sin):
         """q [b, heads, s, d], k and v [b, kv_heads, s, d] (q and k normed and rotated)."""

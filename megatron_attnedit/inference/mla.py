@@ -22,8 +22,6 @@ q_a_layernorm -> q_b_proj with a query latent (q_lora_rank).
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
 from megatron_attnedit.inference.attend import cached_attention, causal_attention
@@ -33,6 +31,7 @@ from megatron_attnedit.inference.rope import LAYOUTS
 
 class MLAAttention(CachedAttention):
     name = "mla"
+    cache_names = ("kv",)
 
     def __init__(self, attn, layer, config, options):
         super().__init__(attn, layer, config, options)
@@ -48,12 +47,8 @@ class MLAAttention(CachedAttention):
         self.kv = None
 
     def allocate(self, batch, max_len, device, dtype):
-        self.kv = None
         self.kv = torch.zeros(batch, 1, max_len, self.r + self.dr, device=device, dtype=dtype)
         self.slot_ids = torch.arange(max_len, device=device)
-
-    def cache_tensors(self) -> List[torch.Tensor]:
-        return [self.kv]
 
     def _project(self, x, cos, sin):
         """q_nope [b, s, h, dn], q_pe [b, s, h, dr], latent [b, s, r], k_pe [b, s, dr]."""
