@@ -143,6 +143,48 @@ def test_report(setup):
         assert row[8].startswith(f"{m['decode']['tokens_per_s']:.1f}")
     assert rows["mla"][5] == "2.50 MiB (62.5%)"  # 4 layers x (32 + 8) x 4 B = 640 B/token, x 4096 tokens; teacher 1024
     assert "tiny_mla/stage1 (stage1, metrics.jsonl)" in md and "![Stage 2](stage2_curves.png)" in md
+    # loss by position: the same scored tokens for every model, each in one bucket; GateSWA's window an edge
+    bp = res["by_position"]
+    assert bp["windows"] == {"gateswa": 32} and bp["edges"] == [1, 2, 4, 8, 16, 32, 64]
+    for m in res["models"]:
+        rows_m = bp["models"][m["name"]]
+        assert sum(r["tokens"] for r in rows_m) == m["scored_tokens"]
+        assert sum(r["tokens"] * r["mean_nll"] for r in rows_m) / m["scored_tokens"] == pytest.approx(m["mean_nll"], rel=1e-12)
+    beyond = bp["beyond_window"]["gateswa"]
+    assert beyond["tokens"] == 4 * 32 and set(bp["beyond_window"]) == {"gateswa"}
+    assert beyond["ratio"] == pytest.approx(beyond["student_nll"] / beyond["teacher_nll"])
+    assert os.path.getsize(os.path.join(out, "loss_by_position.png")) > 0
+    assert "## Loss by position in the window" in md and "| 17-32 ← W (gateswa) | 64 |" in md
+    students = md.split("## Students against the teacher")[1].split("\n## ")[0]
+    assert f"| gateswa | GateSWA W=32 SSSF | {gateswa['ppl_ratio']:.4f} |" in students
+    assert f"W=32: {beyond['student_nll']:.3f} / {beyond['teacher_nll']:.3f}" in students
+    # the fixture's tokenizer has no digits: the probe, not asked for, is skipped and the report says why
+    assert "retrieval probe not run: the teacher's tokenizer does not reproduce the probe's key line" in md
+    assert "goal" not in md.lower()
+
+
+def test_lengths_beyond_max_position_embeddings(setup, capsys, tmp_path):
+    """Issue 15: a window or probe context longer than a model's max_position_embeddings is refused
+    in one line before anything is written, or evaluated with --allow-longer-than-trained and one
+    warning line."""
+    short = str(tmp_path / "short")
+    make_tiny_hf(short, "qwen3-debug", seed=2, max_position_embeddings=96)
+    report_dir = tmp_path / "r"
+    base = ["--teacher", setup["teacher"], "--data", setup["prefix"], "--report-dir", str(report_dir), "--device", "cpu"]
+    err = _err(capsys, base + ["--seq-length", "600"])
+    assert "--seq-length 600 is longer than the teacher's max_position_embeddings 512" in err and "--allow-longer-than-trained" in err
+    err = _err(capsys, base + ["--seq-length", "128", "--student", f"short={short}"])
+    assert "--seq-length 128 is longer than student short's max_position_embeddings 96" in err
+    err = _err(capsys, base + ["--seq-length", "64", "--probe-context", "1024", "--probe-trials", "1"])
+    assert "--probe-context 1024 is longer than the teacher's max_position_embeddings 512" in err
+    assert not report_dir.exists()
+    rc = evaluate.main(base + ["--seq-length", "520", "--max-tokens", "520", "--probe-trials", "0", "--decode-tokens", "2",
+                               "--allow-longer-than-trained"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0 and err == ["warning: --seq-length 520 is longer than the teacher's max_position_embeddings 512; evaluated anyway "
+                               "(--allow-longer-than-trained): figures past 512 tokens are out of its range"], err
+    res = json.load(open(report_dir / "results.json"))
+    assert res["data"]["seq_len"] == 520 and res["models"][0]["scored_tokens"] == 520 and err[0][len("warning: "):] in res["notes"]
 
 
 def test_bad_inputs(setup, capsys, tmp_path):
