@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_attnedit.convert.hf_io import CheckpointError
+from megatron_attnedit.convert.hf_io import CheckpointError, reason
 
 ATTNEDIT_KEY = "attnedit"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -198,7 +198,7 @@ def safe_load(path: str, allow_pickle: bool = False, mmap: bool = False):
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         # a truncated or damaged archive (zip reader, unpickling errors); a missing file is checked by callers
         raise CheckpointError(
-            f"cannot read {path} ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}); "
+            f"cannot read {path} ({reason(e)}); "
             "the file is damaged or truncated: re-copy the checkpoint or save it again"
         ) from None
 

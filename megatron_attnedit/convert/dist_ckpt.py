@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_attnedit.convert.checks import check_dtype
-from megatron_attnedit.convert.hf_io import CheckpointError
+from megatron_attnedit.convert.hf_io import CheckpointError, reason
 from megatron_attnedit.convert.layout import Chunk, ModelLayout
 from megatron_attnedit.convert.outdir import os_error_in, torch_save
 
@@ -243,7 +243,7 @@ class ChunkReader:
             self.metadata = self.reader.read_metadata()
             self.reader.set_up_storage_reader(self.metadata, True)
         except Exception as e:  # a truncated or overwritten pickle: EOFError, UnpicklingError, ...
-            raise CheckpointError(f"cannot read {path} ({_first_line(e)}); the file is damaged: re-copy the checkpoint or save it again") from None
+            raise CheckpointError(f"cannot read {path} ({reason(e)}); the file is damaged: re-copy the checkpoint or save it again") from None
         self.check_files()
 
     def check_files(self) -> None:
@@ -319,7 +319,7 @@ class ChunkReader:
             try:
                 t = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
             except Exception as e:  # damaged bytes: PytorchStreamReader / unpickling errors
-                raise CheckpointError(f"cannot read {key} from {path} ({_first_line(e)}); the file is damaged: re-copy the checkpoint or save it again") from None
+                raise CheckpointError(f"cannot read {key} from {path} ({reason(e)}); the file is damaged: re-copy the checkpoint or save it again") from None
         md = self.metadata.state_dict_metadata[key]
         sizes = tuple(md.chunks[i].sizes)
         if not isinstance(t, torch.Tensor):
@@ -354,11 +354,6 @@ class ChunkReader:
             self.reader.read_data(plan, _IntoBuffers(targets)).wait()
         except Exception as e:  # damaged bytes, or a stored chunk whose shape is not its metadata's
             files = sorted({os.path.join(self.dir, self.metadata.storage_data[i.storage_index].relative_path) for i in items})
-            raise CheckpointError(f"cannot read {chunks[0].key} from {', '.join(files)} ({_first_line(e)}); the file is damaged: "
+            raise CheckpointError(f"cannot read {chunks[0].key} from {', '.join(files)} ({reason(e)}); the file is damaged: "
                                   "re-copy the checkpoint or save it again") from None
         return full
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0][:160] if text else "") or type(e).__name__

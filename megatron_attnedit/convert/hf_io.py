@@ -28,6 +28,14 @@ class CheckpointError(UserError):
 INDEX = "model.safetensors.index.json"
 
 
+def reason(e: BaseException) -> str:
+    """What a dependency's exception says, short enough for one line: its first sentence (torch's
+    zip reader appends a paragraph of advice about miniz)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = re.split(r"(?<=[a-z)])\. ", text)[0].rstrip(".")
+    return text[:200] or type(e).__name__
+
+
 class HFCheckpoint:
     def __init__(self, hf_dir: str, allow_pickle: bool = False):
         self.dir = hf_dir
@@ -145,8 +153,7 @@ def _load_pickle_weights(path: str) -> Dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged archive, or objects beyond tensors (weights_only refuses them)
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read {path} ({first}); the file is damaged or not a weights file: re-download it") from None
+        raise CheckpointError(f"cannot read {path} ({reason(e)}); the file is damaged or not a weights file: re-download it") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a mapping of tensor names to tensors; it is not a weights file")
     return state

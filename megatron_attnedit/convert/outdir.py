@@ -91,6 +91,11 @@ def check_output_dir(path: str, overwrite: bool, tool: str, sources: Sequence[st
         if real == rs or rs.startswith(real + os.sep):
             raise CheckpointError(f"--save-dir {path} would replace the input {s}; choose another directory")
     if not os.path.exists(path):
+        ancestor = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            raise CheckpointError(f"--save-dir {path}: {ancestor} is a file, not a directory; choose another path")
         return
     if not os.path.isdir(path):
         raise CheckpointError(f"--save-dir {path} exists and is not a directory")
@@ -216,12 +221,15 @@ def torch_save(obj, path: str) -> None:
 @contextlib.contextmanager
 def atomic_output_dir(path: str, tool: str) -> Iterator[str]:
     """Yield a hidden temporary sibling of ``path``; on success it gets a manifest of what it holds
-    and replaces ``path``; on any error (or interrupt) it is removed. An OSError without a path
-    (a failed write) is re-raised naming ``path``."""
+    and replaces ``path``; on any error (or interrupt) it is removed. An OSError while writing (disk
+    full, read-only) is re-raised naming ``path``, what the user asked for, not the sibling."""
     path = os.path.abspath(path)
     parent, base = os.path.dirname(path), os.path.basename(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+    except OSError as e:  # name what the user asked for, not our hidden sibling
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -249,7 +257,7 @@ def atomic_output_dir(path: str, tool: str) -> Iterator[str]:
         os.remove(os.path.join(path, WRITER))  # the record travels with the data until it is in place
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is None:
+        if e.filename is None or str(e.filename).startswith(tmp):  # a failed write: name the output, not the removed sibling
             raise OSError(e.errno, e.strerror, path) from None
         raise
     except BaseException:

@@ -3,12 +3,16 @@ one interpreter, so that a dozen cases pay for the torch + megatron imports once
 a real process: its own exit status, stdout and stderr (file descriptors 1 and 2).
 
     python convert_cli_cases.py CASES.json RESULT.json
-CASES: [{"name", "tool": "hf_to_mcore" | "mcore_to_hf", "argv": [...]}], run in order.
+CASES: [{"name", "tool": "hf_to_mcore" | "mcore_to_hf", "argv": [...], "fsize_limit": bytes (optional)}], run in
+order. ``fsize_limit`` sets RLIMIT_FSIZE in the case's process with SIGXFSZ ignored: a write past it
+fails with EFBIG, as a write to a full disk fails with ENOSPC (the same OSError path).
 RESULT: {name: {"rc", "stdout", "stderr"}}.
 """
 
 import json
 import os
+import resource
+import signal
 import sys
 import tempfile
 import traceback
@@ -17,12 +21,15 @@ import warnings
 warnings.filterwarnings("ignore")  # as the thin CLI scripts do
 
 
-def run_case(main, argv):
+def run_case(main, argv, fsize_limit=None):
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         pid = os.fork()
         if pid == 0:
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
+            if fsize_limit:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
             try:
                 code = main(argv)
             except SystemExit as e:
@@ -44,7 +51,7 @@ def main():
     from megatron_attnedit.convert import cli, converters  # noqa: F401  (import once, before forking)
 
     tools = {"hf_to_mcore": cli.hf_to_mcore_main, "mcore_to_hf": cli.mcore_to_hf_main}
-    result = {c["name"]: run_case(tools[c["tool"]], c["argv"]) for c in cases}
+    result = {c["name"]: run_case(tools[c["tool"]], c["argv"], c.get("fsize_limit")) for c in cases}
     json.dump(result, open(result_path, "w"), indent=1)
 
 
