@@ -8,17 +8,18 @@ Per model: held-out perplexity on the same tokens, and from the same forward pas
 position in the window (eval/distance.py; for a student with sliding layers, its loss on the
 predictions with more than W tokens of context next to the teacher's on the same tokens); a
 retrieval probe, exact-match recall of a key stated at a given distance back (eval/retrieval.py);
-KV-cache bytes per token from the config (the
-attention target's formula) and measured from the cache of a short greedy decode; decode tokens/s;
-parameters. MLA students (DeepSeek-format exports) decode with the latent cache and absorbed
-up-projections (eval/mla_decode.py), checked against the stock transformers forward. GateSWA
+a short greedy decode with the project's decode engine (megatron_attnedit/inference: static caches;
+MLA with the latent cache and absorbed up-projections, GateSWA sliding layers with a ring buffer of
+W positions), its logits checked against the stock transformers forward; KV-cache bytes per token
+from the config (the attention target's formula) and measured from the engine's allocated cache,
+layer by layer; decode tokens/s; parameters. GateSWA
 students load with trust_remote_code (their config has an auto_map; the code ships in the
 checkpoint directory). Output in --report-dir: report.md, results.json, PNG plots (KV against
 context, loss by position, probe accuracy against distance; stage-1 and stage-2 curves from
 --run-dir). Bad input stops with one ``error:`` line and exit code 2 (``errors.run_cli``); so does a
 --seq-length or --probe-context longer than a model's max_position_embeddings, unless
---allow-longer-than-trained (then one ``warning:`` line); a failed MLA decode check writes the
-report, then exits 1.
+--allow-longer-than-trained (then one ``warning:`` line); a decode that differs from the stock
+forward, or a cache that differs from the formula, writes the report, then exits 1.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def _load(path: str, cfg: dict, dtype, device):
 def evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype, device, probe=None) -> dict:
     import torch
 
-    from megatron_attnedit.eval import decode, kv_measure, mla_decode, perplexity
+    from megatron_attnedit.eval import kv_measure, perplexity
+    from megatron_attnedit.inference import kv
+    from megatron_attnedit.inference.engine import DecodeEngine
 
     model, remote = _load(path, cfg, dtype, device)
     fwd = lambda ids: model(input_ids=ids).logits  # noqa: E731
@@ -110,27 +113,16 @@ def evaluate_model(name, role, path, cfg, teacher_cfg, a, tokens, windows, dtype
                params=sum(p.numel() for p in model.parameters()), **{k: ppl[k] for k in ("ppl", "mean_nll", "scored_tokens", "position_nll")})
     if probe is not None:  # the retrieval probe (eval/retrieval.py), while the model is loaded
         out["probe"] = probe(model)
-    with torch.no_grad():
-        stock = decode.greedy_decode(decode.hf_step(model), decode.hf_cache(model), prompt, a.decode_tokens)
-    stock_kv = kv_measure.measured(stock.cache, stock.cached_tokens)
-    if cfg.get("model_type") in mla_decode.MLA_MODEL_TYPES:
-        ab = mla_decode.AbsorbedMLA(model)
-        decode.greedy_decode(ab.forward, ab.new_cache(), prompt, 2)  # warm-up
-        res = decode.greedy_decode(ab.forward, ab.new_cache(), prompt, a.decode_tokens)
-        with torch.no_grad():
-            check = mla_decode.verify_against_stock(model, res.tokens, res.step_logits, res.prompt_len)
-        check["tolerance"] = 1e-4 if dtype == torch.float32 else 5e-2
-        check["ok"] = check["max_abs_diff"] <= check["tolerance"] * max(1.0, check["max_abs_logit"])
-        out["mla_check"] = check
-        out["stock_decode"] = dict(tokens_per_s=stock.tokens_per_s, decode_s=stock.decode_s)
-        out["kv"] = kv_measure.kv_summary(cfg, teacher_cfg, res.cache, res.cached_tokens, dtype, stock=stock_kv)
-        path_name = "absorbed MLA"
-    else:
-        res = stock
-        out["kv"] = kv_measure.kv_summary(cfg, teacher_cfg, res.cache, res.cached_tokens, dtype)
-        path_name = "stock HF"
-    out["decode"] = dict(tokens_per_s=res.tokens_per_s, prefill_s=res.prefill_s, decode_s=res.decode_s, new_tokens=res.new_tokens, path=path_name)
-    del model, stock, res
+    # Decode with the engine (inference/): a cache of exactly the decode's positions, so that the
+    # allocated bytes per position are the measurement the formula is held to, layer by layer.
+    engine = DecodeEngine(model, batch=1, max_len=a.prompt_tokens + a.decode_tokens)
+    engine.generate(prompt, min(2, a.decode_tokens), keep_logits=False)  # warm-up (kernel set-up; on CUDA the graph capture)
+    res = engine.generate(prompt, a.decode_tokens)
+    out["decode_check"] = kv.verify_against_stock(model, res)  # a wrong engine must not make a report
+    out["kv"] = kv_measure.kv_summary(cfg, teacher_cfg, engine, res.positions, dtype)
+    out["decode"] = dict(tokens_per_s=res.tokens_per_s, prefill_s=res.prefill_s, decode_s=res.decode_s, new_tokens=res.steps,
+                         path=f"engine, {engine.attention} cache" + (", CUDA graph" if engine.cuda_graphs else ""))
+    del model, engine, res
     gc.collect()
     return out
 
@@ -310,10 +302,6 @@ def run(a, argv) -> int:
             if cfg.get("model_type") == "deepseek_v2" and cfg.get("norm_topk_prob") and cfg.get("n_routed_experts"):
                 notes.append(f"{m['name']}: transformers' DeepseekV2 (5.x) ignores norm_topk_prob, so its perplexity here comes from top-k routing "
                              "weights that are not renormalised; vLLM / SGLang renormalise them, as the student was trained")
-            kv = m["kv"]
-            if kv["attention"] == "gate_swa" and kv["measured_bytes_per_token"] != kv["config_bytes_per_token"]:
-                notes.append(f"{m['name']}: transformers' sliding cache keeps W - 1 tokens between steps where the formula counts min(W, context); "
-                             f"the decode's {kv['positions']} positions exceed the window, hence measured < config")
         results = dict(
             command="python -m megatron_attnedit.evaluate " + shlex.join(argv),
             created=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -341,10 +329,14 @@ def run(a, argv) -> int:
     for line in report.against_teacher_lines(results):
         print(line)
     print(f"report: {os.path.join(a.report_dir, 'report.md')}")
-    bad = [m for m in results["models"] if "mla_check" in m and not m["mla_check"]["ok"]]
+    bad = [m for m in results["models"] if not m["decode_check"]["ok"] or not m["kv"]["measured_equals_config"]]
     for m in bad:
-        c = m["mla_check"]
-        print(f"error: absorbed MLA decode of {m['name']} differs from the stock forward (max |diff| {c['max_abs_diff']:.3g}, tolerance {c['tolerance']:.0e}); see the report", file=sys.stderr)
+        c = m["decode_check"]
+        if not c["ok"]:
+            print(f"error: the decode engine's logits for {m['name']} differ from the stock forward (max |diff| {c['max_abs_diff']:.3g}, "
+                  f"tolerance {c['tolerance']:.0e} x max(1, max |logit|)); see the report", file=sys.stderr)
+        if not m["kv"]["measured_equals_config"]:
+            print(f"error: the decode engine's cache for {m['name']} differs from the attention's KV formula in some layer; see the report", file=sys.stderr)
     return 1 if bad else 0
 
 

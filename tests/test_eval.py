@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     mla = make_deepseek(3, kv_lora_rank=32, n_routed_experts=2, num_experts_per_tok=1)
     mla.save_pretrained(d["mla"])
     d["gateswa"] = str(base / "gateswa")
-    make_gateswa(d["gateswa"], window=32, pattern="SSSF")  # window > the 16 decoded positions: measured = formula
+    make_gateswa(d["gateswa"], window=32, pattern="SSSF")
     runs = base / "runs" / "tiny_mla"
     for stage, rows in (
         ("stage1", [{"iteration": i, "loss": 1 / i, **{f"stage1/layer_{l:02d}": (l + 1) / i for l in range(4)}} for i in range(1, 6)]),
@@ -133,7 +133,11 @@ def test_report(setup):
     assert gateswa["remote_code"] and gateswa["kv"]["attention"] == "gate_swa" and gateswa["model_type"] == "qwen3_gateswa"
     assert gateswa["kv"]["measured_bytes_per_token"] == gateswa["kv"]["config_bytes_per_token"] == 4 * 2 * 2 * 16 * 4
     assert gateswa["kv"]["per_context_bytes"]["4096"] == (3 * 32 + 4096) * 2 * 2 * 16 * 4  # S layers hold 32 tokens
-    assert mla["mla_check"]["ok"] and mla["mla_check"]["tokens_equal"] and mla["decode"]["path"] == "absorbed MLA"
+    for m in res["models"]:  # every model decoded by the engine, checked against the stock forward; cache = formula per layer
+        assert m["decode_check"]["ok"] and m["decode_check"]["tokens_equal"] and m["decode_check"]["steps"] == 9, m["decode_check"]
+        assert m["kv"]["measured_equals_config"] and m["kv"]["positions"] == 16
+    assert mla["decode"]["path"] == "engine, mla cache" and gateswa["decode"]["path"] == "engine, gate_swa cache"
+    assert "| mla | engine, mla cache | 9 |" in md and "(GateSWA W=32 SSSF; every layer equals the formula)" in md
     summary = md.split("## Summary")[1].split("\n## ")[0]
     rows = {line.split("|")[1].strip(" *"): [c.strip() for c in line.split("|")[2:-1]] for line in summary.splitlines() if line.startswith("| ")}
     for m in res["models"]:
@@ -265,3 +269,27 @@ def test_training_curves(setup, tmp_path):
     assert wb.source == "wandb" and wb.stage == "stage1" and wb.series("stage1/layer_01") == ([1, 2, 3], [2, 1, 2 / 3])
     plots.plot_stage1([wb, runs["tiny_mla/stage1"]], str(tmp_path / "s1.png"))
     assert os.path.getsize(tmp_path / "s1.png") > 0
+
+
+def test_wrong_decode_fails_the_evaluation(setup, tmp_path, monkeypatch, capsys):
+    """An engine whose MLA value up-projection is 5% off: the report is written, its decode check says
+    FAIL, and the command exits 1 with one error line naming the model."""
+    from megatron_attnedit.inference import mla
+
+    allocate = mla.MLAAttention.allocate
+
+    def broken(self, *args):
+        allocate(self, *args)
+        self.w_uv = self.w_uv * 1.05
+
+    monkeypatch.setattr(mla.MLAAttention, "allocate", broken)
+    out = str(tmp_path / "report")
+    argv = ["--teacher", setup["teacher"], "--student", f"mla={setup['mla']}", "--data", setup["prefix"], "--report-dir", out,
+            "--max-tokens", "64", "--seq-length", "32", "--prompt-tokens", "8", "--decode-tokens", "4", "--device", "cpu", "--probe-trials", "0"]
+    capsys.readouterr()
+    assert evaluate.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the decode engine's logits for mla differ from the stock forward" in err[-1], err
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [m["decode_check"]["ok"] for m in res["models"]] == [True, False]
+    assert "| mla | engine, mla cache | 5 |" in open(os.path.join(out, "report.md")).read()

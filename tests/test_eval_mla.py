@@ -1,10 +1,11 @@
-"""Absorbed MLA decode against transformers' own DeepSeek-V2/V3 code, and KV bytes measured from
-cache tensors against the attention targets' formula (random weights, fp32, CPU)."""
+"""The evaluation's KV summary: bytes of the decode engine's allocated cache against the attention
+targets' formula on the teacher's config, per layer (random weights, fp32, CPU). The engine's decode
+itself is tested against transformers in test_inference.py."""
 
-import pytest
 import torch
 
-from megatron_attnedit.eval import decode, kv_measure, mla_decode
+from megatron_attnedit.eval import kv_measure
+from megatron_attnedit.inference.engine import DecodeEngine
 
 # MLA student of the qwen3-debug teacher (hidden 64, 4 heads x 16, 4 layers, vocab 256).
 MLA_SHAPE = dict(
@@ -28,34 +29,6 @@ def make_deepseek(version: int, q_lora_rank=None, seed: int = 0, **over):
     return model
 
 
-@pytest.mark.parametrize("version,q_lora_rank", [(3, None), (3, 32), (2, None), (2, 32)])
-def test_absorbed_decode_equals_stock(version, q_lora_rank):
-    model = make_deepseek(version, q_lora_rank)
-    prompt = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(1))
-    ab = mla_decode.AbsorbedMLA(model)
-    res = decode.greedy_decode(ab.forward, ab.new_cache(), prompt, 12)
-    check = mla_decode.verify_against_stock(model, res.tokens, res.step_logits, res.prompt_len)
-    assert check["max_abs_logit"] > 1.0  # a meaningful comparison
-    assert check["max_abs_diff"] < 1e-4 * check["max_abs_logit"], check
-    assert check["tokens_equal"] and check["steps"] == 13
-    # transformers' own cached greedy decode takes the same path
-    stock = decode.greedy_decode(decode.hf_step(model), decode.hf_cache(model), prompt, 12)
-    assert torch.equal(stock.tokens, res.tokens)
-    # the cache holds the latent and the RoPE key only: (kv_lora_rank + qk_rope_head_dim) x 4 B per token per layer
-    assert res.cached_tokens == 11 + 12
-    assert res.cache.bytes_per_layer() == [(24 + 8) * 4 * 23] * 4
-
-
-def test_absorbed_decode_check_catches_a_wrong_decode():
-    model = make_deepseek(3)
-    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
-    ab = mla_decode.AbsorbedMLA(model)
-    ab.w_uv[1] = ab.w_uv[1] * 1.05  # a 5% error in one layer's value up-projection
-    res = decode.greedy_decode(ab.forward, ab.new_cache(), prompt, 6)
-    check = mla_decode.verify_against_stock(model, res.tokens, res.step_logits, res.prompt_len)
-    assert check["max_abs_diff"] > 1e-3 * check["max_abs_logit"]
-
-
 def _teacher_cfg():
     from megatron_attnedit.models.qwen3 import config_for_preset
 
@@ -72,30 +45,34 @@ def _qwen3(**over):
     return Qwen3ForCausalLM(Qwen3Config(**cfg)).eval()
 
 
+def _decode(model, prompt, steps):
+    engine = DecodeEngine(model, batch=1, max_len=prompt.shape[1] + steps)
+    return engine, engine.generate(prompt, steps)
+
+
 def test_measured_kv_equals_formula_gqa_and_mla():
     teacher_cfg = _teacher_cfg()
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
     # Qwen3 teacher: K and V of 2 KV heads x 16 per layer, fp32
-    model = _qwen3()
-    res = decode.greedy_decode(decode.hf_step(model), decode.hf_cache(model), prompt, 7)
-    kv = kv_measure.kv_summary(teacher_cfg, teacher_cfg, res.cache, res.cached_tokens, torch.float32)
-    assert kv["attention"] == "gqa" and kv["positions"] == 16
-    assert kv["measured_per_layer_bytes_per_token"] == [2 * 2 * 16 * 4] * 4
+    engine, res = _decode(_qwen3(), prompt, 7)
+    kv = kv_measure.kv_summary(teacher_cfg, teacher_cfg, engine, res.positions, torch.float32)
+    assert kv["attention"] == "gqa" and kv["positions"] == 16 and kv["measured_equals_config"]
+    assert kv["measured_per_layer_bytes_per_token"] == kv["config_per_layer_bytes_per_token"] == [2 * 2 * 16 * 4] * 4
     assert kv["measured_bytes_per_token"] == kv["config_bytes_per_token"] == 4 * 2 * 2 * 16 * 4
-    # MLA latent cache of the absorbed decode
+    # MLA: the latent and the RoPE key
     mla = make_deepseek(3)
-    ab = mla_decode.AbsorbedMLA(mla)
-    res = decode.greedy_decode(ab.forward, ab.new_cache(), prompt, 7)
+    engine, res = _decode(mla, prompt, 7)
     cfg = mla.config.to_dict()
-    kv = kv_measure.kv_summary(cfg, teacher_cfg, res.cache, res.cached_tokens, torch.float32)
-    assert kv["attention"] == "mla"
+    kv = kv_measure.kv_summary(cfg, teacher_cfg, engine, res.positions, torch.float32)
+    assert kv["attention"] == "mla" and kv["measured_equals_config"]
     assert kv["measured_bytes_per_token"] == kv["config_bytes_per_token"] == 4 * (24 + 8) * 4
     assert kv_measure.config_bytes_per_token(cfg, teacher_cfg, 16, 2) == 4 * (24 + 8) * 2  # bf16: the targets' formula
     assert kv["per_context_bytes"]["4096"] == 4 * (24 + 8) * 4 * 4096
 
 
 def test_measured_kv_sliding_layers():
-    """Sliding layers: equal to the formula inside the window; beyond it transformers keeps W - 1."""
+    """Sliding layers of W = 16: the engine keeps min(W, positions) -- inside the window every
+    position, beyond it W (transformers' own sliding cache keeps W - 1 between steps)."""
     teacher_cfg = _teacher_cfg()
     types = ["sliding_attention"] * 3 + ["full_attention"]
     model = _qwen3(use_sliding_window=True, sliding_window=16, max_window_layers=0, layer_types=types)
@@ -103,10 +80,11 @@ def test_measured_kv_sliding_layers():
     assert kv_measure.attention_of(cfg) == ("gate_swa", {"window": 16, "pattern": ["S", "S", "S", "F"]})
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
     per_layer = 2 * 2 * 16 * 4
-    res = decode.greedy_decode(decode.hf_step(model), decode.hf_cache(model), prompt, 9)  # 15 positions < W
-    kv = kv_measure.kv_summary(cfg, teacher_cfg, res.cache, res.cached_tokens, torch.float32)
-    assert kv["measured_bytes_per_token"] == kv["config_bytes_per_token"] == 4 * per_layer
-    res = decode.greedy_decode(decode.hf_step(model), decode.hf_cache(model), prompt, 34)  # 40 positions > W
-    kv = kv_measure.kv_summary(cfg, teacher_cfg, res.cache, res.cached_tokens, torch.float32)
-    assert kv["measured_per_layer_bytes_per_token"] == [per_layer * 15 / 40] * 3 + [per_layer]
+    engine, res = _decode(model, prompt, 9)  # 15 positions < W
+    kv = kv_measure.kv_summary(cfg, teacher_cfg, engine, res.positions, torch.float32)
+    assert kv["measured_equals_config"] and kv["measured_bytes_per_token"] == kv["config_bytes_per_token"] == 4 * per_layer
+    engine, res = _decode(model, prompt, 34)  # 40 positions > W
+    kv = kv_measure.kv_summary(cfg, teacher_cfg, engine, res.positions, torch.float32)
+    assert kv["measured_equals_config"]
+    assert kv["measured_per_layer_bytes_per_token"] == [per_layer * 16 / 40] * 3 + [per_layer]
     assert kv["config_bytes_per_token"] == per_layer * (3 * 16 / 40 + 1)

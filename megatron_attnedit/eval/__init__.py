@@ -6,10 +6,8 @@ perplexity.py   evaluation tokens (megatron indexed dataset or text files), toke
                 (and the token NLLs summed by position in the window)
 distance.py     loss by position in the window, in buckets, students against the teacher beyond W
 retrieval.py    the retrieval probe: recall of a key stated at a given distance back in held-out code
-kv_measure.py   which attention a checkpoint has, KV bytes per token from the config (the targets'
-                formula) and as measured from cache tensors
-decode.py       greedy decode with a cache: tokens/s and the cache it leaves, for any HF causal LM
-mla_decode.py   MLA decode of a DeepSeek-format checkpoint with the latent cache and absorbed up-projections
+kv_measure.py   KV bytes per token from the config (the targets' formula) and as measured from the
+                decode engine's allocated cache (the decode itself: megatron_attnedit/inference)
 report.py       report.md + results.json
 plots.py        PNG plots (matplotlib, Agg): training curves, KV bytes against context length, loss by
                 position, probe accuracy against distance

@@ -1,57 +1,34 @@
-"""KV-cache bytes per token: from the config (the attention targets' formula) and measured.
+"""KV-cache bytes per token: the attention targets' formula, and the decode engine's allocated cache.
 
-Which attention a Hugging Face checkpoint has, in this order:
-1. an ``attnedit`` record in its config.json, ``{"target": {"name": ..., "options": {...}}}``
-   (what the project's exports may write; read as is);
-2. ``model_type`` deepseek_v2 / deepseek_v3 -> ``mla`` with kv_lora_rank, qk_rope_head_dim,
-   qk_nope_head_dim, v_head_dim, q_lora_rank from the config;
-3. a ``layer_types`` list with ``sliding_attention`` entries (or model_type ``*_gateswa``, the
-   project's GateSWA export) and a ``sliding_window`` -> ``gate_swa`` with that window and
-   pattern (S for sliding, F for full layers);
-4. qwen3 / qwen3_moe -> ``gqa`` (the teacher's attention).
-The formula is the target's ``kv_bytes_per_token`` on the teacher's config (head counts and
-dimensions the targets resolve against), at the cache element size of the evaluation dtype.
+Which attention a Hugging Face checkpoint has: ``inference.attention_of`` (an ``attnedit`` record,
+DeepSeek -> mla, sliding ``layer_types`` -> gate_swa, Qwen3 -> gqa). The formula is the target's
+``kv_bytes_per_layer`` on the teacher's config (head counts and dimensions the targets resolve
+against) with the student's layer count, at the cache element size of the evaluation dtype.
 
-Measured: the bytes of every tensor the cache holds after a greedy decode, per layer, divided by
-the positions it has seen (prompt + steps). For a stock transformers cache that is each layer's
-``keys`` and ``values``; for the absorbed MLA decode the latent and the RoPE key. A sliding layer
-of transformers keeps W - 1 tokens between steps (the current token makes W), where the formula
-counts min(W, context): the two agree while the decode is shorter than the window.
+Measured: the bytes of the tensors the decode engine (megatron_attnedit/inference) allocated for
+the evaluation's greedy decode -- exactly its prompt + decoded positions; a sliding layer min(W,
+positions) slots -- per layer, divided by those positions. It must equal the formula in every
+layer (``measured_equals_config``); evaluate stops with exit code 1 when it does not.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import math
+from typing import Dict
 
 import torch
 
 from megatron_attnedit.eval import CONTEXTS, EvalError
-from megatron_attnedit.eval.mla_decode import MLA_MODEL_TYPES, LatentCache
+from megatron_attnedit.inference import InferenceError
+from megatron_attnedit.inference import attention_of as _attention_of
 
 
-def attention_of(cfg: dict) -> Tuple[str, dict]:
-    """(target name, target options) of an HF config (see the module docstring)."""
-    rec = cfg.get("attnedit")
-    if isinstance(rec, dict) and isinstance(rec.get("target"), dict) and rec["target"].get("name"):
-        return rec["target"]["name"], dict(rec["target"].get("options") or {})
-    mt = cfg.get("model_type")
-    if mt in MLA_MODEL_TYPES:
-        return "mla", dict(
-            kv_lora_rank=int(cfg["kv_lora_rank"]),
-            qk_pos_emb_head_dim=int(cfg["qk_rope_head_dim"]),
-            qk_head_dim=int(cfg["qk_nope_head_dim"]),
-            v_head_dim=int(cfg["v_head_dim"]),
-            q_lora_rank=cfg.get("q_lora_rank"),
-            init="random",  # not an initialization: keeps the option checks to the shapes
-            inherit_o_proj=False,
-        )
-    types, window = cfg.get("layer_types"), cfg.get("sliding_window")
-    gateswa = str(mt).endswith("_gateswa")  # the project's GateSWA export, even with no sliding layer
-    if isinstance(types, list) and window and ("sliding_attention" in types or gateswa):
-        return "gate_swa", dict(window=int(window), pattern=["S" if t == "sliding_attention" else "F" for t in types])
-    if mt in ("qwen3", "qwen3_moe"):
-        return "gqa", {}
-    raise EvalError(f"cannot tell the attention of a {mt!r} checkpoint (expected qwen3, qwen3_moe, deepseek_v2/v3, or sliding layer_types)")
+def attention_of(cfg: dict):
+    """(target name, target options) of an HF config (inference.attention_of), an EvalError if unknown."""
+    try:
+        return _attention_of(cfg)
+    except InferenceError as e:
+        raise EvalError(str(e)) from None
 
 
 def describe(name: str, options: dict) -> str:
@@ -83,52 +60,29 @@ def per_context(cfg: dict, teacher_cfg: dict, bytes_per_elem: int, contexts=CONT
     return {c: config_bytes_per_token(cfg, teacher_cfg, c, bytes_per_elem) * c for c in contexts}
 
 
-def _layer_tensors(layer) -> List[torch.Tensor]:
-    own = [getattr(layer, k, None) for k in ("keys", "values")]
-    own = [t for t in own if isinstance(t, torch.Tensor)]
-    if own:
-        return own
-    return [t for t in vars(layer).values() if isinstance(t, torch.Tensor) and t.dim() >= 3]
-
-
-def cache_bytes_per_layer(cache) -> List[int]:
-    """Bytes held per layer by a transformers Cache, a legacy tuple cache, or a LatentCache."""
-    if isinstance(cache, LatentCache):
-        return cache.bytes_per_layer()
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [sum(t.numel() * t.element_size() for t in _layer_tensors(layer)) for layer in layers]
-    if isinstance(cache, (tuple, list)):
-        return [sum(t.numel() * t.element_size() for t in layer if isinstance(t, torch.Tensor)) for layer in cache]
-    raise EvalError(f"cannot measure a cache of type {type(cache).__name__}")
-
-
-def measured(cache, positions: int) -> dict:
-    """Per-layer and whole-model bytes per token of a cache that has seen ``positions`` tokens."""
-    per_layer = cache_bytes_per_layer(cache)
-    return dict(
-        bytes_per_token=sum(per_layer) / positions,
-        per_layer_bytes_per_token=[b / positions for b in per_layer],
-        positions=positions,
-    )
-
-
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def kv_summary(cfg: dict, teacher_cfg: dict, cache, positions: int, dtype: torch.dtype, stock: Optional[dict] = None) -> dict:
-    """Config formula vs measurement at the decode's context, and per-sequence bytes at CONTEXTS."""
+def kv_summary(cfg: dict, teacher_cfg: dict, engine, positions: int, dtype: torch.dtype) -> dict:
+    """Formula vs the engine's allocated cache at the decode's ``positions``, per layer and in all;
+    and per-sequence bytes at CONTEXTS (formula)."""
+    from megatron_attnedit.inference import kv
+
     bpe = element_size(dtype)
     name, options = attention_of(cfg)
-    out = dict(
+    formula = kv.formula_per_layer(cfg, positions, bpe, base_cfg=teacher_cfg)
+    m = kv.measure(engine, positions)
+    return dict(
         attention=name,
         description=describe(name, options),
         bytes_per_elem=bpe,
-        config_bytes_per_token=config_bytes_per_token(cfg, teacher_cfg, positions, bpe),
+        positions=positions,
+        config_bytes_per_token=float(sum(formula)),
+        config_per_layer_bytes_per_token=formula,
+        measured_bytes_per_token=m["bytes_per_token"],
+        measured_per_layer_bytes_per_token=m["measured_per_layer"],
+        measured_equals_config=len(formula) == len(m["measured_per_layer"])
+        and all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(m["measured_per_layer"], formula)),
         per_context_bytes={str(c): b for c, b in per_context(cfg, teacher_cfg, bpe).items()},
-        **{f"measured_{k}" if k != "positions" else k: v for k, v in measured(cache, positions).items()},
     )
-    if stock is not None:
-        out["stock_cache"] = stock
-    return out
