@@ -86,6 +86,23 @@ def test_loads_offline_and_generates_with_cache(exports, case):
     assert r["cached_positions"] == expected, r
 
 
+
+@pytest.mark.parametrize("case", CASES)
+def test_decode_engine_on_the_export(exports, case):
+    """The decode engine (megatron_attnedit/inference) on each real export: its steps equal the full
+    forward for both prompts (24 positions, past every window), it picks the tokens transformers'
+    generate picks, and its cache is the target's formula in every layer."""
+    from megatron_attnedit.inference import kv
+
+    w, _, hf = exports
+    r = hf[case]
+    assert r["engine"]["ok"] and r["engine"]["tokens_equal"] and r["engine"]["steps"] == 14, r["engine"]
+    assert r["engine_generated"] == r["generated"]
+    c = r["engine_cache"]
+    assert c["positions"] == c["allocated_positions"] == 23 and c["batch"] == 2
+    assert c["measured_per_layer"] == kv.formula_per_layer(_config(w, case), 23, 4), c
+
+
 def test_deepseek_config_expresses_the_student(exports):
     w, _, _ = exports
     dense, tied, moe, nonorm = (_config(w, c) for c in ("mla-dense", "mla-dense-qlora-tied", "mla-moe", "mla-moe-nonorm"))

@@ -6,7 +6,8 @@ GateSWA -- and measures it against the megatron student. Run with HF_HUB_OFFLINE
 Per case, into WORK/hf_check.json: the loaded class, max |HF - megatron| logits (fp32, CPU), and
 for a greedy ``generate`` with the HF cache: the new tokens and max |per-step logits - logits of
 one full forward over the generated sequence| (the cache -- sliding-window layers included --
-gives what recomputing everything gives). MoE cases also report the difference under DeepSeek's
+gives what recomputing everything gives); the same for the project's decode engine (inference/) on
+both token rows, with its allocated cache bytes per layer. MoE cases also report the difference under DeepSeek's
 renormalised router (``norm_topk_prob``), which stock transformers' DeepseekV2 does not apply.
 """
 
@@ -55,6 +56,15 @@ def check(hf_dir, megatron_logits, tokens, prompt_len=10, new_tokens=14):
     cache = DynamicCache(config=model.config)
     model(tokens[:1, :prompt_len], use_cache=True, **{CACHE_KEYWORD: cache})
     out["cached_positions"] = [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None else 0 for layer in cache.layers]
+    # the project's decode engine on the export, both sequences: every step against the full forward, and its cache
+    from megatron_attnedit.inference import kv
+    from megatron_attnedit.inference.engine import DecodeEngine
+
+    engine = DecodeEngine(model, batch=tokens.shape[0], max_len=prompt_len + new_tokens - 1)
+    dec = engine.generate(tokens[:, :prompt_len], new_tokens - 1)
+    out["engine"] = kv.verify_against_stock(model, dec)
+    out["engine_generated"] = dec.tokens[0, prompt_len:].tolist()
+    out["engine_cache"] = kv.measure(engine, dec.positions)
     if cfg.get("model_type") == "deepseek_v2" and cfg.get("first_k_dense_replace", 0) < cfg["num_hidden_layers"]:
         router_cls = type(model.model.layers[-1].mlp.gate)
         router_cls._stock_forward = router_cls.forward
