@@ -151,6 +151,9 @@ class DataConfig:
     Only its end-of-document id and vocabulary size are used in training."""
     eod_mask_loss: bool = False
     """Do not train on predicting the token after an end-of-document."""
+    allow_longer_than_trained: bool = False
+    """Allow seq_length beyond the model's max_position_embeddings (refused otherwise; a warning
+    line is printed when allowed)."""
 
     def __post_init__(self):
         _check(len(self.data_path) > 0, "data.data_path is empty; give one or more prefixes made by checkpoints_tools/preprocess_data.py")

@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from megatron_attnedit.errors import run_cli
+
+RANK0_GRACE_S = 3.0
 
 
 def main(argv=None) -> int:
@@ -33,20 +36,28 @@ def main(argv=None) -> int:
         from megatron_attnedit.training.data import check_prefixes
 
         cfg = load_config(a.recipe, overrides, a.stage)
-        check_prefixes(cfg.data.data_path + (cfg.data.valid_data_path or []))  # before anything heavy starts
+        check_prefixes(cfg.data.data_path + (cfg.data.valid_data_path or []), cfg.data.seq_length)  # before anything heavy starts
         from megatron_attnedit.training.loop import train
 
         train(cfg)
 
+    rc = 1
     try:
-        # bad input: one line on rank 0, exit 2; a fault once training runs: exit 1 (errors.py)
-        return run_cli(body, argv, rank0=rank0)
+        # bad input: one line on rank 0, exit 2; a fault once training runs: exit 1 (errors.py). The
+        # other ranks meet the same error (checks read the same files, rank-0-only steps share their
+        # outcome: training/checkpoint.py on_rank0) and exit with the same code, silently.
+        rc = run_cli(body, argv, rank0=rank0)
+        return rc
     finally:
         if "torch" in sys.modules:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
+        if rc != 0 and not rank0:
+            # torchrun stops every worker as soon as one exits: leave rank 0 the moment it needs
+            # to print the line (it is the only one that does)
+            time.sleep(RANK0_GRACE_S)
 
 
 if __name__ == "__main__":  # required: dist_checkpointing's helper processes re-import this module

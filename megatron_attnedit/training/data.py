@@ -90,13 +90,44 @@ def index_counts(prefix: str) -> tuple:
     return max(doc_index_len - 1, 0), sequences
 
 
-def check_prefixes(prefixes: List[str]) -> Dict[str, int]:
-    """Every prefix exists and holds at least one document; returns documents per prefix."""
+# megatron.core.datasets.indexed_dataset.DType codes -> bytes per token
+_ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+
+
+def token_count(prefix: str, sequences: int) -> int:
+    """Tokens in PREFIX.bin, checked against what PREFIX.idx says it holds (a cut-short or foreign
+    .bin would be read past its end by megatron's memory map)."""
+    with open(prefix + ".idx", "rb") as f:
+        f.seek(17)
+        itemsize = _ITEMSIZE.get(f.read(1)[0])
+        if itemsize is None or sequences == 0:
+            return 0
+        f.seek(34 + 4 * (sequences - 1))
+        last_len = struct.unpack("<i", f.read(4))[0]
+        f.seek(34 + 4 * sequences + 8 * (sequences - 1))
+        raw = f.read(8)
+    if len(raw) < 8:
+        raise DataError(f"{prefix}.idx is cut short; re-run preprocess_data.py")
+    want, have = struct.unpack("<q", raw)[0] + last_len * itemsize, os.path.getsize(prefix + ".bin")
+    if have != want:
+        raise DataError(f"{prefix}.bin is {have:,} bytes but its index describes {want:,}; the pair does not belong together or "
+                        "one was cut short: re-run preprocess_data.py")
+    return have // itemsize
+
+
+def check_prefixes(prefixes: List[str], seq_length: Optional[int] = None) -> Dict[str, int]:
+    """Every prefix exists and holds at least one document (and, given ``seq_length``, more tokens
+    than one sample needs: megatron would repeat a shorter dataset within every sample); returns
+    documents per prefix."""
     counts = {}
     for p in prefixes:
         docs, seqs = index_counts(p)
         if docs == 0 or seqs == 0 or os.path.getsize(p + ".bin") == 0:
             raise DataError(f"dataset {p} is empty (0 documents); check the input given to preprocess_data.py")
+        tokens = token_count(p, seqs)
+        if seq_length is not None and tokens < seq_length + 1:
+            raise DataError(f"dataset {p} holds {tokens} tokens, fewer than one sample of data.seq_length + 1 = {seq_length + 1}; "
+                            "give it more text, or a shorter data.seq_length")
         counts[p] = docs
     return counts
 

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -108,6 +109,20 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def check_length(cfg: Config, hf: dict, rank0: bool) -> None:
+    """data.seq_length within the model's max_position_embeddings, or beyond it only when asked for."""
+    trained = hf.get("max_position_embeddings")
+    if trained is None or cfg.data.seq_length <= int(trained):
+        return
+    src = f"{cfg.model.hf_dir}/config.json" if cfg.model.hf_dir else f"preset {cfg.model.preset}"
+    if not cfg.data.allow_longer_than_trained:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} is longer than the model's max_position_embeddings={trained} ({src}); "
+                          "shorten data.seq_length, or set data.allow_longer_than_trained=true to train on positions it has not seen")
+    if rank0:
+        print(f"warning: data.seq_length={cfg.data.seq_length} is longer than the model's max_position_embeddings={trained} ({src}); "
+              "training beyond it (data.allow_longer_than_trained=true)", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a step needs, built once by ``setup``."""
@@ -137,19 +152,15 @@ def setup(cfg: Config) -> Run:
     if d.global_batch_size % (d.micro_batch_size * dp):
         raise ConfigError(f"data.global_batch_size={d.global_batch_size} must be a multiple of micro_batch_size x data-parallel size = {d.micro_batch_size} x {dp}")
     set_seed(cfg.training.seed)
-    if dist.get_rank() == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            f.write(cfg.to_yaml())
-
     tokenizer = data_lib.Tokenizer(cfg.tokenizer_dir)
     hf = objective_lib.hf_config(cfg)
+    check_length(cfg, hf, dist.get_rank() == 0)
     data_lib.check_tokenizer(tokenizer, int(hf["vocab_size"]), d.data_path)
     objective = objective_lib.create(cfg.objective.name, cfg.objective.options)
-    resuming = ckpt_lib.latest_iteration(cfg.load_dir) is not None if os.path.isdir(cfg.load_dir) else False
+    resume_point = ckpt_lib.find_resume(cfg)
     models = objective.build(cfg, plat)
-    if not resuming and cfg.checkpoint.pretrained_checkpoint:
-        ckpt_lib.load_model_weights(models, cfg.checkpoint.pretrained_checkpoint)
+    if resume_point is None and cfg.checkpoint.pretrained_checkpoint:
+        ckpt_lib.load_model_weights(models, cfg.checkpoint.pretrained_checkpoint, cfg, hf)
     n_train = 0
     for m in models:
         for name, param in m.named_parameters():
@@ -165,7 +176,14 @@ def setup(cfg: Config) -> Run:
     optimizer = build_optimizer(cfg, models, bf16, plat.device.type)
     scheduler = build_scheduler(cfg, optimizer)
     checkpointer = ckpt_lib.Checkpointer(cfg, plat, models, optimizer, scheduler, objective, hf)
-    state = checkpointer.load() or ckpt_lib.TrainState()
+    state = checkpointer.load(resume_point) or ckpt_lib.TrainState()
+
+    def write_config():  # only now: a refused resume leaves the run's config.yaml as it was
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(cfg.to_yaml())
+
+    ckpt_lib.on_rank0(write_config)
 
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
