@@ -101,13 +101,15 @@ def _sha_file(path: str) -> str:
 
 
 def _preprocess(args: List[str]) -> None:
-    import importlib.util
+    import importlib
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints_tools", "preprocess_data.py")
-    spec = importlib.util.spec_from_file_location("_attnedit_preprocess_data", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(args)
+    # Imported under its own name from a sys.path entry: with --workers > 1 its spawned tokenizer
+    # processes unpickle its functions by module name, and spawn passes them the parent's sys.path
+    # (a module loaded from a file under a made-up name could not be found there).
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints_tools")
+    if tools not in sys.path:
+        sys.path.append(tools)
+    importlib.import_module("preprocess_data").main(args)
 
 
 def prepare_datasets(corpus_dir: str, tokenizer_dir: str, out_dir: str, workers: int = 1) -> dict:
@@ -182,13 +184,14 @@ def _check_split(n_train: int, n_valid: int) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def hf_config(kind: str, vocab_size: int, special_ids: Dict[str, int]) -> dict:
-    """The teacher's config.json content, written by the installed transformers' own config class."""
+def hf_config(kind: str, vocab_size: int, special_ids: Dict[str, int], overrides: Optional[dict] = None) -> dict:
+    """The teacher's config.json content, written by the installed transformers' own config class.
+    ``overrides``: shape fields replacing the kind's (the scale study's larger teacher)."""
     from transformers import AutoConfig
 
     if kind not in ARCHITECTURES:
         raise TeacherError(f"unknown teacher kind {kind!r}; use one of {', '.join(ARCHITECTURES)}")
-    kw = dict(ARCHITECTURES[kind])
+    kw = dict(ARCHITECTURES[kind], **(overrides or {}))
     model_type = kw.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=special_ids["bos"],
                                   eos_token_id=special_ids["eos"], pad_token_id=special_ids["pad"], **kw)
@@ -198,7 +201,7 @@ def hf_config(kind: str, vocab_size: int, special_ids: Dict[str, int]) -> dict:
     return out
 
 
-def write_init_dir(kind: str, tokenizer_dir: str, out_dir: str) -> dict:
+def write_init_dir(kind: str, tokenizer_dir: str, out_dir: str, overrides: Optional[dict] = None) -> dict:
     import shutil
 
     from megatron_attnedit.data import tokenizer as tok_lib
@@ -206,7 +209,7 @@ def write_init_dir(kind: str, tokenizer_dir: str, out_dir: str) -> dict:
     meta = tok_lib.load_meta(tokenizer_dir)
     if meta is None:
         raise TeacherError(f"{tokenizer_dir} is not a tokenizer made by `teacher data` (no {tok_lib.META_FILE})")
-    cfg = hf_config(kind, meta["vocab_size"], meta["special_ids"])
+    cfg = hf_config(kind, meta["vocab_size"], meta["special_ids"], overrides)
     os.makedirs(out_dir, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
         shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
