@@ -154,13 +154,19 @@ def free_bytes(device) -> int:
     return torch.cuda.mem_get_info(device)[0]
 
 
+def step_workspace(config, max_len: int) -> int:
+    """Bytes a decode step needs per sequence beyond its cache: fp32 scores, masked scores and
+    probabilities plus their bf16 copy for every query head and position, and the logits."""
+    return config.num_attention_heads * max_len * 16 + config.vocab_size * 12
+
+
 def largest_batch(engine: DecodeEngine, prompt_len: int, a, per_seq: int) -> dict:
     """Grow the batch-1 cache (position ``prompt_len``) to the most sequences that fit, then time them."""
     device = engine.device
     # workspace of a step that grows with the batch: fp32 scores and probabilities of every query head, and the logits
-    heads = engine.model.config.num_attention_heads
-    step_ws = heads * engine.max_len * 10 + engine.model.config.vocab_size * 12
+    step_ws = step_workspace(engine.model.config, engine.max_len)
     seed = engine.caches()  # the prefilled sequence, kept while the batch is grown
+    engine.release()  # its batch-1 step (CUDA graph) goes; the seed's tensors stay
     if device.type == "cuda":
         computed = int((free_bytes(device) - a.reserve_gib * GiB) // (per_seq + step_ws))
     else:
@@ -240,7 +246,7 @@ def at_preset_layers(row: dict, config, name: str, full: int, a, memory: dict) -
     f = full / config.num_hidden_layers
     per_token = sum(formula(name, dict(config.to_dict(), num_hidden_layers=full), row["context"], memory["bytes_per_elem"], a.pattern))
     weights = memory["other_weights_GiB"] + memory["layer_weights_GiB"] * f
-    step_ws = config.num_attention_heads * row["context"] * 10 + config.vocab_size * 12
+    step_ws = step_workspace(config, row["context"])
     room = (memory["free_before_weights_GiB"] - weights - a.reserve_gib) * GiB if memory.get("free_before_weights_GiB") else None
     return dict(
         layers=full,

@@ -75,7 +75,7 @@ class DecodeEngine:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.length = 0  # host mirror of pos
         self.batch = 0
-        self._graph = None
+        self._graph = self._ids = self._logits = None
         self.allocate(batch)
 
     # -- cache ---------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class DecodeEngine:
 
     def release(self) -> None:
         """Drop the caches (and the captured step that uses them)."""
-        self._graph = None
+        self._graph = self._ids = self._logits = None
         for kind in self.kinds:
             kind.release()
         self.batch = 0
@@ -160,6 +160,7 @@ class DecodeEngine:
                 self._step(self._ids)
                 self.pos.copy_(start)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.empty_cache()  # the warm-up's blocks back to the device: the graph's own pool needs them again
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._logits = self._step(self._ids)
