@@ -310,7 +310,7 @@ def run(a, argv) -> int:
             decode=dict(prompt_tokens=a.prompt_tokens, new_tokens=a.decode_tokens),
             models=[{k: v for k, v in m.items() if k != "_cfg"} for m in models],
             by_position=by_position,
-            probe=probe_plan if probe_plan else dict(skipped="--probe-trials 0"),
+            probe={k: v for k, v in probe_plan.items() if k != "explicit"} if probe_plan else dict(skipped="--probe-trials 0"),
             plots=made, plot_notes=plot_notes,
             training_runs=[dict(label=r.label, path=r.path, stage=r.stage, source=r.source) for r in runs],
             notes=notes,

@@ -2,7 +2,8 @@
 datasets -> stage 1 -> stage 2 -> HF export -> evaluation, for MLA and GateSWA, as the README's
 ``bash launch/quickstart.sh`` runs it (minus the install step). Checks that the report exists, the
 summary numbers are finite and the students are in a sane range of the teacher (a few steps per
-stage: not the issue's thresholds, which the full run is for). About 4 minutes on 2 CPU cores.
+stage), and that the report has the loss-by-position table and plot and the retrieval probe.
+About 4 minutes on 2 CPU cores.
 """
 
 import json
@@ -52,5 +53,21 @@ def test_quick_run(tmp_path):
         assert 0.95 < s["ratio"] < 10.0, (name, s)
         assert 0.0 < s["kv_fraction"]["131072"] < 1.0, (name, s)
     assert summary["wall_s"] > 0
+    # quality against distance: the loss-by-position table and plot, the retrieval probe on the bundled teacher
+    md = report.read_text()
+    res = json.loads((run_dir / "report" / "results.json").read_text())
+    table = md.split("## Loss by position in the window")[1].split("\n## ")[0]
+    assert "| 33-64 ← W (gateswa) |" in table and "| 257-512 | " in table
+    assert (run_dir / "report" / "loss_by_position.png").stat().st_size > 0
+    assert (run_dir / "report" / "retrieval_probe.png").stat().st_size > 0
+    probe = md.split("## Retrieval probe")[1].split("\n## ")[0]
+    assert res["probe"]["distances"] == [32, 64, 96, 128, 192] and res["probe"]["trials"] == 2 and res["probe"]["context"] == 256
+    for d in res["probe"]["distances"]:
+        assert f"\n| {d} " in probe, d
+    assert summary["teacher_probe"]["trials"] == 10 and all(s["probe"]["trials"] == 10 for s in summary["students"].values())
+    b = summary["students"]["gateswa"]["beyond_window"]
+    assert b["window"] == 64 and b["tokens"] == res["data"]["windows"] * (512 - 64)
+    assert "retrieval probe (key recalled exactly" in proc.stdout and "more than W=64 tokens of context" in proc.stdout
+    assert "goal" not in proc.stdout.lower() and "goal" not in md.lower()
     for name in ("mla", "gateswa"):
         assert (run_dir / "hf" / name / "config.json").is_file()
