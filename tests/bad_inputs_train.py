@@ -108,6 +108,20 @@ def _latest_garbage(ws, d):
     return resume(ws, d)
 
 
+def _latest_names_nothing(ws, d):
+    for it in ("iter_0000003", "iter_0000006"):
+        shutil.rmtree(ckpt(d, it))
+    return resume(ws, d)
+
+
+def _save_dir_unnamed(ws, d):
+    """checkpoint.save (other than checkpoint.load) holds iterations of another run but no latest file."""
+    other = os.path.join(d, "other", "checkpoints")
+    shutil.copytree(ckpt(d), other)
+    os.remove(os.path.join(other, LATEST))
+    return resume(ws, d, f"checkpoint.load={ckpt(d)}", f"checkpoint.save={other}")
+
+
 def _all_truncated(ws, d):
     for it in ("iter_0000003", "iter_0000006"):
         truncate(ckpt(d, it, "__0_1.distcp"), 100_000)
@@ -221,6 +235,10 @@ CASES: List[Case] = [
     Case("latest_file_missing", "latest_checkpointed_iteration.txt deleted, iterations 3 and 6 still there",
          _latest_missing, 2, "but no latest_checkpointed_iteration.txt"),
     Case("latest_file_not_a_number", "latest_checkpointed_iteration.txt holds 'six'", _latest_garbage, 2, "not an iteration number"),
+    Case("latest_names_a_missing_iteration", "latest says 6, no iteration directory left", _latest_names_nothing, 2,
+         "iter_0000006: its directory is missing"),
+    Case("save_dir_holds_unnamed_iterations", "checkpoint.save holds iterations but no latest file (load elsewhere)", _save_dir_unnamed,
+         2, "other/checkpoints holds checkpoints (iter_0000003, iter_0000006) but no latest"),
     Case("every_checkpoint_truncated", "a .distcp cut to 100 kB in both iterations", _all_truncated, 2, "no complete checkpoint"),
     Case("common_pt_bytes_flipped", "8 bytes of common.pt inverted (same size), only iteration", _common_flipped, 2,
          "common.pt does not match its checksum"),
@@ -311,8 +329,8 @@ def snapshot(path: str) -> Optional[Dict[str, tuple]]:
 
 
 def checkpoint_dirs(case_dir: str) -> List[str]:
-    """The checkpoint directories a case may touch: the copied run's and a fresh run's."""
-    return [os.path.join(case_dir, "run", "checkpoints"), os.path.join(case_dir, "fresh", "checkpoints")]
+    """The checkpoint directories a case may touch: the copied run's, a fresh run's, another's."""
+    return [os.path.join(case_dir, x, "checkpoints") for x in ("run", "fresh", "other")]
 
 
 def command_line(case: Case, args: List[str]) -> str:
