@@ -68,9 +68,9 @@ class _Lines:
 
     def __init__(self, tokens: np.ndarray, eod: int, decode):
         self.tokens = tokens
-        ends_line = {int(t): decode([int(t)]).endswith("\n") for t in np.unique(tokens)}
-        starts = [0] + [i + 1 for i, t in enumerate(tokens[:-1]) if ends_line[int(t)] or int(t) == eod]
-        self.starts = np.asarray(starts, dtype=np.int64)
+        ids, inverse = np.unique(tokens, return_inverse=True)
+        ends = np.asarray([decode([int(t)]).endswith("\n") or int(t) == eod for t in ids])[inverse]  # a line (or document) ends here
+        self.starts = np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1]).astype(np.int64)
         self.doc = np.cumsum(tokens == eod)  # document index after position i (an eod closes its document)
 
     def span(self, n: int, rng: np.random.Generator) -> Optional[np.ndarray]:
