@@ -6,11 +6,11 @@
 * A converter killed with SIGKILL mid-write: its ``.NAME.partial-*`` directory is removed by the
   next conversion to NAME, which says so in one line; debris a live writer owns is left alone.
 * A real full disk and a read-only file system (a small tmpfs; only where this user may mount).
-* The finiteness check costs one vectorised pass: measured by ``bench/`` scripts, not here.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,24 +89,35 @@ def _bytes(d):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
 
 
-def test_killed_conversion_leaves_debris_the_next_run_removes(tmp_path):
+@pytest.fixture(scope="module")
+def midsize_hf(tmp_path_factory):
     from megatron_attnedit.testing import make_tiny_hf
 
-    hf = str(tmp_path / "hf")
+    hf = str(tmp_path_factory.mktemp("midsize") / "hf")
     make_tiny_hf(hf, "qwen3-debug", seed=0, **MIDSIZE)
-    out = tmp_path / "mc"
-    cmd = [sys.executable, os.path.join(TOOLS, "hf_to_mcore.py"), "--hf-dir", hf, "--save-dir", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return hf
+
+
+def _signal_mid_write(cmd, parent, base, sig):
+    """Start a conversion, send ``sig`` once its partial directory holds 20 MB; (process, partial dir, stderr)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, partial = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None:
-        found = _partials(tmp_path, "mc")
-        if found and _bytes(tmp_path / found[0]) > 20e6:  # some of the weights are on disk
-            partial = tmp_path / found[0]
-            os.kill(proc.pid, signal.SIGKILL)
+        found = _partials(parent, base)
+        if found and _bytes(parent / found[0]) > 20e6:  # some of the weights are on disk
+            partial = parent / found[0]
+            os.kill(proc.pid, sig)
             break
         time.sleep(0.01)
-    proc.wait()
-    assert partial is not None, "the conversion ended before it could be killed mid-write"
+    _, err = proc.communicate()
+    assert partial is not None, "the conversion ended before it could be stopped mid-write"
+    return proc, partial, err
+
+
+def test_killed_conversion_leaves_debris_the_next_run_removes(midsize_hf, tmp_path):
+    out = tmp_path / "mc"
+    cmd = [sys.executable, os.path.join(TOOLS, "hf_to_mcore.py"), "--hf-dir", midsize_hf, "--save-dir", str(out), "--no-progress"]
+    proc, partial, _ = _signal_mid_write(cmd, tmp_path, "mc", signal.SIGKILL)
     assert not out.exists() and partial.exists()
     left = _bytes(partial)
 
@@ -116,6 +127,18 @@ def test_killed_conversion_leaves_debris_the_next_run_removes(tmp_path):
     assert len(notes) == 1, second.stderr
     assert f"removed {partial} ({left / 1e6:.1f} MB), left by an interrupted conversion (pid {proc.pid}" in notes[0], notes[0]
     assert _partials(tmp_path, "mc") == [] and (out / "latest_checkpointed_iteration.txt").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_sigterm_mid_write_one_line_nothing_left(midsize_hf, tmp_path, fmt):
+    """SIGTERM (a scheduler's) while torch.save is writing: exit 130, one line, nothing left --
+    not torch's zip writer's "unexpected pos", which is what it makes of the interrupt."""
+    out = tmp_path / "mc"
+    cmd = [sys.executable, os.path.join(TOOLS, "hf_to_mcore.py"), "--hf-dir", midsize_hf, "--save-dir", str(out), "--no-progress",
+           "--ckpt-format", fmt]
+    proc, _, err = _signal_mid_write(cmd, tmp_path, "mc", signal.SIGTERM)
+    assert proc.returncode == 130 and err.splitlines() == ["error: interrupted; nothing was written"], err
+    assert os.listdir(tmp_path) == []
 
 
 def test_sweep_leaves_live_and_unrecorded_debris(tmp_path):
@@ -168,3 +191,47 @@ def test_full_disk_and_read_only_fs(small_tmpfs, tiny_hf, tmp_path):
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     r = run_cases([dict(name="ro", tool="hf_to_mcore", argv=argv(ro / "out"))], tmp_path, "ro")["ro"]
     assert r["rc"] == 2 and r["stderr"].strip().splitlines()[-1].endswith("read-only file system; write elsewhere"), r
+
+
+# --------------------------------------------------------------------------------------------
+# Training's HF loading (hf_io.load_into_model) checks the same shapes
+# --------------------------------------------------------------------------------------------
+
+LOAD_INTO_MODEL = """
+import sys
+from megatron_attnedit import platform
+from megatron_attnedit.convert import hf_io
+from megatron_attnedit.convert.qwen3 import ModelTable
+from megatron_attnedit.models import qwen3
+platform.init_distributed(platform.init_platform("cpu"))
+for d in sys.argv[1:]:
+    cfg = qwen3.load_hf_config(d)
+    model = qwen3.build_model(cfg, qwen3.BuildOptions())
+    try:
+        hf_io.load_into_model(model, hf_io.HFCheckpoint(d), ModelTable(cfg))
+        print("loaded")
+    except hf_io.CheckpointError as e:
+        print("refused:", e)
+"""
+
+
+def test_load_into_model_refuses_what_the_converter_refuses(tiny_hf, tmp_path):
+    """A teacher loaded straight from HF (training's path) gets the converter's checks: vocab rows,
+    a transposed tensor with the right element count, NaN values."""
+    from bad_inputs import K_PROJ, edit_config, edit_safetensors
+
+    dirs = []
+    for name, edit in (("v200", lambda d: edit_config(d, vocab_size=200)),
+                       ("transposed", lambda d: edit_safetensors(d, lambda t: t.update({K_PROJ: t[K_PROJ].t().contiguous()}))),
+                       ("nan", lambda d: edit_safetensors(d, lambda t: t["model.norm.weight"].fill_(float("nan"))))):
+        d = str(tmp_path / name)
+        shutil.copytree(tiny_hf["dense"], d)
+        edit(d)
+        dirs.append(d)
+    proc = subprocess.run([sys.executable, "-c", LOAD_INTO_MODEL, tiny_hf["dense"], *dirs], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "loaded"
+    assert lines[1].startswith("refused:") and "would drop 56 vocabulary rows" in lines[1], lines[1]
+    assert lines[2].startswith("refused:") and f"{K_PROJ} in" in lines[2] and "stored transposed" in lines[2], lines[2]
+    assert lines[3].startswith("refused:") and "non-finite" in lines[3], lines[3]

@@ -25,7 +25,7 @@ import torch
 
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
 from megatron_attnedit.convert import checks, mapping
-from megatron_attnedit.convert.hf_io import CheckpointError, HFCheckpoint
+from megatron_attnedit.convert.hf_io import CheckpointError, HFCheckpoint, check_hf_inputs
 from megatron_attnedit.convert.layout import check_table_covers, hf_shapes_of, model_layout, ordered_params
 from megatron_attnedit.convert.outdir import atomic_output_dir, check_output_dir, dir_bytes, sweep_stale
 
@@ -105,19 +105,6 @@ def check_hf_keys(ckpt: HFCheckpoint, table) -> None:
         raise CheckpointError(f"{ckpt.dir} holds tensor(s) {', '.join(extra[:3])}{more} that no conversion rule consumes; is config.json right for these weights?")
 
 
-def check_hf_shapes(ckpt: HFCheckpoint, rule, hf_names, want_shapes, cfg: dict) -> None:
-    """Each HF tensor has a weight dtype and exactly the shape config.json implies (from the file
-    headers, before anything is written). The vocabulary rows are one such shape: a vocab_size that
-    is not the embedding's rows would otherwise drop rows or pad zero rows without a word."""
-    for h, want in zip(hf_names, want_shapes):
-        dtype, got = ckpt.info(h)
-        where = os.path.join(ckpt.dir, ckpt.weight_map[h]) if ckpt.weight_map[h] != "<pickle>" else ckpt.dir
-        checks.check_dtype(dtype, h, where)
-        if rule.transform == "vocab" and len(got) == 2 and got[1:] == tuple(want[1:]) and got[0] != want[0]:
-            raise checks.vocab_rows_mismatch(h, where, got[0], cfg["vocab_size"], os.path.join(ckpt.dir, "config.json"))
-        checks.check_shape(got, want, h, where, implied_by="config.json")
-
-
 def _table(cfg: dict, tp: int, padded_vocab: Optional[int] = None):
     from megatron_attnedit.convert.qwen3 import ModelTable
 
@@ -184,7 +171,7 @@ def hf_to_mcore(
     entries = ordered_params(layout, table)
     dtype_of = {}
     for name, hf_names, rule in entries:
-        check_hf_shapes(ckpt, rule, hf_names, hf_shapes_of(rule, table.shapes, layout.params[name]), cfg)
+        check_hf_inputs(ckpt, table, rule, hf_names, layout.params[name])
         dtype_of[name] = ckpt.info(hf_names[0])[0]
     largest = max(torch.Size(s).numel() * d.itemsize for d, s in map(ckpt.info, table.hf_names()))
 

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from megatron_attnedit.convert.checks import check_dtype
 from megatron_attnedit.convert.hf_io import CheckpointError, reason
 from megatron_attnedit.convert.layout import Chunk, ModelLayout
-from megatron_attnedit.convert.outdir import os_error_in, torch_save
+from megatron_attnedit.convert.outdir import torch_save
 
 
 # first components of megatron GPTModel weight keys (anything else -- optimizer., rng_state -- is not model weights)
@@ -91,7 +91,7 @@ class _StreamingFileWriter(dcp.FileSystemWriter):
                 if item.type == WriteItemType.BYTE_IO:
                     f.write(data.getbuffer())
                 else:
-                    _save_record(data, f)
+                    torch_save(data, f)
                 del data
                 length = f.tell() - offset
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length)))
@@ -100,17 +100,6 @@ class _StreamingFileWriter(dcp.FileSystemWriter):
         fut: Future = Future()
         fut.set_result(results)
         return fut
-
-
-def _save_record(data: torch.Tensor, f) -> None:
-    # torch's zip writer reports a failed write (disk full) as "unexpected pos"; raise the OSError
-    try:
-        torch.save(data, f)
-    except RuntimeError as e:
-        err = os_error_in(e)
-        if err is None:
-            raise
-        raise OSError(err.errno, err.strerror, f.name) from None
 
 
 def _unwrapped(e: BaseException) -> BaseException:

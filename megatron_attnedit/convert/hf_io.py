@@ -291,8 +291,9 @@ def load_into_model(model, ckpt: HFCheckpoint, table) -> None:
         except KeyError:
             raise CheckpointError(f"no conversion rule for megatron parameter {name}") from None
         _, hf_names = rule.format(layer, expert)
-        full = mapping.to_megatron(rule, [ckpt.get(h) for h in hf_names], table.shapes)
         r, s = (etp_rank, etp_size) if rule.expert else (tp_rank, tp_size)
+        check_hf_inputs(ckpt, table, rule, hf_names, _unsharded_shape(rule, tuple(param.shape), s))
+        full = mapping.to_megatron(rule, [ckpt.get(h) for h in hf_names], table.shapes)
         shard = mapping.tp_shard(rule, full, r, s)
         if tuple(shard.shape) != tuple(param.shape):
             raise CheckpointError(
@@ -300,3 +301,27 @@ def load_into_model(model, ckpt: HFCheckpoint, table) -> None:
                 "does config.json match the weights?"
             )
         param.data.copy_(shard.to(param.dtype))
+
+
+def _unsharded_shape(rule, shard_shape: Tuple[int, ...], tp_size: int) -> Tuple[int, ...]:
+    """The whole (TP=1) megatron shape of a parameter whose TP shard has ``shard_shape``."""
+    shape = list(shard_shape)
+    if tp_size > 1 and rule.tp_split is not None:
+        shape[0 if rule.tp_split == "gate_up" else rule.tp_split] *= tp_size
+    return tuple(shape)
+
+
+def check_hf_inputs(ckpt: HFCheckpoint, table, rule, hf_names, megatron_shape: Tuple[int, ...]) -> None:
+    """The HF tensors have a weight dtype and the shapes the model's config implies, before they
+    are read: a vocab_size that is not the embedding's rows, or a transposed tensor with the right
+    number of elements, would otherwise load without a word."""
+    from megatron_attnedit.convert import checks
+    from megatron_attnedit.convert.layout import hf_shapes_of
+
+    for h, want in zip(hf_names, hf_shapes_of(rule, table.shapes, megatron_shape)):
+        dtype, got = ckpt.info(h)
+        where = os.path.join(ckpt.dir, ckpt.weight_map[h]) if ckpt._pickle is None else ckpt.dir
+        checks.check_dtype(dtype, h, where)
+        if rule.transform == "vocab" and len(got) == 2 and got[1:] == tuple(want[1:]) and got[0] != want[0]:
+            raise checks.vocab_rows_mismatch(h, where, got[0], table.shapes.vocab_size, os.path.join(ckpt.dir, "config.json"))
+        checks.check_shape(got, want, h, where, implied_by="config.json")

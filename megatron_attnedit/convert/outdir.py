@@ -11,8 +11,8 @@ Every output carries ``.attnedit-manifest.json``: the tool that wrote it and eve
 tool wrote; anything else there (a training run's ``iter_0000050/``, a notes file, a checkpoint
 from another tool or an older version) makes it refuse in one line, and nothing is deleted.
 
-Write errors (disk full, quota) surface as ``OSError`` naming the output, even where torch's
-zip writer reports them as "unexpected pos" (``torch_save``).
+Write errors (disk full, quota) surface as ``OSError`` naming the output, and Ctrl-C / SIGTERM as
+KeyboardInterrupt, even where torch's zip writer reports them as "unexpected pos" (``torch_save``).
 """
 
 from __future__ import annotations
@@ -195,27 +195,34 @@ def sweep_stale(path: str) -> List[str]:
     return notes
 
 
-def os_error_in(e: BaseException) -> Optional[OSError]:
+def write_failure(e: BaseException, path: str) -> Optional[BaseException]:
+    """What really stopped a ``torch.save`` to a Python file: torch's zip writer turns the
+    exception its write callback raised -- a failed write's OSError (disk full), or the
+    KeyboardInterrupt of Ctrl-C / SIGTERM -- into "unexpected pos", keeping it as the context."""
     seen = set()
     while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return KeyboardInterrupt()
         if isinstance(e, OSError):
-            return e
+            return OSError(e.errno, e.strerror, path)
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
 
 
-def torch_save(obj, path: str) -> None:
+def torch_save(obj, path_or_file) -> None:
     """``torch.save`` through a Python file, so that a failed write (disk full) raises its OSError
-    instead of torch's zip writer's "unexpected pos" RuntimeError."""
+    and an interrupt its KeyboardInterrupt, not torch's "unexpected pos" RuntimeError."""
+    if isinstance(path_or_file, str):
+        with open(path_or_file, "wb") as f:
+            return torch_save(obj, f)
     try:
-        with open(path, "wb") as f:
-            torch.save(obj, f)
+        torch.save(obj, path_or_file)
     except RuntimeError as e:
-        err = os_error_in(e)
-        if err is None:
+        cause = write_failure(e, path_or_file.name)
+        if cause is None:
             raise
-        raise OSError(err.errno, err.strerror, path) from None
+        raise cause from None
 
 
 @contextlib.contextmanager
