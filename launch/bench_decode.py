@@ -8,7 +8,8 @@ Random weights made on the device (bf16 on a GPU), the preset's shape cut to ``-
   teacher   Qwen3 / Qwen3-MoE, GQA (transformers' class)
   mla       DeepSeek-V2 as the project exports it: latent 512 + RoPE key 64, qk_nope 128, v 128, full-rank query
   gate_swa  the project's GateSWA export (remote-code classes): window 4096, SSSSSF, per-head gate, sinks
-each run by the decode engine (megatron_attnedit/inference). Per context C, one sequence of C - (warmup
+each run by the decode engine (megatron_attnedit/inference), first checked against its own stock forward
+(2 x 64 tokens, 8 steps: ``check``). Per context C, one sequence of C - (warmup
 + steps) random tokens is prefilled (timed: ``prefill_s``), decoded at batch 1 up to position C
 (``batch1``), then the cache is grown to the most sequences that fit in the GPU's memory beside the
 weights -- computed from the engine's allocated cache of one sequence, then confirmed by allocating
@@ -69,6 +70,7 @@ def parse_args(argv):
     ap.add_argument("--max-batch", type=int, default=None, help="cap on the largest batch tried (required on the CPU)")
     ap.add_argument("--reserve-gib", type=float, default=1.0, help="GPU memory left free beside weights and caches")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (to measure what graphs bring)")
+    ap.add_argument("--no-check", action="store_true", help="skip the check of each model's engine decode against its stock forward")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", default=None, help="write every row (and the run's settings) to this JSON file")
     a = ap.parse_args(argv)
@@ -194,6 +196,16 @@ def largest_batch(engine: DecodeEngine, prompt_len: int, a, per_seq: int) -> dic
     return dict(sequences=0, computed=computed, tries=tries)
 
 
+def decode_check(model, device) -> dict:
+    """The engine (CUDA graphs included) against the model's own forward on a short batch of two:
+    kv.verify_against_stock's figures (bf16: tolerance 5e-2 x max(1, largest |logit|))."""
+    g = torch.Generator().manual_seed(1)
+    engine = DecodeEngine(model, batch=2, max_len=72)
+    out = kv.verify_against_stock(model, engine.generate(torch.randint(0, model.config.vocab_size, (2, 64), generator=g).to(device), 8))
+    engine.release()
+    return out
+
+
 def bench_context(name: str, model, config, context: int, a, weights: dict) -> dict:
     device, t_all = next(model.parameters()).device, time.perf_counter()
     bpe = next(model.parameters()).element_size()
@@ -293,9 +305,13 @@ def main(argv=None) -> int:
                       weights_GiB=total / GiB, layer_weights_GiB=in_layers / GiB, other_weights_GiB=(total - in_layers) / GiB,
                       bytes_per_elem=next(model.parameters()).element_size())
         log(f"{name}: {total / GiB:.2f} GiB of random weights built in {time.perf_counter() - t0:.1f} s")
+        check = None if a.no_check else decode_check(model, device)
+        if check:
+            log(f"{name}: engine vs the stock forward, 2 x 64 tokens + 8 steps: max |diff| {check['max_abs_diff']:.3g} "
+                f"(largest |logit| {check['max_abs_logit']:.3g}), {'within' if check['ok'] else 'BEYOND'} tolerance")
         for context in a.contexts:
             row = dict(bench="decode", device=result["device"], preset=a.preset, layers=layers,
-                       **bench_context(name, model, config, context, a, memory))
+                       **bench_context(name, model, config, context, a, memory), check=check)
             if layers != full:
                 row["at_preset_layers"] = at_preset_layers(row, config, name, full, a, memory)
             print(json.dumps(row), flush=True)

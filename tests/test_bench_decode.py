@@ -43,6 +43,7 @@ def test_bench_decode_cpu_smoke(tmp_path):
         assert r["prefill"]["tokens"] == r["context"] - 5 and r["prefill"]["seconds"] > 0
         assert r["batch1"]["tokens_per_s"] > 0 and r["max_batch"]["sequences"] == 3 and r["max_batch"]["tokens_per_s"] > 0
         assert r["at_preset_layers"]["layers"] == 4  # the preset has 4 layers
+        assert r["check"]["ok"] and r["check"]["tokens_equal"] and r["check"]["steps"] == 9  # fp32 on the CPU: 1e-4
         assert r["at_preset_layers"]["cache_bytes_per_token"] > r["cache"]["bytes_per_token_measured"]
     by = {(r["model"], r["context"]): r["cache"]["bytes_per_token_measured"] for r in rows}
     full = 3 * 2 * 2 * 16 * 4  # 3 layers x K and V x 2 KV heads x 16 x fp32
