@@ -142,6 +142,12 @@ def test_existing_checkpoint_refused_then_overwritten(cases, tiny_hf):
     assert cfg["model_type"] == "qwen3_moe"
     back, src = HFCheckpoint(str(w / "out" / "hf-first")), HFCheckpoint(tiny_hf["moe"])
     assert set(back.keys()) == set(src.keys()) and all(torch.equal(back.get(k), src.get(k)) for k in src.keys())
+    # each output lists what its tool wrote, and nothing else is there (what --overwrite relies on)
+    for out, tool in (("first", "hf_to_mcore"), ("hf-first", "mcore_to_hf")):
+        d = w / "out" / out
+        tree = {str(p.relative_to(d)) for p in d.rglob("*")} - {".attnedit-manifest.json"}
+        manifest = json.load(open(d / ".attnedit-manifest.json"))
+        assert manifest["tool"] == tool and set(manifest["paths"]) == tree, manifest
 
 
 def test_export_cast_to_bf16(cases, tiny_hf):

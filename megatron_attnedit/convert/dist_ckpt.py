@@ -239,8 +239,10 @@ class ChunkReader:
         """Every stored record lies inside its file: a truncated or missing .distcp is named before
         anything is read or written."""
         sizes: Dict[str, int] = {}
+        self._file_of_key: Dict[str, str] = {}
         for index, info in self.metadata.storage_data.items():
             path = os.path.join(self.dir, info.relative_path)
+            self._file_of_key.setdefault(index.fqn, path)
             if path not in sizes:
                 if not os.path.isfile(path):
                     raise CheckpointError(f"{path} is missing; the checkpoint is incomplete: re-copy it or save it again")
@@ -253,10 +255,7 @@ class ChunkReader:
 
     def file_of(self, chunks: List[Chunk]) -> str:
         """The file holding (the first stored chunk of) a parameter, for messages."""
-        for index, info in self.metadata.storage_data.items():
-            if index.fqn == chunks[0].key:
-                return os.path.join(self.dir, info.relative_path)
-        return self.dir
+        return self._file_of_key.get(chunks[0].key, self.dir)
 
     def check(self, layout: ModelLayout) -> None:
         """Every chunk's key is in the checkpoint with the global shape the model expects."""

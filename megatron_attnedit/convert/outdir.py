@@ -243,8 +243,9 @@ def atomic_output_dir(path: str, tool: str) -> Iterator[str]:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
         _record_writer(tmp, tool)
         yield tmp
+        written = sorted(_tree(tmp) - {WRITER})
         with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"tool": tool, "paths": sorted(_tree(tmp) - {WRITER})}, f, indent=1)
+            json.dump({"tool": tool, "paths": written}, f, indent=1)
             f.write("\n")
         if os.path.exists(path):
             check_output_dir(path, True, tool)  # nothing else appeared there while we wrote
