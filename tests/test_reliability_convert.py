@@ -168,29 +168,34 @@ def test_sweep_leaves_live_and_unrecorded_debris(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def _mount_tmpfs(where, options):
+    where.mkdir()
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root (the file-size-limit rows of bad_inputs cover the same OSError path)")
+def small_and_read_only_tmpfs(tmp_path):
+    small, ro = tmp_path / "small", tmp_path / "ro"
+    mounted = [d for d, opts in ((small, "size=512k"), (ro, "size=64k,ro")) if _mount_tmpfs(d, opts)]
     try:
-        yield mnt
+        if len(mounted) < 2:
+            pytest.skip("mounting a tmpfs needs root (the file-size-limit rows of bad_inputs cover the same OSError path)")
+        yield small, ro
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        for d in mounted:
+            subprocess.run(["umount", str(d)], check=True)
 
 
-def test_full_disk_and_read_only_fs(small_tmpfs, tiny_hf, tmp_path):
-    full, ro = small_tmpfs / "full", small_tmpfs / "ro"
-    ro.mkdir()
+def test_full_disk_and_read_only_fs(small_and_read_only_tmpfs, tiny_hf, tmp_path):
+    small, ro = small_and_read_only_tmpfs
     argv = lambda out: ["--hf-dir", tiny_hf["dense"], "--save-dir", str(out), "--no-progress"]  # noqa: E731
-    r = run_cases([dict(name="full", tool="hf_to_mcore", argv=argv(full))], tmp_path, "full")["full"]
-    assert r["rc"] == 2 and "Traceback" not in r["stderr"], r
-    assert r["stderr"].strip().splitlines()[-1] == f"error: {full}: no space left on the device; free space or write elsewhere"
-    assert os.listdir(small_tmpfs) == ["ro"], "a failed write left something behind"
-    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
-    r = run_cases([dict(name="ro", tool="hf_to_mcore", argv=argv(ro / "out"))], tmp_path, "ro")["ro"]
-    assert r["rc"] == 2 and r["stderr"].strip().splitlines()[-1].endswith("read-only file system; write elsewhere"), r
+    r = run_cases([dict(name="full", tool="hf_to_mcore", argv=argv(small / "out")), dict(name="ro", tool="hf_to_mcore", argv=argv(ro / "out"))],
+                  tmp_path, "fs")
+    for name, line in (("full", f"error: {small / 'out'}: no space left on the device; free space or write elsewhere"),
+                       ("ro", f"error: {ro / 'out'}: read-only file system; write elsewhere")):
+        assert r[name]["rc"] == 2 and "Traceback" not in r[name]["stderr"], r[name]
+        assert r[name]["stderr"].strip().splitlines()[-1] == line
+    assert os.listdir(small) == [] and os.listdir(ro) == [], "a failed write left something behind"
 
 
 # --------------------------------------------------------------------------------------------
