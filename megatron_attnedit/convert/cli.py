@@ -8,7 +8,6 @@ exit status 2, no traceback, nothing written (``errors.run_cli``; ``--debug`` sh
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable, List, Optional
 
 from megatron_attnedit.errors import run_cli
