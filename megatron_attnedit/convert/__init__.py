@@ -6,9 +6,12 @@ layout.py              megatron's checkpoint layout, read off a meta-device mode
 dist_ckpt.py           streaming torch_dist writer and chunk reader
 legacy.py              legacy per-rank (mp_rank_*) files
 hf_writer.py           streaming sharded safetensors writer
+checks.py              what is read against what the config implies: shapes, weight dtypes, finite values
 checkpoint.py          checkpoint directories and metadata; save/load for training code
                        (save_mcore_checkpoint, load_mcore_checkpoint_into_model, read_checkpoint_metadata)
 converters.py          hf_to_mcore / mcore_to_hf end to end; cli.py, outdir.py around them
+outdir.py              write aside and rename; manifest (--overwrite replaces only the tool's own output);
+                       stale partial directories of killed runs removed by the next run
 students.py            HF formats of students (MLA -> DeepSeek-V2, GateSWA -> Qwen3 + hf_gateswa/ code)
 hf_gateswa/            configuration_gateswa.py, modeling_gateswa.py: shipped inside GateSWA exports
 """
