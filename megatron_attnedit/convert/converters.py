@@ -2,10 +2,13 @@
 wrappers over ``hf_to_mcore`` and ``mcore_to_hf``).
 
 Both directions stream one parameter at a time and check everything they can before writing a
-byte: the config (model type, parallel sizes), the input files (missing shards, truncation,
-pickle), key coverage both ways (every HF tensor consumed, every megatron parameter produced)
-and every shape. Output goes to a hidden sibling directory renamed into place at the end, so an
-error or an interrupt never leaves anything that looks like a checkpoint.
+byte: the config (model type, parallel sizes, vocabulary rows), the input files (missing shards,
+truncation, damaged headers, pickle), key coverage both ways (every HF tensor consumed, every
+megatron parameter produced), and every tensor's shape and dtype against the config
+(``checks.py``); values (NaN / Inf) are checked per tensor as it streams. Output goes to a hidden
+sibling directory renamed into place at the end, so an error or an interrupt never leaves
+anything that looks like a checkpoint; ``--overwrite`` replaces only what the same tool wrote
+(``outdir.py``).
 
 Single process, CPU; megatron is initialised at TP=PP=EP=1 here only to read the model's
 checkpoint layout off a meta-device build (see ``layout.py``).
