@@ -401,6 +401,10 @@ def write_card(hf_dir: str, kind: str, corpus_dir: str, datasets_dir: str, run_d
         f.write("\n")
     with open(os.path.join(hf_dir, "README.md"), "w") as f:
         f.write(render_card(card, cfg))
+    from megatron_attnedit.convert.outdir import add_to_manifest
+
+    # part of the export now: mcore_to_hf --overwrite (OVERWRITE=1 train_teacher.sh) replaces them with it
+    add_to_manifest(hf_dir, [CARD_JSON, "README.md"], "teacher card")
     return card
 
 

@@ -240,3 +240,23 @@ def test_load_into_model_refuses_what_the_converter_refuses(tiny_hf, tmp_path):
     assert lines[1].startswith("refused:") and "would drop 56 vocabulary rows" in lines[1], lines[1]
     assert lines[2].startswith("refused:") and f"{K_PROJ} in" in lines[2] and "stored transposed" in lines[2], lines[2]
     assert lines[3].startswith("refused:") and "non-finite" in lines[3], lines[3]
+
+
+def test_files_another_tool_adds_are_replaced_with_the_output(tmp_path):
+    """A model card written beside an export (teacher card: README.md, teacher_card.json) is
+    recorded in the export's manifest, so OVERWRITE=1 train_teacher.sh's mcore_to_hf --overwrite
+    replaces it with the export; before it is recorded it is refused like any foreign file."""
+    from megatron_attnedit.convert import outdir
+    from megatron_attnedit.convert.hf_io import CheckpointError
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / outdir.MANIFEST).write_text(json.dumps({"tool": "mcore_to_hf", "paths": ["config.json"]}))
+    (d / "README.md").write_text("card")
+    with pytest.raises(CheckpointError, match="also holds README.md, which mcore_to_hf did not write"):
+        outdir.check_output_dir(str(d), True, "mcore_to_hf")
+    outdir.add_to_manifest(str(d), ["README.md"], "teacher card")
+    outdir.check_output_dir(str(d), True, "mcore_to_hf")
+    with pytest.raises(CheckpointError, match="pass --overwrite"):
+        outdir.check_output_dir(str(d), False, "mcore_to_hf")

@@ -69,6 +69,24 @@ def read_manifest(d: str) -> Optional[dict]:
         return None
 
 
+def add_to_manifest(d: str, names: Sequence[str], by: str) -> None:
+    """Record files another of the project's tools wrote into an output (a model card beside an
+    export), so that ``--overwrite`` of that output replaces them with it instead of refusing.
+    A directory without a manifest is left as it is."""
+    manifest = read_manifest(d)
+    if manifest is None:
+        return
+    added = [n for n in names if n not in manifest["paths"]]
+    manifest["paths"] = sorted(manifest["paths"] + added)
+    manifest.setdefault("added_by", {}).setdefault(by, [])
+    manifest["added_by"][by] = sorted(set(manifest["added_by"][by]) | set(names))
+    tmp = os.path.join(d, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, os.path.join(d, MANIFEST))
+
+
 def _foreign(d: str, manifest: dict) -> List[str]:
     """Top-level names of what ``d`` holds beyond the paths its manifest lists."""
     recorded = set(manifest["paths"]) | {MANIFEST, WRITER}
