@@ -44,16 +44,28 @@ def load_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found; --hf-dir must be a Hugging Face model directory")
-    with open(path) as f:
-        cfg = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); restore the model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} holds a JSON {type(cfg).__name__}, not an object; restore the model's config.json")
     check_hf_config(cfg)
     return cfg
+
+
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
 def check_hf_config(cfg: dict) -> None:
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    missing = [k for k in _REQUIRED_INTS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] < 1]
+    if missing:
+        got = ", ".join(f"{k}={cfg.get(k)!r}" for k in missing)
+        raise ConfigError(f"the config needs positive integers for {got}; restore the model's config.json")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"unsupported hidden_act {act!r}; Qwen3 uses silu")
