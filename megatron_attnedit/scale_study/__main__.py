@@ -16,7 +16,7 @@ Phases (one line each with its wall time; everything under --out):
 Logs: logs/<step>.log; phases.json is updated as each phase ends.
 
 --tiny: the same phases at toy size on the CPU (3 MB of package sources, a 1.9M-parameter teacher,
-256-token sequences, 10 steps per stage): what tests/test_scale_study.py runs.
+256-token sequences, 8 steps per stage): what tests/test_scale_study.py runs.
 --budget-s (GPU default 540): after the teacher, the conversions' steps are scaled down when the
 teacher's measured speed says the planned ones would not finish in time (recorded as
 stage_steps_scale in study.json; 1.0 when nothing was cut).
@@ -35,7 +35,7 @@ from typing import List, Optional
 from megatron_attnedit.errors import run_cli, strip_debug
 from megatron_attnedit.scale_study import plan as plan_lib
 from megatron_attnedit.scale_study import study, summary
-from megatron_attnedit.scale_study.runner import Runner
+from megatron_attnedit.scale_study.runner import Runner, StudyInputError
 
 
 def parse_args(argv: Optional[List[str]]):
@@ -46,6 +46,8 @@ def parse_args(argv: Optional[List[str]]):
     ap.add_argument("--budget-s", type=float, default=None, help="wall-time budget (default 540 on a GPU, none with --tiny)")
     ap.add_argument("--dry-run", action="store_true", help="print the sizes and the per-phase estimate, run nothing")
     ap.add_argument("--summary-only", action="store_true", help="rewrite study.json / study.md / plots from a finished run in --out")
+    ap.add_argument("--reuse-teacher", action="store_true", help="keep --out's corpus, datasets and trained teacher; run the "
+                    "conversions, evaluation and summary again (e.g. with other --set values)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides for every training run")
     a = ap.parse_args(argv)
     if a.jobs is not None and a.jobs < 1:
@@ -105,6 +107,11 @@ def run(a) -> dict:
     if a.dry_run:
         return {}
     out = os.path.abspath(a.out)
+    if a.reuse_teacher:  # checked before anything is written
+        data, previous = load_finished(out)
+        teacher_hf = os.path.join(out, "hf", "teacher")
+        if not os.path.isfile(os.path.join(teacher_hf, "config.json")):
+            raise StudyInputError(f"--reuse-teacher: {teacher_hf} holds no exported teacher; run the study without it first")
     os.makedirs(out, exist_ok=True)
     steps = Runner(out, "scale_study")
     platform = "cuda" if device == "cuda" else "cpu"
@@ -122,16 +129,21 @@ def run(a) -> dict:
 
     steps.say(f"device: {_device_name(device)}; output {out}")
     t = time.time()
-    data = {"seconds": {}, "bytes_per_token": {}}
-    data = study.data_phase(out, sizes, workers)
-    data["tokenizer_why"] = study.TOKENIZER_WHY
-    sp = data["manifest"]["splits"]
-    steps.record("data", time.time() - t)
-    steps.say(f"corpus: {len(data['manifest']['packages'])} packages, {sp['train']['files']:,} / {sp['valid']['files']:,} files, "
-              f"{sp['train']['tokens']:,} / {sp['valid']['tokens']:,} tokens (train / held-out), {data['bytes_per_token']['train']:.2f} bytes/token")
-    done("data", t)
-    teacher_hf = study.teacher_phase(out, data, sizes, platform, steps, dict(env, OMP_NUM_THREADS=str(os.cpu_count() or 1) if device == "cpu" else "4"), a.set)
-    done("teacher", t)
+    if a.reuse_teacher:
+        kept = ("data", "teacher_train", "teacher_export", "teacher")
+        steps.times.update({k: dict(previous["phases"][k], reused=True) for k in kept if k in previous["phases"]})
+        steps.say(f"reusing the corpus, datasets and teacher in {out}")
+        t0 -= sum(steps.times.get(k, {}).get("wall_s", 0.0) for k in ("data", "teacher"))  # the study's wall time includes them
+    else:
+        data = study.data_phase(out, sizes, workers)
+        data["tokenizer_why"] = study.TOKENIZER_WHY
+        sp = data["manifest"]["splits"]
+        steps.record("data", time.time() - t)
+        steps.say(f"corpus: {len(data['manifest']['packages'])} packages, {sp['train']['files']:,} / {sp['valid']['files']:,} files, "
+                  f"{sp['train']['tokens']:,} / {sp['valid']['tokens']:,} tokens (train / held-out), {data['bytes_per_token']['train']:.2f} bytes/token")
+        done("data", t)
+        teacher_hf = study.teacher_phase(out, data, sizes, platform, steps, dict(env, OMP_NUM_THREADS=str(os.cpu_count() or 1) if device == "cpu" else "4"), a.set)
+        done("teacher", t)
     tps = summary.teacher_record(os.path.join(out, "teacher"), sizes)["tokens_per_s"]
     scale = guard_scale(sizes, budget, time.time() - t0, tps) if device == "cuda" else 1.0
     if scale < 1.0:
@@ -153,19 +165,31 @@ def finish(out, sizes, data, results, times, est, device_name, command, wall_s, 
     return record
 
 
-def summary_only(a) -> dict:
-    """study.json / study.md again from a finished run's files (after a change to the summary)."""
+def load_finished(out: str):
+    """(data record, phases.json) of a study that ran in ``out``."""
     from megatron_attnedit.data import corpus
 
+    paths = [os.path.join(out, "phases.json"), os.path.join(out, "datasets", "datasets.json")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise StudyInputError(f"{missing[0]} not found: {out} holds no finished study data; run the study without "
+                               "--reuse-teacher / --summary-only first")
+    with open(paths[0]) as f:
+        progress = json.load(f)
+    with open(paths[1]) as f:
+        info = json.load(f)
+    data = {"manifest": corpus.load_manifest(os.path.join(out, "corpus")), "datasets": info, **progress["data"],
+            "corpus_dir": os.path.join(out, "corpus"), "tokenizer_dir": os.path.join(out, "tokenizer"), "tokenizer_why": study.TOKENIZER_WHY}
+    return data, progress
+
+
+def summary_only(a) -> dict:
+    """study.json / study.md again from a finished run's files (after a change to the summary)."""
     out = os.path.abspath(a.out)
     sizes = plan_lib.tiny_sizes() if a.tiny else plan_lib.gpu_sizes()
-    with open(os.path.join(out, "phases.json")) as f:
-        progress = json.load(f)
-    with open(os.path.join(out, "datasets", "datasets.json")) as f:
-        info = json.load(f)
+    data, progress = load_finished(out)
     with open(os.path.join(out, "report", "results.json")) as f:
         results = json.load(f)
-    data = {"manifest": corpus.load_manifest(os.path.join(out, "corpus")), "datasets": info, **progress["data"], "tokenizer_why": study.TOKENIZER_WHY}
     old = {}
     if os.path.isfile(os.path.join(out, "study.json")):
         with open(os.path.join(out, "study.json")) as f:

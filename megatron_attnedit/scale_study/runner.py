@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-from megatron_attnedit.errors import RunFault
+from megatron_attnedit.errors import RunFault, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_MARK = "starting at iteration"
@@ -24,6 +24,10 @@ ITER_MARK = "iter "
 
 class StudyError(RunFault):
     """A step failed; one line naming its log."""
+
+
+class StudyInputError(UserError):
+    """Bad input to the study (e.g. nothing to reuse); one line saying what to do."""
 
 
 class Runner:

@@ -51,7 +51,7 @@ def start_end(rows: Dict[int, dict], key: str) -> Optional[dict]:
     mid = statistics.fmean(before_last_quarter)
     return {"start": vals[0], "start_iteration": its[0], "end": end, "end_spread": spread, "steps": its[-1],
             "ended_below_start": vals[0] - end > 2 * spread and end < vals[0],
-            "late_drop": (mid - end) / mid if mid else float("nan"), "curve": [[i, round(v, 6)] for i, v in zip(its, vals)]}
+            "late_drop": (mid - end) / mid if mid > 1e-6 else None, "curve": [[i, round(v, 6)] for i, v in zip(its, vals)]}
 
 
 def stage_record(run_dir: str, stage: str) -> dict:
