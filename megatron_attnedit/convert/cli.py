@@ -92,8 +92,12 @@ def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--load-dir", required=True, help="megatron save directory (or one iter_XXXXXXX/ inside it)")
     ap.add_argument("--save-dir", required=True, help="HF output directory")
     ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
-    ap.add_argument("--dtype", default="auto", help="auto (as stored), bfloat16, float16 or float32")
+    ap.add_argument("--dtype", default="auto",
+                    help="dtype of every tensor written, declared in config.json: auto (default: the dtype the teacher's config declares, "
+                         "as stored when it declares none), bfloat16, float16 or float32")
     ap.add_argument("--overwrite", action="store_true", help="replace an HF checkpoint already in --save-dir")
+    ap.add_argument("--gguf", action="store_true",
+                    help="also write SAVE_DIR/model.gguf for llama.cpp (teacher and MLA students; same dtype as the export)")
     ap.add_argument("--allow-pickle", action="store_true", help="unpickle arbitrary objects in common.pt / rank files")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also ATTNEDIT_DEBUG=1)")
@@ -103,6 +107,32 @@ def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
         from megatron_attnedit.convert.converters import mcore_to_hf, parse_dtype
 
         return mcore_to_hf(a.load_dir, a.save_dir, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
-                           dtype=parse_dtype(a.dtype), allow_pickle=a.allow_pickle, progress=not a.no_progress)
+                           dtype=parse_dtype(a.dtype), allow_pickle=a.allow_pickle, progress=not a.no_progress, gguf=a.gguf)
+
+    return _run(go, argv)
+
+
+def hf_to_gguf_main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="hf_to_gguf.py",
+        description="Write a Hugging Face model directory -- the teacher (Qwen3, Qwen3-MoE) or an MLA student exported by "
+                    "mcore_to_hf.py (DeepSeek-V2) -- as one GGUF file that llama.cpp loads as it is. GateSWA students have no "
+                    "llama.cpp architecture and are refused.",
+    )
+    ap.add_argument("--hf-dir", required=True, help="HF model directory (config.json, safetensors, tokenizer files)")
+    ap.add_argument("--out", required=True, help="the .gguf file to write")
+    ap.add_argument("--dtype", default="auto",
+                    help="dtype of the weight matrices (norms stay float32, as llama.cpp expects): auto (default: the dtype "
+                         "config.json declares), bfloat16, float16 or float32")
+    ap.add_argument("--overwrite", action="store_true", help="replace a GGUF file already at --out")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also ATTNEDIT_DEBUG=1)")
+    a = ap.parse_args(argv)
+
+    def go():
+        from megatron_attnedit.convert.converters import parse_dtype
+        from megatron_attnedit.convert.gguf_export import hf_to_gguf
+
+        return hf_to_gguf(a.hf_dir, a.out, dtype=parse_dtype(a.dtype), overwrite=a.overwrite, progress=not a.no_progress)
 
     return _run(go, argv)

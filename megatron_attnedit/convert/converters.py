@@ -224,9 +224,15 @@ def mcore_to_hf(
     dtype: Optional[torch.dtype] = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    gguf: bool = False,
 ) -> Report:
     """Convert a megatron checkpoint (either format, any layout) written by ``hf_to_mcore`` or
-    ``checkpoint.save_mcore_checkpoint`` into a sharded HF safetensors checkpoint."""
+    ``checkpoint.save_mcore_checkpoint`` into a sharded HF safetensors checkpoint.
+
+    Every tensor is written in one dtype, the one config.json declares: ``dtype`` when given, else
+    the dtype the stored (teacher's) config declares -- a student trained in float32 from a
+    bfloat16 teacher exports in bfloat16, as the teacher was published -- else the stored dtype of
+    the embedding."""
     from megatron_attnedit.convert.hf_writer import ShardedSafetensorsWriter, parse_size, write_hf_config_files
     from megatron_attnedit.models import qwen3
 
@@ -243,6 +249,10 @@ def mcore_to_hf(
     from megatron_attnedit.convert import students
 
     student = students.student_export(meta, load_dir)
+    if gguf:
+        from megatron_attnedit.convert.gguf_export import check_gguf_supported
+
+        check_gguf_supported(cfg if student is None else student.hf_config, load_dir)
     if student is None:
         table = _table(cfg, meta["tensor_model_parallel_size"], meta["padded_vocab_size"])
     else:
@@ -276,13 +286,13 @@ def mcore_to_hf(
     except CheckpointError as e:
         raise _explain_mismatch(e, load_dir, student, students.student_weights_hint(stored)) from None
 
+    dtype = dtype or declared_dtype(cfg, load_dir) or src_dtype(entries[0][0])
     plan = []
     for name, hf_names, rule in entries:
-        out_dtype = dtype or src_dtype(name)
         for h, shape in zip(hf_names, hf_shapes_of(rule, table.shapes, layout.params[name])):
-            plan.append((h, shape, out_dtype))
+            plan.append((h, shape, dtype))
     transform = student.transform if student else (lambda h, t: t)
-    zeros = [(h, shape, dtype or plan[0][2]) for h, shape in (student.zero_tensors if student else [])]
+    zeros = [(h, shape, dtype) for h, shape in (student.zero_tensors if student else [])]
     plan += zeros
     rss_before = peak_rss()
     largest = max(torch.Size(s).numel() * d.itemsize for _, s, d in plan)
@@ -297,7 +307,7 @@ def mcore_to_hf(
                         check_vocab_padding(full, cfg["vocab_size"], name, file_of(name))
                     for h, t in zip(hf_names, mapping.to_hf(rule, full, table.shapes)):
                         t = transform(h, t)
-                        t = t.to(dtype) if dtype is not None else t
+                        t = t.to(dtype)
                         writer.add(h, t)
                         bar.update(t.numel() * t.element_size())
                         del t
@@ -312,6 +322,10 @@ def mcore_to_hf(
         write_hf_config_files(tmp, cfg if student is None else student.hf_config, meta["hf_assets_dir"], dtype)
         for path in student.code_files if student else ():
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+        if gguf:  # inside the export's directory: renamed into place with it, listed in its manifest
+            from megatron_attnedit.convert.gguf_export import GGUF_NAME, hf_to_gguf
+
+            hf_to_gguf(tmp, os.path.join(tmp, GGUF_NAME), dtype=dtype, progress=progress, inside_export=save_dir)
         written = dir_bytes(tmp)
     students.print_notes(student)
     return Report("mcore_to_hf", save_dir, written, time.time() - t0, rss_before, peak_rss(), largest)
@@ -369,13 +383,28 @@ def _explain_mismatch(err: CheckpointError, load_dir: str, student, hint) -> Che
     return err
 
 
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """--dtype: None for auto (the declared dtype), else the torch dtype named."""
     if name in (None, "", "auto"):
         return None
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float32": torch.float32, "fp32": torch.float32}
-    if name not in table:
+    if name not in _DTYPES:
         from megatron_attnedit.models.qwen3 import ConfigError
 
         raise ConfigError(f"unknown --dtype {name!r}; use auto, bfloat16, float16 or float32")
-    return table[name]
+    return _DTYPES[name]
+
+
+def declared_dtype(cfg: dict, where: str) -> Optional[torch.dtype]:
+    """The dtype a config declares (``dtype``, or ``torch_dtype`` as transformers 4 wrote it);
+    None when it declares none."""
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if name is None:
+        return None
+    name = str(name).replace("torch.", "")
+    if name not in _DTYPES:
+        raise CheckpointError(f"{where}: the stored config declares dtype {name!r}, which cannot be exported; pass --dtype bfloat16, float16 or float32")
+    return _DTYPES[name]

@@ -291,6 +291,59 @@ def atomic_output_dir(path: str, tool: str) -> Iterator[str]:
         raise
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_output_file(path: str, overwrite: bool, tool: str, sources: Sequence[str] = ()) -> None:
+    """Refuse an output file that exists (without --overwrite), that is not a GGUF file (even with
+    it), or that lies inside an input."""
+    real = os.path.realpath(path)
+    for s in sources:
+        if real == os.path.realpath(s):
+            raise CheckpointError(f"--out {path} would replace the input {s}; choose another path")
+    if os.path.isdir(path):
+        raise CheckpointError(f"--out {path} is a directory; name the .gguf file to write")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"--out {path} exists and cannot be read ({e.strerror}); choose another path") from None
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(f"--out {path} exists and is not a GGUF file; {tool} will not replace it: choose another path")
+    if not overwrite:
+        raise CheckpointError(f"--out {path} already exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str, tool: str) -> Iterator[str]:
+    """Yield a temporary path for the file ``path``, inside a hidden sibling directory that records
+    its writer, as ``atomic_output_dir`` does (a run killed outright leaves debris that
+    ``sweep_stale(path)`` recognises); on success the file replaces ``path`` in one rename, on any
+    error (or interrupt) nothing is left."""
+    path = os.path.abspath(path)
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+    try:
+        _record_writer(tmp, tool)
+        yield os.path.join(tmp, base)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(tmp, base), 0o666 & ~umask)
+        os.replace(os.path.join(tmp, base), path)
+    except OSError as e:
+        if e.filename is None or str(e.filename).startswith(tmp):
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def dir_bytes(d: str) -> int:
     total = 0
     for r, _, fs in os.walk(d):

@@ -176,18 +176,21 @@ def _deepseek_v2(cfg: dict, target, table, where: str) -> StudentExport:
         "rope_scaling": None,
         "first_k_dense_replace": k,
         "n_shared_experts": 0,  # Qwen3 has none (transformers wants an int; the tensors are 0-wide)
-        "routed_scaling_factor": 1.0,
-        "scoring_func": "softmax",
-        "topk_method": "greedy",
-        "n_group": 1,
-        "topk_group": 1,
     }
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype"):
         if key in cfg:
             out[key] = cfg[key]
     zero, notes = [], []
     if k < n:
+        # The router: Qwen3-MoE's softmax over all experts, then top-k. In DeepSeek-V2's terms that
+        # is greedy top-k in one group holding every expert (n_group 1, that group always chosen):
+        # vLLM / SGLang run their grouped top-k with these, which then selects among all experts.
         out.update(
+            routed_scaling_factor=1.0,
+            scoring_func="softmax",
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
             n_routed_experts=qwen3.num_experts(cfg),
             num_experts_per_tok=int(cfg["num_experts_per_tok"]),
             moe_intermediate_size=int(cfg["moe_intermediate_size"]),
@@ -203,7 +206,9 @@ def _deepseek_v2(cfg: dict, target, table, where: str) -> StudentExport:
                 "Qwen3-MoE does; transformers' DeepseekV2ForCausalLM (<= 5.23) ignores the flag, so its outputs differ slightly"
             )
     else:
-        out.update(n_routed_experts=0, num_experts_per_tok=None)  # first_k_dense_replace = all layers: every MLP dense
+        # first_k_dense_replace = all layers: every MLP dense, no router, so no routing keys (an
+        # expert-group count without experts is refused by llama.cpp's loader)
+        out.update(n_routed_experts=0, num_experts_per_tok=None)
     if float(out["rms_norm_eps"]) != 1e-6:
         notes.append(f"note: transformers' DeepSeek-V2 normalises the latents with eps 1e-6, the student with rms_norm_eps {out['rms_norm_eps']}")
     _check_stock_config(out, where)
