@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs megatron-attnedit and what it needs into the current Python environment.
-#   bash launch/install.sh [--test]
+#   bash launch/install.sh [--test]     (--test: the test extras, including llama-cpp-python built from source, CPU)
 # torch: installs torch==2.13.0 only when no torch is importable; a torch already present
 # (CUDA, ROCm or torch_npu build) is never replaced. Re-running is fast when all is in place.
 # Env: PYTHON (default python3).
@@ -34,4 +34,14 @@ then
   exit 0
 fi
 echo "[install] installing megatron-attnedit$extras (editable) and its pinned dependencies"
+if [ -n "$extras" ] && ! "$PY" -c "from importlib.metadata import version; assert version('llama-cpp-python') == '0.3.36'" >/dev/null 2>&1; then
+  # The tests' llama.cpp (llama-cpp-python, from source; pip caches the wheel): a CPU build of only the
+  # library the bindings load (target llama: no common/tools/mtmd), no OpenMP/BLAS/network code,
+  # both cores. About 4-6 minutes on 2 cores, once per machine. A CMAKE_ARGS of your own (a CUDA
+  # build, say) is kept.
+  echo "[install] building llama-cpp-python 0.3.36 from source for the GGUF tests (CPU, a few minutes)"
+  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DLLAMA_OPENSSL=OFF}"
+  export SKBUILD_BUILD_TARGETS="${SKBUILD_BUILD_TARGETS:-llama}"
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+fi
 "$PY" -m pip install -q -e ".$extras"
