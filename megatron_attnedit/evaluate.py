@@ -53,8 +53,14 @@ def read_config(path: str, what: str) -> dict:
     f = os.path.join(path, "config.json")
     if not os.path.isfile(f):
         raise EvalError(f"{what} {path} is not a Hugging Face model directory (no config.json)")
-    with open(f) as fh:
-        return json.load(fh)
+    try:
+        with open(f, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise EvalError(f"{f} is not valid JSON ({str(e).splitlines()[0]}); restore the model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise EvalError(f"{f} holds a JSON {type(cfg).__name__}, not an object; restore the model's config.json")
+    return cfg
 
 
 def parse_args(argv):
@@ -84,6 +90,7 @@ def parse_args(argv):
 
 
 def _load(path: str, cfg: dict, dtype, device):
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -92,8 +99,13 @@ def _load(path: str, cfg: dict, dtype, device):
     remote = "auto_map" in cfg
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=remote)
-    except (OSError, ValueError, ImportError, KeyError) as e:
-        raise EvalError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # damaged weights or config surface as many types (SafetensorError, OSError, ...)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvalError(f"cannot load {path}: {first}; check or re-export the checkpoint") from None
+    with torch.no_grad():  # values that cannot be weights: every later number would be NaN
+        bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise EvalError(f"{path}: weights that are not finite (NaN/Inf) in {bad}; the checkpoint is damaged or diverged, re-export a good one")
     return model.to(device).eval(), remote
 
 
@@ -244,7 +256,7 @@ def run(a, argv) -> int:
     if len(set(names)) != len(names):
         raise EvalError(f"model names repeat ({', '.join(names)}); name students with --student NAME=DIR")
     seq_len = a.seq_length or min(512, int(teacher_cfg.get("max_position_embeddings", 512)))
-    a.seq_length, a.stride = seq_len, a.stride or seq_len
+    a.seq_length, a.stride = seq_len, seq_len if a.stride is None else a.stride
     if not 1 <= a.stride <= seq_len or a.batch_size < 1:
         raise EvalError(f"--stride {a.stride} must be in [1, --seq-length {seq_len}] and --batch-size >= 1")
     notes: List[str] = []
@@ -261,7 +273,9 @@ def run(a, argv) -> int:
     for spec in a.run_dir:
         label, path = _named(spec)
         runs += plots.find_runs(path, label)
+    made_report_dir = not os.path.exists(a.report_dir)
     staging = report.staging_dir(a.report_dir)
+    published = False
     try:
         need = perplexity.tokens_needed(seq_len, a.stride, a.max_tokens)
         if need is not None and probe_plan:  # the probe's filler: runs of whole lines of every length up to its context
@@ -318,8 +332,11 @@ def run(a, argv) -> int:
         results["seconds"] = time.time() - t_start
         report.write(staging, results)
         report.publish(staging, a.report_dir)
+        published = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not published and made_report_dir and os.path.isdir(a.report_dir) and not os.listdir(a.report_dir):
+            os.rmdir(a.report_dir)  # a failed evaluation leaves no empty report directory behind
     t128 = results["models"][0]["kv"]["per_context_bytes"]["131072"]
     for m in results["models"]:
         kv = m["kv"]
