@@ -6,7 +6,8 @@
 # on an H100 (the estimate is printed first; see megatron_attnedit/scale_study/plan.py).
 #
 #   bash launch/scale_study.sh [--out runs/scale_study] [--tiny] [--jobs N] [--budget-s S] [--dry-run]
-#                              [--set section.key=value ...]
+#                              [--teacher-iters N] [--stage1-iters N] [--stage2-iters N]
+#                              [--reuse-teacher] [--summary-only] [--set section.key=value ...]
 #
 # --out       everything goes here (default runs/scale_study): corpus/, datasets/, teacher/, hf/,
 #             mla/, gateswa/ (training runs), report/ (evaluate), logs/, phases.json, and at the end
@@ -16,6 +17,9 @@
 # --budget-s  wall-time budget (default 540 on a GPU): stage steps are scaled down after the teacher
 #             if its measured speed says the planned ones would not fit (recorded in study.json)
 # --dry-run   print sizes, steps and the per-phase estimate; run nothing
+# --teacher-iters / --stage1-iters / --stage2-iters   steps instead of the recipes' (the split between stages)
+# --reuse-teacher   keep --out's corpus, datasets and teacher; rerun conversions + evaluation (~4 min on a GPU)
+# --summary-only    rewrite study.json / study.md / study_curves.png from --out's finished files
 # Recipes: launch/recipes/study_teacher.yaml, study_mla.yaml, study_gateswa.yaml.
 # Needs megatron-core importable (e.g. PYTHONPATH=/path/to/megatron-core); no network.
 # Env: PYTHON (default python3).

@@ -147,3 +147,15 @@ def test_time_guard_shortens_the_stages_only_when_the_teacher_was_slow():
     est = plan.estimate(sizes, lm_tokens_per_s=slow)
     assert elapsed + est["conversions_fixed"] + scale * est["conversions_gpu"] + est["evaluate"] <= 540.0 or scale == 0.25
     assert guard_scale(sizes, None, 10_000.0, slow) == 1.0
+
+
+def test_step_flags_reach_the_plan_and_the_runs():
+    from megatron_attnedit.scale_study.__main__ import apply_iters, parse_args
+
+    sizes = apply_iters(plan.gpu_sizes(), parse_args(["--teacher-iters", "300", "--stage1-iters", "240", "--stage2-iters", "60"]))
+    st = plan.steps(sizes)
+    assert st["teacher"]["steps"] == 300 and st["mla_stage1"]["steps"] == st["gateswa_stage1"]["steps"] == 240
+    assert st["mla_stage2"]["steps"] == st["gateswa_stage2"]["steps"] == 60
+    assert plan.estimate(sizes)["teacher"] < plan.estimate(plan.gpu_sizes())["teacher"]
+    with pytest.raises(SystemExit):
+        parse_args(["--stage1-iters", "0"])

@@ -1,7 +1,8 @@
 """The scale study: a long-context teacher trained here, converted to MLA and GateSWA, evaluated.
 
   python -m megatron_attnedit.scale_study [--out runs/scale_study] [--tiny] [--jobs N] [--budget-s S]
-      [--dry-run] [--set section.key=value ...]
+      [--dry-run] [--reuse-teacher] [--summary-only] [--teacher-iters N] [--stage1-iters N] [--stage2-iters N]
+      [--set section.key=value ...]
 
 Phases (one line each with its wall time; everything under --out):
   data         Python sources of the installed packages (data/packages.py), bundled tokenizer,
@@ -49,10 +50,28 @@ def parse_args(argv: Optional[List[str]]):
     ap.add_argument("--reuse-teacher", action="store_true", help="keep --out's corpus, datasets and trained teacher; run the "
                     "conversions, evaluation and summary again (e.g. with other --set values)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides for every training run")
+    ap.add_argument("--teacher-iters", type=int, default=None, help="teacher steps (default: study_teacher.yaml's)")
+    ap.add_argument("--stage1-iters", type=int, default=None, help="stage-1 steps of both targets (default: the recipes')")
+    ap.add_argument("--stage2-iters", type=int, default=None, help="stage-2 steps of all three students (default: the recipes')")
     a = ap.parse_args(argv)
     if a.jobs is not None and a.jobs < 1:
         ap.error("--jobs must be >= 1")
+    for flag in ("teacher_iters", "stage1_iters", "stage2_iters"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
     return a
+
+
+def apply_iters(sizes: plan_lib.Sizes, a) -> plan_lib.Sizes:
+    """--teacher-iters / --stage1-iters / --stage2-iters as overrides after the size profile's own."""
+    if a.teacher_iters:
+        sizes.teacher_sets = sizes.teacher_sets + [f"training.train_iters={a.teacher_iters}",
+                                                   f"optimizer.lr_warmup_iters={max(1, min(40, a.teacher_iters // 14))}"]
+    for stage, n in (("stage1", a.stage1_iters), ("stage2", a.stage2_iters)):
+        if n:
+            warm = max(1, min(20 if stage == "stage1" else 12, n // 8))
+            sizes.stage_sets = {**sizes.stage_sets, stage: sizes.stage_sets[stage] + [f"training.train_iters={n}", f"optimizer.lr_warmup_iters={warm}"]}
+    return sizes
 
 
 def _device(tiny: bool) -> str:
@@ -97,7 +116,7 @@ def guard_scale(sizes: plan_lib.Sizes, budget: Optional[float], elapsed: float, 
 def run(a) -> dict:
     t0 = time.time()
     device = _device(a.tiny)
-    sizes = plan_lib.tiny_sizes(a.jobs or 1) if a.tiny else plan_lib.gpu_sizes(a.jobs or 3)
+    sizes = apply_iters(plan_lib.tiny_sizes(a.jobs or 1) if a.tiny else plan_lib.gpu_sizes(a.jobs or 3), a)
     budget = a.budget_s if a.budget_s is not None else (None if a.tiny else 540.0)
     # tokenizer processes: each spends seconds importing transformers, worth it for ~300 MB, not for 3
     workers = 1 if a.tiny else max(1, min(16, os.cpu_count() or 1))

@@ -111,7 +111,8 @@ def conversion_phase(out: str, data: dict, teacher_hf: str, sizes: plan_lib.Size
     def stage_sets(target: str, stage: str) -> List[str]:
         out_sets = common + sizes.student_sets + sizes.target_sets[target] + sizes.stage_sets[stage]
         if scale < 1.0:
-            out_sets.append(f"training.train_iters={max(4, int(planned[f'{target}_{stage}']['steps'] * scale))}")
+            n = max(4, int(planned[f"{target}_{stage}"]["steps"] * scale))
+            out_sets += [f"training.train_iters={n}", f"optimizer.lr_warmup_iters={max(1, n // 8)}"]
         return out_sets + extra
 
     def chain(name: str) -> str:
