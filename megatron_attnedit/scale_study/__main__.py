@@ -161,12 +161,13 @@ def run(a) -> dict:
         steps.say(f"corpus: {len(data['manifest']['packages'])} packages, {sp['train']['files']:,} / {sp['valid']['files']:,} files, "
                   f"{sp['train']['tokens']:,} / {sp['valid']['tokens']:,} tokens (train / held-out), {data['bytes_per_token']['train']:.2f} bytes/token")
         done("data", t)
+        t = time.time()
         teacher_hf = study.teacher_phase(out, data, sizes, platform, steps, dict(env, OMP_NUM_THREADS=str(os.cpu_count() or 1) if device == "cpu" else "4"), a.set)
         done("teacher", t)
     tps = summary.teacher_record(os.path.join(out, "teacher"), sizes)["tokens_per_s"]
     scale = guard_scale(sizes, budget, time.time() - t0, tps) if device == "cuda" else 1.0
     if scale < 1.0:
-        steps.say(f"the teacher ran at {tps / 1e3:.0f}K tokens/s: stage steps scaled to {scale:.0%} of the recipes' to stay within {budget:.0f}s")
+        steps.say(f"the teacher ran at {tps / 1e3:.0f}K tokens/s: stage steps scaled to {scale:.0%} of the planned ones to stay within {budget:.0f}s")
     t = time.time()
     students = study.conversion_phase(out, data, teacher_hf, sizes, platform, steps, env, a.set, scale)
     done("conversions", t)
