@@ -196,14 +196,18 @@ class Qwen3Moe(Qwen3):
 
     @classmethod
     def add_hparams(cls, w, cfg: dict) -> None:
+        from megatron_attnedit.models import qwen3
+
         super().add_hparams(w, cfg)
-        w.add_expert_count(int(cfg["num_experts"]))
+        w.add_expert_count(qwen3.num_experts(cfg))
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
         w.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
 
     @classmethod
     def mlp(cls, p: _Planner, i: int) -> None:
-        h, e = int(p.cfg["hidden_size"]), int(p.cfg["num_experts"])
+        from megatron_attnedit.models import qwen3
+
+        h, e = int(p.cfg["hidden_size"]), qwen3.num_experts(p.cfg)
         p.copy(f"model.layers.{i}.mlp.gate.weight", (e, h))
         p.stack_experts(i, e, int(p.cfg["moe_intermediate_size"]), h)
 
