@@ -38,6 +38,20 @@ class RunFault(RuntimeError):
     """The run started and could not go on (exit code 1); the message says why and what to do."""
 
 
+def read_json_object(path: str, what: str = "restore the model's config.json", error=UserError) -> dict:
+    """A JSON object from ``path``; a file that is not JSON or not an object is one line (``error``)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise error(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {what}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} holds a JSON {type(value).__name__}, not an object; {what}")
+    return value
+
+
 def one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 

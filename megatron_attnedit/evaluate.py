@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import shlex
 import shutil
@@ -35,7 +34,7 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from megatron_attnedit.errors import run_cli, strip_debug
+from megatron_attnedit.errors import read_json_object, run_cli, strip_debug
 from megatron_attnedit.eval import EvalError
 
 TEACHER_TYPES = ("qwen3", "qwen3_moe")
@@ -53,14 +52,7 @@ def read_config(path: str, what: str) -> dict:
     f = os.path.join(path, "config.json")
     if not os.path.isfile(f):
         raise EvalError(f"{what} {path} is not a Hugging Face model directory (no config.json)")
-    try:
-        with open(f, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise EvalError(f"{f} is not valid JSON ({str(e).splitlines()[0]}); restore the model's config.json") from None
-    if not isinstance(cfg, dict):
-        raise EvalError(f"{f} holds a JSON {type(cfg).__name__}, not an object; restore the model's config.json")
-    return cfg
+    return read_json_object(f, error=EvalError)
 
 
 def parse_args(argv):

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset
 
 from megatron_attnedit.attention.core import FlashCoreAttention
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import UserError, read_json_object
 from megatron_attnedit.models.experts import GroupedExperts
 from megatron_attnedit.models.presets import PRESETS  # noqa: F401  (re-exported: models.qwen3.PRESETS)
 
@@ -44,13 +43,7 @@ def load_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found; --hf-dir must be a Hugging Face model directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ConfigError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); restore the model's config.json") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} holds a JSON {type(cfg).__name__}, not an object; restore the model's config.json")
+    cfg = read_json_object(path, error=ConfigError)
     check_hf_config(cfg)
     return cfg
 
