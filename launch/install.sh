@@ -35,13 +35,13 @@ then
 fi
 echo "[install] installing megatron-attnedit$extras (editable) and its pinned dependencies"
 if [ -n "$extras" ] && ! "$PY" -c "from importlib.metadata import version; assert version('llama-cpp-python') == '0.3.36'" >/dev/null 2>&1; then
-  # The tests' llama.cpp (llama-cpp-python, from source; pip caches the wheel): a CPU build of only the
-  # library the bindings load (target llama: no common/tools/mtmd), no OpenMP/BLAS/network code,
-  # both cores. About 4-6 minutes on 2 cores, once per machine. A CMAKE_ARGS of your own (a CUDA
-  # build, say) is kept.
+  # The tests' llama.cpp (llama-cpp-python, from source; pip caches the wheel): a CPU build of only
+  # what the bindings load -- libllama and libggml: no multimodal library (LLAVA_BUILD), no "common"
+  # utilities (launch/llama_cpp_minimal.cmake), no OpenMP / BLAS / OpenSSL -- on every core: about
+  # 230 CPU-seconds (2 minutes on 2 idle cores; the default build is 450), once per machine. A
+  # CMAKE_ARGS of your own (a CUDA build, say) is kept.
   echo "[install] building llama-cpp-python 0.3.36 from source for the GGUF tests (CPU, a few minutes)"
-  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DLLAMA_OPENSSL=OFF}"
-  export SKBUILD_BUILD_TARGETS="${SKBUILD_BUILD_TARGETS:-llama}"
+  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$PWD/launch/llama_cpp_minimal.cmake}"
   export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
 fi
 "$PY" -m pip install -q -e ".$extras"

@@ -113,6 +113,10 @@ def test_deepseek_config_expresses_the_student(exports):
     assert dense["rope_parameters"] == {"rope_type": "default", "rope_theta": 100.0} and dense["rope_theta"] == 100.0
     assert tied["rope_parameters"]["rope_theta"] == 10000.0 and tied["tie_word_embeddings"] is True
     assert (dense["q_lora_rank"], dense["kv_lora_rank"], dense["qk_nope_head_dim"], dense["qk_rope_head_dim"], dense["v_head_dim"]) == (None, 32, 16, 8, 16)
+    # a dense student has no router: no expert-group keys (llama.cpp's loader asserts on them), no routing keys
+    for c in (dense, tied):
+        assert not {"n_group", "topk_group", "topk_method", "scoring_func", "routed_scaling_factor"} & set(c), c
+        assert c["n_routed_experts"] == 0
     assert tied["q_lora_rank"] == 32
     # Qwen3-MoE routing: softmax over experts, greedy top-k, no shared experts, mlp_only_layers [0] -> dense prefix
     for c, norm in ((moe, True), (nonorm, False)):
@@ -129,6 +133,17 @@ def test_deepseek_config_expresses_the_student(exports):
     index = json.load(open(w / "mla-moe" / "hf" / "model.safetensors.index.json"))["weight_map"]
     with safe_open(str(w / "mla-moe" / "hf" / index["model.layers.1.mlp.shared_experts.down_proj.weight"]), "pt") as f:
         assert tuple(f.get_slice("model.layers.1.mlp.shared_experts.down_proj.weight").get_shape()) == (64, 0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_tensor_is_the_declared_dtype(exports, case):
+    """config.json's dtype is the dtype of every tensor written (tests/test_export_dtype.py: when the
+    stored and declared dtypes differ)."""
+    w, _, _ = exports
+    from test_export_dtype import check_every_tensor
+
+    declared, tensors = check_every_tensor(str(w / case / "hf"))
+    assert declared == "float32" and tensors
 
 
 def test_gateswa_config_and_files(exports):
