@@ -8,6 +8,7 @@ Every command line of the project (converters, ``train``, ``evaluate``, ``teache
 * an environment fault (``OSError``: disk full, unwritable path, missing file) into the same kind
   of line, exit code 2 before the run has started and 1 once it has (``started()``);
 * a :class:`RunFault` (the run itself stopped: a NaN loss, a failed step) into one line, exit 1;
+* running out of accelerator memory into one line with the levers that lower it, exit 1;
 * Ctrl-C / SIGTERM into ``error: interrupted``, exit 130;
 * anything else (a bug, or a dependency's error we did not anticipate) into one line naming the
   exception type, exit 1.
@@ -134,6 +135,11 @@ def run_cli(body: Callable[[], Optional[int]], argv: Optional[List[str]] = None,
         if isinstance(e, OSError):
             _print(describe_os_error(e), rank0)
             return EXIT_FAULT if _phase.started else EXIT_USER
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA, NPU), without importing torch
+            first = ". ".join(str(e).split(". ")[:2])  # "CUDA out of memory. Tried to allocate N MiB"
+            _print(f"out of accelerator memory ({first}); lower data.micro_batch_size, raise parallel.tensor_model_parallel_size, "
+                   f"or set model.recompute_granularity (README, Training)", rank0)
+            return EXIT_FAULT
         _print(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                f"(unexpected; rerun with --debug or {DEBUG_ENV}=1 for the traceback)", rank0)
         return EXIT_FAULT
