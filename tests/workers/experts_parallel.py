@@ -76,7 +76,7 @@ def main():
     from megatron.core import tensor_parallel
 
     from megatron_attnedit.convert import hf_io
-    from megatron_attnedit.convert.checkpoint import load_mcore_checkpoint_into_model, save_mcore_checkpoint
+    from megatron_attnedit.convert.checkpoint import conversion_metadata, load_mcore_checkpoint_into_model, save_mcore_checkpoint
     from megatron_attnedit.convert.qwen3 import ModelTable
     from megatron_attnedit.models import forward, qwen3
 
@@ -113,7 +113,8 @@ def main():
         rep = {m[6][1:] for m, _ in grp_entries if m[0] == "T" and ".experts.experts." in m[1]}
         r["replica_ids"] = tuple(rep.pop()) if len(rep) == 1 else ("several",)
 
-        meta = {"hf_config": cfg}
+        # what the converter and the training loop record (the loader refuses metadata without it)
+        meta = conversion_metadata(cfg, tp, 1, ep, qwen3.padded_vocab_size(cfg["vocab_size"], tp), "torch_dist", torch.float32)
         seq_dir, grp_dir = os.path.join(a.work, f"seq_{name}"), os.path.join(a.work, f"grp_{name}")
         save_mcore_checkpoint(seq, seq_dir, meta)
         save_mcore_checkpoint(grp, grp_dir, meta)
