@@ -167,8 +167,10 @@ def largest_batch(engine: DecodeEngine, prompt_len: int, a, per_seq: int) -> dic
     device = engine.device
     # workspace of a step that grows with the batch: fp32 scores and probabilities of every query head, and the logits
     step_ws = step_workspace(engine.model.config, engine.max_len)
-    seed = engine.caches()  # the prefilled sequence, kept while the batch is grown
-    engine.release()  # its batch-1 step (CUDA graph) goes; the seed's tensors stay
+    # the prefilled sequence, kept in host memory while the batch is grown: on the device it would
+    # take one sequence's room from the batch (the first H100 run counted one sequence too few)
+    seed = [[t[:1].to("cpu") for t in layer] for layer in engine.caches()]
+    engine.release()  # its batch-1 step (CUDA graph) and cache go
     if device.type == "cuda":
         computed = int((free_bytes(device) - a.reserve_gib * GiB) // (per_seq + step_ws))
     else:

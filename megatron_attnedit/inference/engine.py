@@ -93,7 +93,9 @@ class DecodeEngine:
             return
         for kind, theirs in zip(self.kinds, source):
             for mine, t in zip(kind.cache_tensors(), theirs):
-                mine.copy_(t[:1].expand_as(mine))
+                mine[:1].copy_(t[:1])  # the source may sit in host memory (the benchmark frees the device for the batch)
+                if batch > 1:
+                    mine[1:].copy_(mine[:1].expand_as(mine[1:]))
 
     def caches(self) -> List[List[torch.Tensor]]:
         """The cache tensors of every layer (references: they stay alive while held)."""
