@@ -19,6 +19,9 @@ bytes per value. At the decode contexts, C - 64 random tokens are prefilled (``p
 median step); the rest of the context stays free. Threads: prefill on every core, decode on
 ``--threads`` (default 1: a decode step of a model this small takes milliseconds, and on a
 machine whose cores are shared a second decode thread mostly measures the other processes).
+Flash attention: on by default, as llama.cpp's own programs run (llama-cli / llama-server: auto, on
+for the CPU); llama-cpp-python's Llama leaves it off unless asked (``--flash-attn off``). Without
+it, llama.cpp's MLA path copies the transposed latent (its V) out of the cache at every step.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def formula_per_token(cfg: dict) -> int:
     return int(sum(layers))
 
 
-def load(gguf_path: str, context: int, threads: int):
+def load(gguf_path: str, context: int, threads: int, flash_attn: bool = True):
     """The model with a cache of ``context`` cells, and llama.cpp's own log of what it allocated."""
     import llama_cpp
 
@@ -94,7 +97,7 @@ def load(gguf_path: str, context: int, threads: int):
     os.dup2(log.fileno(), 2)  # llama.cpp logs through C stdio, not Python's sys.stderr
     try:
         model = llama_cpp.Llama(model_path=gguf_path, n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=os.cpu_count() or 1,
-                                verbose=True)
+                                flash_attn=flash_attn, verbose=True)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -134,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-contexts", default="4096,32768", help="contexts at which decode speed is measured (prefill cost grows as C^2)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="decode threads (prefill uses every core)")
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="on")
     ap.add_argument("--work", default=None, help="where the GGUFs go (default: a temporary directory)")
     a = ap.parse_args(argv)
     contexts = [int(c) for c in a.contexts.split(",")]
@@ -151,10 +155,10 @@ def main(argv=None) -> int:
             cfg = json.load(f)
         per_token = formula_per_token(cfg)
         for c in contexts:
-            model, kv = load(g, c, a.threads)
+            model, kv = load(g, c, a.threads, a.flash_attn == "on")
             row = {"model": name, "hf_dir": hf, "arch": cfg["model_type"], "context": c, **kv,
                    "formula_bytes": per_token * kv["kv_cells"], "formula_per_token": per_token,
-                   "kv_per_token": kv["kv_bytes"] / kv["kv_cells"], "threads": a.threads}
+                   "kv_per_token": kv["kv_bytes"] / kv["kv_cells"], "threads": a.threads, "flash_attn": a.flash_attn}
             if c in decode_at:
                 row.update(decode_speed(model, c, a.decode_tokens, int(cfg["vocab_size"])))
             print(json.dumps(row), flush=True)

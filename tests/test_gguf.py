@@ -207,6 +207,10 @@ def test_mla_metadata_is_what_llama_cpp_needs(students):
     assert "blk.0.attn_kv_b.weight" not in shapes and "blk.0.attn_q.weight" in shapes
     cfg = json.load(open(w / "out" / "mla" / "config.json"))
     assert not {"n_group", "topk_group", "topk_method", "scoring_func"} & set(cfg)  # the HF config too
+    # written inside the export, listed in its manifest: the export's --overwrite replaces it with the rest
+    from megatron_attnedit.convert import outdir
+
+    assert "model.gguf" in outdir.read_manifest(str(w / "out" / "mla"))["paths"]
 
 
 def test_teacher_tokenizer_metadata(models):

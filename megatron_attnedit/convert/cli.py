@@ -130,7 +130,7 @@ def hf_to_gguf_main(argv: Optional[List[str]] = None) -> int:
     a = ap.parse_args(argv)
 
     def go():
-        from megatron_attnedit.convert.converters import parse_dtype
+        from megatron_attnedit.convert.hf_writer import parse_dtype
         from megatron_attnedit.convert.gguf_export import hf_to_gguf
 
         return hf_to_gguf(a.hf_dir, a.out, dtype=parse_dtype(a.dtype), overwrite=a.overwrite, progress=not a.no_progress)

@@ -29,6 +29,7 @@ import torch
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
 from megatron_attnedit.convert import checks, mapping
 from megatron_attnedit.convert.hf_io import CheckpointError, HFCheckpoint, check_hf_inputs
+from megatron_attnedit.convert.hf_writer import declared_dtype, parse_dtype  # noqa: F401  (parse_dtype: used by cli)
 from megatron_attnedit.convert.layout import check_table_covers, hf_shapes_of, model_layout, ordered_params
 from megatron_attnedit.convert.outdir import atomic_output_dir, check_output_dir, dir_bytes, sweep_stale
 
@@ -382,29 +383,3 @@ def _explain_mismatch(err: CheckpointError, load_dir: str, student, hint) -> Che
         )
     return err
 
-
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float32": torch.float32, "fp32": torch.float32}
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """--dtype: None for auto (the declared dtype), else the torch dtype named."""
-    if name in (None, "", "auto"):
-        return None
-    if name not in _DTYPES:
-        from megatron_attnedit.models.qwen3 import ConfigError
-
-        raise ConfigError(f"unknown --dtype {name!r}; use auto, bfloat16, float16 or float32")
-    return _DTYPES[name]
-
-
-def declared_dtype(cfg: dict, where: str) -> Optional[torch.dtype]:
-    """The dtype a config declares (``dtype``, or ``torch_dtype`` as transformers 4 wrote it);
-    None when it declares none."""
-    name = cfg.get("dtype") or cfg.get("torch_dtype")
-    if name is None:
-        return None
-    name = str(name).replace("torch.", "")
-    if name not in _DTYPES:
-        raise CheckpointError(f"{where}: the stored config declares dtype {name!r}, which cannot be exported; pass --dtype bfloat16, float16 or float32")
-    return _DTYPES[name]

@@ -98,7 +98,7 @@ def check_gguf_supported(cfg: dict, where: str) -> None:
 
     mt = cfg.get("model_type")
     if mt in GATESWA_TYPES:
-        raise CheckpointError(f"{where} is a GateSWA student; no GGUF export: {GATESWA_REFUSAL}")
+        raise CheckpointError(f"{where} is a GateSWA student, which has no GGUF export: {GATESWA_REFUSAL}")
     if mt not in gguf_layouts.LAYOUTS:
         raise CheckpointError(f"{where} has model_type {mt!r}; the GGUF export handles {', '.join(gguf_layouts.LAYOUTS)}")
     gguf_layouts.LAYOUTS[mt].check(cfg, where)
@@ -107,10 +107,10 @@ def check_gguf_supported(cfg: dict, where: str) -> None:
 def hf_to_gguf(hf_dir: str, out: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False,
                progress: bool = True, inside_export: Optional[str] = None) -> Report:
     """Write ``out`` (one .gguf file) from the HF directory ``hf_dir``; ``dtype`` None: the dtype
-    config.json declares. ``inside_export``: the final path of the export being written into
+    config.json declares (the stored one when it declares none). ``inside_export``: the final path of the export being written into
     ``hf_dir`` (``mcore_to_hf --gguf``: the GGUF goes into the export, atomic with it)."""
     from megatron_attnedit.convert import gguf_layouts, outdir
-    from megatron_attnedit.convert.converters import declared_dtype
+    from megatron_attnedit.convert.hf_writer import declared_dtype
 
     t0 = time.time()
     cfg = load_config(hf_dir)
@@ -119,9 +119,9 @@ def hf_to_gguf(hf_dir: str, out: str, dtype: Optional[torch.dtype] = None, overw
         for note in outdir.sweep_stale(out):
             print(f"note: {note}", flush=True)
         outdir.check_output_file(out, overwrite, TOOL, sources=[hf_dir])
-    dtype = dtype or declared_dtype(cfg, hf_dir) or torch.float32
     layout = gguf_layouts.LAYOUTS[cfg["model_type"]]
     ckpt = HFCheckpoint(hf_dir)
+    dtype = dtype or declared_dtype(cfg, hf_dir) or ckpt.info("model.embed_tokens.weight")[0]
     plan = layout.plan(cfg, ckpt, dtype, hf_dir)
     logging.getLogger("gguf").setLevel(logging.ERROR)  # its writer logs every step at INFO/WARNING
 

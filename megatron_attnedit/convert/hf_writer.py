@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_attnedit.convert.hf_io import INDEX, SAFETENSORS_DTYPES
+from megatron_attnedit.convert.hf_io import INDEX, SAFETENSORS_DTYPES, CheckpointError
 from megatron_attnedit.errors import UserError
 
 _DTYPE_CODE = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -121,6 +121,31 @@ def _nbytes(shape, dtype) -> int:
     for d in shape:
         n *= int(d)
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """--dtype: None for auto (the declared dtype), else the torch dtype named."""
+    if name in (None, "", "auto"):
+        return None
+    if name not in _DTYPES:
+        raise UserError(f"unknown --dtype {name!r}; use auto, bfloat16, float16 or float32")
+    return _DTYPES[name]
+
+
+def declared_dtype(cfg: dict, where: str) -> Optional[torch.dtype]:
+    """The dtype a config declares (``dtype``, or ``torch_dtype`` as transformers 4 wrote it);
+    None when it declares none."""
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if name is None:
+        return None
+    name = str(name).replace("torch.", "")
+    if name not in _DTYPES:
+        raise CheckpointError(f"{where}: the stored config declares dtype {name!r}, which cannot be exported; pass --dtype bfloat16, float16 or float32")
+    return _DTYPES[name]
 
 
 def write_hf_config_files(out_dir: str, hf_config: dict, assets_dir: Optional[str], dtype: Optional[torch.dtype]) -> None:
