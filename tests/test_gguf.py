@@ -237,13 +237,15 @@ def test_gguf_tensors_are_the_declared_dtype(students, tmp_path, which, dtype):
     assert json.load(open(os.path.join(hf, "config.json")))["dtype"] == {"BF16": "bfloat16", "F32": "float32"}[dtype]
 
 
-def test_gateswa_refused_in_one_line_nothing_written(students):
+@pytest.mark.parametrize("name,words", [("gateswa", ("GateSWA", "no architecture", "gpt-oss", "Gemma 3")),
+                                        ("no-tokenizer", ("carries no tokenizer", "without --gguf"))])
+def test_refused_in_one_line_nothing_written(students, name, words):
     w, result = students
-    r = result["gateswa"]
+    r = result[name]
     lines = r["stderr"].splitlines()
     assert r["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), r
-    assert "GateSWA" in lines[0] and "no architecture" in lines[0] and "gpt-oss" in lines[0] and "Gemma 3" in lines[0]
-    assert not (w / "out" / "gateswa").exists() and not [n for n in os.listdir(w / "out") if ".partial-" in n]
+    assert all(x in lines[0] for x in words), lines[0]
+    assert not (w / "out" / name).exists() and not [n for n in os.listdir(w / "out") if ".partial-" in n]
 
 
 def test_output_file_rules(tmp_path, capsys):

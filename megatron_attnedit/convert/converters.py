@@ -253,7 +253,8 @@ def mcore_to_hf(
     if gguf:
         from megatron_attnedit.convert.gguf_export import check_gguf_supported
 
-        check_gguf_supported(cfg if student is None else student.hf_config, load_dir)
+        # the tokenizer comes from the HF files the checkpoint carries ("": it carries none)
+        check_gguf_supported(cfg if student is None else student.hf_config, load_dir, tokenizer_dir=meta["hf_assets_dir"] or "")
     if student is None:
         table = _table(cfg, meta["tensor_model_parallel_size"], meta["padded_vocab_size"])
     else:

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -92,9 +93,10 @@ def load_config(hf_dir: str) -> dict:
     return cfg
 
 
-def check_gguf_supported(cfg: dict, where: str) -> None:
-    """One line for what llama.cpp cannot run, before anything is read or written."""
-    from megatron_attnedit.convert import gguf_layouts
+def check_gguf_supported(cfg: dict, where: str, tokenizer_dir: Optional[str] = None) -> None:
+    """One line for what llama.cpp cannot run, before anything is read or written; with
+    ``tokenizer_dir``, also that it holds a tokenizer to put in the GGUF."""
+    from megatron_attnedit.convert import gguf_layouts, gguf_vocab
 
     mt = cfg.get("model_type")
     if mt in GATESWA_TYPES:
@@ -102,22 +104,26 @@ def check_gguf_supported(cfg: dict, where: str) -> None:
     if mt not in gguf_layouts.LAYOUTS:
         raise CheckpointError(f"{where} has model_type {mt!r}; the GGUF export handles {', '.join(gguf_layouts.LAYOUTS)}")
     gguf_layouts.LAYOUTS[mt].check(cfg, where)
+    if tokenizer_dir is not None and not gguf_vocab.has_tokenizer(tokenizer_dir):
+        raise CheckpointError(f"{where} carries no tokenizer (tokenizer.model or tokenizer.json), which a GGUF needs; "
+                              "export without --gguf, add the teacher's tokenizer files to the export, then run hf_to_gguf.py")
 
 
 def hf_to_gguf(hf_dir: str, out: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False,
                progress: bool = True, inside_export: Optional[str] = None) -> Report:
     """Write ``out`` (one .gguf file) from the HF directory ``hf_dir``; ``dtype`` None: the dtype
-    config.json declares (the stored one when it declares none). ``inside_export``: the final path of the export being written into
-    ``hf_dir`` (``mcore_to_hf --gguf``: the GGUF goes into the export, atomic with it)."""
+    config.json declares (the stored one when it declares none). ``inside_export``: the final path
+    of the export being written into ``hf_dir`` (``mcore_to_hf --gguf``: the GGUF goes into the
+    export, atomic with it)."""
     from megatron_attnedit.convert import gguf_layouts, outdir
     from megatron_attnedit.convert.hf_writer import declared_dtype
 
     t0 = time.time()
     cfg = load_config(hf_dir)
-    check_gguf_supported(cfg, hf_dir)
+    check_gguf_supported(cfg, hf_dir, tokenizer_dir=hf_dir)
     if inside_export is None:
         for note in outdir.sweep_stale(out):
-            print(f"note: {note}", flush=True)
+            print(f"note: {note}", file=sys.stderr, flush=True)
         outdir.check_output_file(out, overwrite, TOOL, sources=[hf_dir])
     layout = gguf_layouts.LAYOUTS[cfg["model_type"]]
     ckpt = HFCheckpoint(hf_dir)

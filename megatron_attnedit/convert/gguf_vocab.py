@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List
+from typing import List, Optional
 
 from megatron_attnedit.convert.hf_io import CheckpointError
 
@@ -30,6 +30,10 @@ QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 PRE_TOKENIZERS = {QWEN2_PATTERN: "qwen2"}
+
+
+def has_tokenizer(d: Optional[str]) -> bool:
+    return bool(d) and any(os.path.isfile(os.path.join(d, f)) for f in ("tokenizer.model", "tokenizer.json"))
 
 
 def add_tokenizer(writer, hf_dir: str, vocab_size: int) -> str:

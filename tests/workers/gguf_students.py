@@ -7,11 +7,12 @@ The MLA and GateSWA students of launch/recipes/quickstart_{mla,gateswa}.yaml (th
 options), built from the bundled teacher, attention perturbed (so that nothing equals the
 teacher), saved stored in float32 as training saves them (the teacher declares bfloat16). Then
 ``mcore_to_hf.py --gguf``: WORK/out/mla-f32 (--dtype float32), WORK/out/mla (the declared dtype),
-WORK/out/gateswa (refused). Writes WORK/result.json {name: {rc, stdout, stderr}}. Single process, CPU.
+WORK/out/gateswa and WORK/out/no-tokenizer (a copy that carries no HF files: refused). Writes WORK/result.json {name: {rc, stdout, stderr}}. Single process, CPU.
 """
 
 import json
 import os
+import shutil
 import sys
 import warnings
 
@@ -76,11 +77,18 @@ def main():
     from convert_cli_cases import run_case
     from megatron_attnedit.convert.cli import mcore_to_hf_main
 
+    # a checkpoint that carries no HF files (so no tokenizer)
+    from megatron_attnedit.convert.checkpoint import ASSETS
+
+    bare = os.path.join(work, "mla-bare", "ckpt")
+    shutil.copytree(ckpts["mla"], bare)
+    shutil.rmtree(os.path.join(bare, "iter_0000000", ASSETS))
     out = lambda n: os.path.join(work, "out", n)  # noqa: E731
     runs = {
         "mla-f32": [ckpts["mla"], out("mla-f32"), "--dtype", "float32"],
         "mla": [ckpts["mla"], out("mla")],
         "gateswa": [ckpts["gateswa"], out("gateswa")],
+        "no-tokenizer": [bare, out("no-tokenizer")],
     }
     result = {n: run_case(mcore_to_hf_main, ["--load-dir", load, "--save-dir", save, "--gguf", "--no-progress", *rest])
               for n, (load, save, *rest) in runs.items()}
