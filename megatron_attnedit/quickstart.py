@@ -197,8 +197,10 @@ def run(a) -> dict:
             init = f"checkpoint.pretrained_checkpoint={s1_ckpt if with_stage1 else 'null'}"
             steps(f"{name}_stage2", train_cmd(a, nproc, recipe, "stage2", s2_dir, stage_sets("stage2") + [init]), train_env)
             hf = os.path.join(run_dir, "hf", name)
+            # MLA students also as GGUF (hf/<name>/model.gguf), the file llama.cpp runs; GateSWA has no llama.cpp form
+            gguf = ["--gguf"] if target == "mla" else []
             steps(f"{name}_export", [py, os.path.join(ROOT, "checkpoints_tools", "mcore_to_hf.py"), "--load-dir", os.path.join(s2_dir, "checkpoints"),
-                                     "--save-dir", hf, "--overwrite", "--no-progress"])
+                                     "--save-dir", hf, "--overwrite", "--no-progress", *gguf])
             students.append((name, hf))
 
     report_dir = os.path.join(run_dir, "report")

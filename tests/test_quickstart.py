@@ -71,3 +71,6 @@ def test_quick_run(tmp_path):
     assert "goal" not in proc.stdout.lower() and "goal" not in md.lower()
     for name in ("mla", "gateswa"):
         assert (run_dir / "hf" / name / "config.json").is_file()
+    # the MLA student is also written as GGUF for llama.cpp; GateSWA has no llama.cpp architecture
+    assert (run_dir / "hf" / "mla" / "model.gguf").stat().st_size > 0
+    assert not (run_dir / "hf" / "gateswa" / "model.gguf").exists()
