@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     a = ap.parse_args(argv)
 
-    from megatron_attnedit.training.data import DataError, Tokenizer
+    from megatron_attnedit.training.data import Tokenizer
+    from megatron_attnedit.errors import DataError
 
     files = expand_inputs(a.input)
     try:

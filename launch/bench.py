@@ -314,7 +314,7 @@ def run_settings(a, recipe: str, name: str, prefix: str, sp: str) -> tuple:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from megatron_attnedit.config import ConfigError
+    from megatron_attnedit.errors import ConfigError
     from megatron_attnedit.models import qwen3
 
     hf = qwen3.config_for_preset(a.preset)
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
         recipe = a.recipe or RECIPES[a.preset][target_name]
         try:
             settings = {name: run_settings(a, recipe, name, prefix, sp) for name in a.configs}
-        except (ConfigError, qwen3.ConfigError) as e:
+        except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         any_cfg = next(iter(settings.values()))[2]

@@ -18,13 +18,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import ConfigError
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "recipes")
-
-
-class ConfigError(UserError):
-    """A user mistake in a recipe or override; the message is one line saying what to do."""
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -1,5 +1,10 @@
 """What a command does when something goes wrong: one line, an exit code, no traceback.
 
+The vocabulary: ``UserError`` (exit 2) and its subclasses ``ConfigError``, ``CheckpointError``,
+``DataError``, ``EvalError``; ``RunFault`` (exit 1) and its subclasses ``TrainingStopped``,
+``StepFailed``. Every module raises these (no module defines its own error class), so a command
+catches by type.
+
 Every command line of the project (converters, ``train``, ``evaluate``, ``teacher``, ``kv_report``,
 ``quickstart``, ``preprocess_data``) runs its body through :func:`run_cli`, which turns
 
@@ -35,8 +40,33 @@ class UserError(ValueError):
     """Bad input, seen where it is first read; the message says what was wrong and what to do."""
 
 
+class ConfigError(UserError):
+    """A recipe, an override, a model config, a target's options, a parallel layout or a
+    teacher/student pairing that cannot be used."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint (HF or megatron, its files or its metadata) that cannot be used."""
+
+
+class DataError(UserError):
+    """Training or evaluation data, a tokenizer or a corpus that cannot be used."""
+
+
+class EvalError(UserError):
+    """An evaluation's input (a model the decode engine cannot run, a report directory, a length)."""
+
+
 class RunFault(RuntimeError):
     """The run started and could not go on (exit code 1); the message says why and what to do."""
+
+
+class TrainingStopped(RunFault):
+    """Training stopped on a non-finite loss or gradient norm."""
+
+
+class StepFailed(RunFault):
+    """A step of a multi-step command (quickstart, scale study) failed; the message names its log."""
 
 
 def read_json_object(path: str, what: str = "restore the model's config.json", error=UserError) -> dict:

@@ -35,7 +35,7 @@ import time
 from typing import List, Optional, Tuple
 
 from megatron_attnedit.errors import read_json_object, run_cli, strip_debug
-from megatron_attnedit.eval import EvalError
+from megatron_attnedit.errors import EvalError
 
 TEACHER_TYPES = ("qwen3", "qwen3_moe")
 

@@ -38,7 +38,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from megatron_attnedit.errors import RunFault, run_cli, strip_debug
+from megatron_attnedit.errors import StepFailed, run_cli, strip_debug
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"mla": "quickstart_mla", "gateswa": "quickstart_gateswa"}
@@ -49,9 +49,6 @@ FULL = dict(max_tokens=16384, decode_tokens=64, probe_trials=4, probe_context=51
 """Retrieval probe: trials per distance and prompt length (its cost is trials x distances x context
 tokens of prefill per model; see the module docstring for the time it adds)."""
 
-
-class QuickstartError(RunFault):
-    """A step failed; one line, the log says the rest."""
 
 
 def parse_args(argv: Optional[List[str]]):
@@ -119,7 +116,7 @@ class Runner:
             with open(log) as f:
                 tail = f.read().splitlines()[-15:]
             print("\n".join("    " + line for line in tail), file=sys.stderr)
-            raise QuickstartError(f"{name} failed (exit {rc}); full output in {log}")
+            raise StepFailed(f"{name} failed (exit {rc}); full output in {log}")
         print(f"[quickstart {time.time() - self.t0:6.0f}s] {name} done in {self.times[name]:.0f}s", flush=True)
 
 
@@ -129,10 +126,10 @@ def teacher_dir(spec: str) -> str:
     if spec in teacher.NAMES:
         d = teacher.bundled_teacher(spec)
         if d is None:
-            raise QuickstartError(f"the bundled {spec} teacher is not in this checkout ({teacher.ASSETS_DIR}); use --teacher HF_DIR")
+            raise StepFailed(f"the bundled {spec} teacher is not in this checkout ({teacher.ASSETS_DIR}); use --teacher HF_DIR")
         return d
     if not os.path.isfile(os.path.join(spec, "config.json")):
-        raise QuickstartError(f"--teacher {spec} is neither dense, moe nor an HF model directory (no config.json)")
+        raise StepFailed(f"--teacher {spec} is neither dense, moe nor an HF model directory (no config.json)")
     return os.path.abspath(spec)
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from megatron_attnedit.errors import UserError, run_cli, strip_debug
+from megatron_attnedit.errors import DataError, run_cli, strip_debug
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teachers")
 NAMES = {"dense": "qwen3-tiny-stdlib", "moe": "qwen3-moe-tiny-stdlib"}
@@ -57,14 +57,11 @@ ARCHITECTURES = {
 }
 
 
-class TeacherError(UserError):
-    """Bad input to a teacher step; one line saying what to do."""
-
 
 def bundled_teacher(kind: str = "dense") -> Optional[str]:
     """The committed teacher's HF directory, or None when it is not in this checkout."""
     if kind not in NAMES:
-        raise TeacherError(f"unknown teacher kind {kind!r}; use one of {', '.join(NAMES)}")
+        raise DataError(f"unknown teacher kind {kind!r}; use one of {', '.join(NAMES)}")
     d = os.path.join(ASSETS_DIR, NAMES[kind])
     return d if os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(os.path.join(d, CARD_JSON)) else None
 
@@ -122,7 +119,7 @@ def prepare_datasets(corpus_dir: str, tokenizer_dir: str, out_dir: str, workers:
     manifest = corpus.load_manifest(corpus_dir)
     tok_file = os.path.join(tokenizer_dir, "tokenizer.json")
     if not os.path.isfile(tok_file):
-        raise TeacherError(f"{tokenizer_dir} has no tokenizer.json; give a teacher or tokenizer directory made by this project")
+        raise DataError(f"{tokenizer_dir} has no tokenizer.json; give a teacher or tokenizer directory made by this project")
     key = {s: manifest["splits"][s]["sha256"] for s in corpus.SPLITS}
     key["tokenizer"] = _sha_file(tok_file)
     info_path = os.path.join(out_dir, "datasets.json")
@@ -176,7 +173,7 @@ def _check_split(n_train: int, n_valid: int) -> None:
     fractions = [n_train / n, n_valid / n]
     bounds = [int(round(0.0 * n)), int(round(fractions[0] * n)), int(round((fractions[0] + fractions[1]) * n))]
     if bounds != [0, n_train, n]:
-        raise TeacherError(f"data.split {n_train},{n_valid},0 would not separate the files exactly ({bounds})")
+        raise DataError(f"data.split {n_train},{n_valid},0 would not separate the files exactly ({bounds})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +187,7 @@ def hf_config(kind: str, vocab_size: int, special_ids: Dict[str, int], overrides
     from transformers import AutoConfig
 
     if kind not in ARCHITECTURES:
-        raise TeacherError(f"unknown teacher kind {kind!r}; use one of {', '.join(ARCHITECTURES)}")
+        raise DataError(f"unknown teacher kind {kind!r}; use one of {', '.join(ARCHITECTURES)}")
     kw = dict(ARCHITECTURES[kind], **(overrides or {}))
     model_type = kw.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=special_ids["bos"],
@@ -208,7 +205,7 @@ def write_init_dir(kind: str, tokenizer_dir: str, out_dir: str, overrides: Optio
 
     meta = tok_lib.load_meta(tokenizer_dir)
     if meta is None:
-        raise TeacherError(f"{tokenizer_dir} is not a tokenizer made by `teacher data` (no {tok_lib.META_FILE})")
+        raise DataError(f"{tokenizer_dir} is not a tokenizer made by `teacher data` (no {tok_lib.META_FILE})")
     cfg = hf_config(kind, meta["vocab_size"], meta["special_ids"], overrides)
     os.makedirs(out_dir, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
@@ -256,7 +253,7 @@ def heldout_loss(model, tokenizer, files: Iterable[Tuple[str, str]], seq_len: in
             total += s
             count += n
     if count == 0:
-        raise TeacherError("no held-out tokens: the valid split is empty")
+        raise DataError("no held-out tokens: the valid split is empty")
     return {"loss": total / count, "tokens": count, "files": per_file}
 
 
@@ -268,7 +265,7 @@ def load_model(hf_dir: str, device: str = "cpu"):
 
     for name in ("config.json", "tokenizer.json"):
         if not os.path.isfile(os.path.join(hf_dir, name)):
-            raise TeacherError(f"{hf_dir} has no {name}; give an HF model directory with its tokenizer (e.g. a teacher exported by train_teacher.sh)")
+            raise DataError(f"{hf_dir} has no {name}; give an HF model directory with its tokenizer (e.g. a teacher exported by train_teacher.sh)")
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).to(device)
     return model, tok_lib.load_hf(hf_dir)
 

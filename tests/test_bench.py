@@ -83,7 +83,7 @@ def test_flop_model_counts_windows_and_frozen_weights():
 
 
 def test_teacher_forward_options_are_checked():
-    from megatron_attnedit.config import ConfigError
+    from megatron_attnedit.errors import ConfigError
     from megatron_attnedit.training.objective import create
 
     assert create("teacher_forward", {}).options == {"output_layer": False}

@@ -98,7 +98,7 @@ def test_corpus_of_this_interpreter(tmp_path):
 
 
 def test_missing_stdlib_is_one_line(tmp_path):
-    with pytest.raises(corpus.CorpusError, match="not found"):
+    with pytest.raises(corpus.DataError, match="not found"):
         corpus.build_corpus(str(tmp_path / "out"), root=str(tmp_path / "nowhere"))
 
 

@@ -86,12 +86,13 @@ def test_stage2_trainable_all_gives_the_student_its_own_copy(tiny_hf, tmp_path):
 
 
 def test_mismatched_teacher_and_student_give_one_clear_line():
-    from megatron_attnedit.distill.colocate import DistillError, check_configs, check_pair
+    from megatron_attnedit.distill.colocate import check_configs, check_pair
+    from megatron_attnedit.errors import ConfigError
     from megatron_attnedit.models.qwen3 import config_for_preset
 
     cfg = config_for_preset("qwen3-debug")
     for key, value, what in (("vocab_size", 512, "vocabulary size"), ("hidden_size", 128, "hidden size")):
-        with pytest.raises(DistillError) as e:
+        with pytest.raises(ConfigError) as e:
             check_configs(cfg, dict(cfg, **{key: value}))
         msg = str(e.value)
         assert "\n" not in msg and what in msg and str(value) in msg
@@ -100,14 +101,15 @@ def test_mismatched_teacher_and_student_give_one_clear_line():
         return types.SimpleNamespace(vocab_size=vocab, config=types.SimpleNamespace(hidden_size=hidden),
                                      decoder=types.SimpleNamespace(layers=[0, 0]))
 
-    with pytest.raises(DistillError, match=r"vocabulary size differ \(256 vs 300\)"):
+    with pytest.raises(ConfigError, match=r"vocabulary size differ \(256 vs 300\)"):
         check_pair(fake(256, 64), fake(300, 64))
-    with pytest.raises(DistillError, match=r"hidden size differ \(64 vs 32\)"):
+    with pytest.raises(ConfigError, match=r"hidden size differ \(64 vs 32\)"):
         check_pair(fake(256, 64), fake(256, 32))
 
 
 def test_loading_changed_shared_weights_is_refused():
-    from megatron_attnedit.distill.colocate import Colocated, DistillError
+    from megatron_attnedit.distill.colocate import Colocated
+    from megatron_attnedit.errors import ConfigError
 
     teacher = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     student = torch.nn.Sequential(teacher[0], torch.nn.Linear(4, 4))  # layer 0 shared
@@ -119,7 +121,7 @@ def test_loading_changed_shared_weights_is_refused():
     pair.check_shared_unchanged()
     with torch.no_grad():
         student[0].weight.add_(1e-3)  # a checkpoint trained with trainable=all
-    with pytest.raises(DistillError, match="trainable=all"):
+    with pytest.raises(ConfigError, match="trainable=all"):
         pair.check_shared_unchanged()
 
 
@@ -237,13 +239,13 @@ def test_full_recompute_with_feature_matching_is_refused_in_one_line(tiny_hf, tm
     output the feature term's hook takes is the no-gradient one, so the term would train nothing.
     Refused before anything is built."""
     from megatron_attnedit.config import load_config
-    from megatron_attnedit.distill.colocate import DistillError
+    from megatron_attnedit.errors import ConfigError
     from megatron_attnedit.distill.stage2 import Stage2Objective
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.format(teacher=tiny_hf["dense"], prefix=tmp_path / "none", tokenizer=tmp_path / "none"))
     cfg = load_config(str(recipe), ["model.recompute_granularity=full"], stage="stage2")
-    with pytest.raises(DistillError, match="feature_layers needs layer outputs with their gradient.*use selective recompute, or feature_weight: 0"):
+    with pytest.raises(ConfigError, match="feature_layers needs layer outputs with their gradient.*use selective recompute, or feature_weight: 0"):
         Stage2Objective(cfg.objective.options).build(cfg, None)
 
 

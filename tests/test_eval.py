@@ -15,7 +15,8 @@ import torch
 import training_data
 from conftest import ROOT
 from megatron_attnedit import evaluate
-from megatron_attnedit.eval import EvalError, perplexity
+from megatron_attnedit.eval import perplexity
+from megatron_attnedit.errors import EvalError
 from megatron_attnedit.testing import make_tiny_hf
 
 

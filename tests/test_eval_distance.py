@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megatron_attnedit import evaluate, teacher
-from megatron_attnedit.eval import EvalError, distance, perplexity, retrieval
+from megatron_attnedit.eval import distance, perplexity, retrieval
+from megatron_attnedit.errors import EvalError
 
 TEACHER = teacher.bundled_teacher("dense")
 pytestmark = pytest.mark.skipif(TEACHER is None, reason="the bundled dense teacher is not in this checkout")

@@ -12,7 +12,8 @@ must agree. The cache bytes each layer allocates must equal the attention target
 import pytest
 import torch
 
-from megatron_attnedit.inference import InferenceError, kv
+from megatron_attnedit.inference import kv
+from megatron_attnedit.errors import EvalError
 from megatron_attnedit.inference.engine import DecodeEngine
 
 TOL = 1e-4
@@ -147,9 +148,9 @@ def test_cache_copy_and_limits():
     assert torch.allclose(logits, ref.step_logits[1].expand(3, -1), atol=1e-5)
     engine.step(logits.argmax(-1, keepdim=True))
     engine.step(logits.argmax(-1, keepdim=True))
-    with pytest.raises(InferenceError, match="the cache holds 12 positions"):
+    with pytest.raises(EvalError, match="the cache holds 12 positions"):
         engine.step(logits.argmax(-1, keepdim=True))
-    with pytest.raises(InferenceError, match="exceed the cache"):
+    with pytest.raises(EvalError, match="exceed the cache"):
         one.generate(prompt, 4)
 
 

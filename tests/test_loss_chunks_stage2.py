@@ -41,7 +41,7 @@ def test_stage2_chunked_equals_whole_tp1_and_tp2(tiny_hf, tmp_path):
 
 
 def test_chunk_option_is_checked_for_stage2_and_lm():
-    from megatron_attnedit.config import ConfigError
+    from megatron_attnedit.errors import ConfigError
     from megatron_attnedit.distill.stage2 import check_stage2_options
     from megatron_attnedit.training.objective import LMObjective
 

@@ -247,7 +247,7 @@ def test_files_another_tool_adds_are_replaced_with_the_output(tmp_path):
     recorded in the export's manifest, so OVERWRITE=1 train_teacher.sh's mcore_to_hf --overwrite
     replaces it with the export; before it is recorded it is refused like any foreign file."""
     from megatron_attnedit.convert import outdir
-    from megatron_attnedit.convert.hf_io import CheckpointError
+    from megatron_attnedit.errors import CheckpointError
 
     d = tmp_path / "hf"
     d.mkdir()

@@ -17,7 +17,7 @@ from megatron_attnedit.attention.targets import (
     rotary_pos_emb_for,
 )
 from megatron_attnedit.models import qwen3
-from megatron_attnedit.models.qwen3 import ConfigError
+from megatron_attnedit.errors import ConfigError
 
 TOL = 1e-5
 SEQ = 24

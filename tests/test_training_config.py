@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from megatron_attnedit.config import ConfigError, config_from_dict, load_config, resolve_recipe
+from megatron_attnedit.config import config_from_dict, load_config, resolve_recipe
+from megatron_attnedit.errors import ConfigError
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "launch", "recipes", "*.yaml")))
 

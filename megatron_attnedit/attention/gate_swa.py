@@ -52,7 +52,8 @@ from megatron_attnedit.attention.targets import (
 )
 from megatron_attnedit.convert.mapping import Rule
 from megatron_attnedit.convert.qwen3 import H, P, gqa_attention_rules
-from megatron_attnedit.models.qwen3 import ConfigError, gqa_attention_spec
+from megatron_attnedit.models.qwen3 import gqa_attention_spec
+from megatron_attnedit.errors import ConfigError
 
 KINDS = {"S": "sliding window", "F": "full attention"}
 

@@ -15,7 +15,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_attnedit.attention import kv_formula
 from megatron_attnedit.attention.targets import AttentionTarget
 from megatron_attnedit.convert.qwen3 import gqa_attention_rules
-from megatron_attnedit.models.qwen3 import ConfigError, gqa_attention_spec
+from megatron_attnedit.models.qwen3 import gqa_attention_spec
+from megatron_attnedit.errors import ConfigError
 
 
 class GQATarget(AttentionTarget):

@@ -66,7 +66,8 @@ from megatron_attnedit.convert import mapping
 from megatron_attnedit.convert.mapping import Rule
 from megatron_attnedit.convert.qwen3 import GQA_ATTENTION, H, P, gqa_attention_rules, shapes
 from megatron_attnedit.models import fusions
-from megatron_attnedit.models.qwen3 import ConfigError, LocalRMSNorm, gqa_attention_spec, head_dim, rope_theta
+from megatron_attnedit.models.qwen3 import LocalRMSNorm, gqa_attention_spec, head_dim, rope_theta
+from megatron_attnedit.errors import ConfigError
 
 KINDS = {"M": "multi-head latent attention", "G": "the teacher's GQA attention"}
 

@@ -27,7 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_attnedit.convert.hf_io import CheckpointError, reason
+from megatron_attnedit.convert.hf_io import reason
+from megatron_attnedit.errors import CheckpointError
 
 ATTNEDIT_KEY = "attnedit"
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -17,7 +17,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from megatron_attnedit.convert.hf_io import CheckpointError
+from megatron_attnedit.errors import CheckpointError
 
 # block size (elements) of the exact search for non-finite values: bounds its temporary memory
 _BLOCK = 1 << 24

@@ -28,7 +28,8 @@ import torch
 
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
 from megatron_attnedit.convert import checks, mapping
-from megatron_attnedit.convert.hf_io import CheckpointError, HFCheckpoint, check_hf_inputs
+from megatron_attnedit.convert.hf_io import HFCheckpoint, check_hf_inputs
+from megatron_attnedit.errors import CheckpointError, ConfigError
 from megatron_attnedit.convert.hf_writer import declared_dtype, parse_dtype  # noqa: F401  (parse_dtype: used by cli)
 from megatron_attnedit.convert.layout import check_table_covers, hf_shapes_of, model_layout, ordered_params
 from megatron_attnedit.convert.outdir import atomic_output_dir, check_output_dir, dir_bytes, sweep_stale
@@ -161,7 +162,7 @@ def hf_to_mcore(
     t0 = time.time()
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
     if ckpt_format not in CKPT_FORMATS:
-        raise qwen3.ConfigError(f"unknown --ckpt-format {ckpt_format!r}; use torch_dist or torch")
+        raise ConfigError(f"unknown --ckpt-format {ckpt_format!r}; use torch_dist or torch")
     prepare_output(save_dir, overwrite, "hf_to_mcore", hf_dir)
     cfg = qwen3.load_hf_config(hf_dir)
     qwen3.check_parallel(cfg, tp, pp, ep)

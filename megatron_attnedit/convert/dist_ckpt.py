@@ -36,7 +36,8 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_attnedit.convert.checks import check_dtype
-from megatron_attnedit.convert.hf_io import CheckpointError, reason
+from megatron_attnedit.convert.hf_io import reason
+from megatron_attnedit.errors import CheckpointError
 from megatron_attnedit.convert.layout import Chunk, ModelLayout
 from megatron_attnedit.convert.outdir import torch_save
 

@@ -36,7 +36,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from megatron_attnedit.convert.hf_io import CheckpointError, HFCheckpoint
+from megatron_attnedit.convert.hf_io import HFCheckpoint
+from megatron_attnedit.errors import CheckpointError
 
 TOOL = "hf_to_gguf"
 GGUF_NAME = "model.gguf"  # what mcore_to_hf --gguf writes into its export

@@ -19,7 +19,7 @@ import torch
 
 from megatron_attnedit.convert import checks
 from megatron_attnedit.convert.gguf_export import Planned
-from megatron_attnedit.convert.hf_io import CheckpointError
+from megatron_attnedit.errors import CheckpointError
 
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 

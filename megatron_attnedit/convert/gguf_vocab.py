@@ -22,7 +22,7 @@ import json
 import os
 from typing import List, Optional
 
-from megatron_attnedit.convert.hf_io import CheckpointError
+from megatron_attnedit.errors import CheckpointError
 
 # split patterns of byte-level BPE pre-tokenizers -> llama.cpp's name for the same pre-tokenizer
 # (LLAMA_VOCAB_PRE_TYPE_* in llama-vocab.cpp, chosen by tokenizer.ggml.pre)

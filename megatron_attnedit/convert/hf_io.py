@@ -18,11 +18,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_attnedit.convert import mapping
-from megatron_attnedit.errors import UserError
-
-
-class CheckpointError(UserError):
-    """Bad input checkpoint; the message is one line saying what is wrong and what to do."""
+from megatron_attnedit.errors import CheckpointError
 
 
 INDEX = "model.safetensors.index.json"

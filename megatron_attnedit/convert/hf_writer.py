@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_attnedit.convert.hf_io import INDEX, SAFETENSORS_DTYPES, CheckpointError
+from megatron_attnedit.convert.hf_io import INDEX, SAFETENSORS_DTYPES
+from megatron_attnedit.errors import CheckpointError
 from megatron_attnedit.errors import UserError
 
 _DTYPE_CODE = {v: k for k, v in SAFETENSORS_DTYPES.items()}

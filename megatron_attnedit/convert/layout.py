@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from megatron_attnedit.convert.hf_io import CheckpointError
+from megatron_attnedit.errors import CheckpointError
 from megatron_attnedit.models import qwen3
 
 

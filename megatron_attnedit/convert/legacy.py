@@ -24,7 +24,7 @@ import torch
 from megatron_attnedit.convert import mapping
 from megatron_attnedit.convert.checks import check_dtype, check_shape
 from megatron_attnedit.convert.checkpoint import ATTNEDIT_KEY, legacy_rank_dir, legacy_rank_files, safe_load
-from megatron_attnedit.convert.hf_io import CheckpointError
+from megatron_attnedit.errors import CheckpointError
 from megatron_attnedit.convert.layout import ModelLayout
 from megatron_attnedit.convert.outdir import torch_save
 

@@ -29,7 +29,8 @@ from typing import Iterator, List, Optional, Sequence, Set
 import torch
 
 from megatron_attnedit.convert.checkpoint import TRACKER
-from megatron_attnedit.convert.hf_io import INDEX, CheckpointError
+from megatron_attnedit.convert.hf_io import INDEX
+from megatron_attnedit.errors import CheckpointError
 
 MANIFEST = ".attnedit-manifest.json"
 WRITER = ".attnedit-writer.json"

@@ -30,7 +30,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from megatron_attnedit.convert.hf_io import CheckpointError
+from megatron_attnedit.errors import CheckpointError
 
 GATESWA_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_gateswa")
 GATESWA_FILES = ("configuration_gateswa.py", "modeling_gateswa.py")
@@ -62,7 +62,7 @@ class StudentExport:
 def target_from_metadata(meta: dict, where: str):
     """The checkpoint's TargetConfig (options validated against the stored config), or None for a teacher."""
     from megatron_attnedit.attention.targets import REGISTRY, TargetConfig, get_target
-    from megatron_attnedit.models.qwen3 import ConfigError
+    from megatron_attnedit.errors import ConfigError
 
     t, options = meta.get("target"), meta.get("target_options")
     if not t:

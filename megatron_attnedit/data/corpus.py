@@ -33,7 +33,7 @@ import sys
 import sysconfig
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import DataError
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 VALID_FRACTION = 0.05
@@ -43,9 +43,6 @@ MANIFEST = "manifest.json"
 SP_WHITESPACE = "\u2581"
 FORMAT_VERSION = 1
 
-
-class CorpusError(UserError):
-    """The corpus cannot be built or read; one line saying what to do."""
 
 
 def stdlib_dir() -> str:
@@ -92,7 +89,7 @@ def iter_files(root: Optional[str] = None, skipped: Optional[Dict[str, int]] = N
     are counted by reason into ``skipped``."""
     root = os.path.abspath(root or stdlib_dir())
     if not os.path.isdir(root):
-        raise CorpusError(f"standard library directory {root} not found; is this a full Python installation?")
+        raise DataError(f"standard library directory {root} not found; is this a full Python installation?")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):  # symlinked directories are not followed
         dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
@@ -114,7 +111,7 @@ def iter_files(root: Optional[str] = None, skipped: Optional[Dict[str, int]] = N
 def split_files(split: str, root: Optional[str] = None, valid_fraction: float = VALID_FRACTION) -> List[Tuple[str, str]]:
     """The (path, text) pairs of one split, in memory (the valid split is ~0.6 MB)."""
     if split not in SPLITS:
-        raise CorpusError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     return list(iter_files(root, keep=lambda p: split_of(p, valid_fraction) == split))
 
 
@@ -123,7 +120,7 @@ def build_corpus(out_dir: str, root: Optional[str] = None, valid_fraction: float
     by path: the input of checkpoints_tools/preprocess_data.py) and ``manifest.json`` to ``out_dir``.
     Files are written under temporary names and renamed, the manifest last. Returns the manifest."""
     if not 0 < valid_fraction < 1:
-        raise CorpusError(f"valid_fraction={valid_fraction} must be between 0 and 1")
+        raise DataError(f"valid_fraction={valid_fraction} must be between 0 and 1")
     os.makedirs(out_dir, exist_ok=True)
     skipped: Dict[str, int] = {}
     stats = {s: {"files": 0, "chars": 0, "bytes": 0} for s in SPLITS}
@@ -143,7 +140,7 @@ def build_corpus(out_dir: str, root: Optional[str] = None, valid_fraction: float
         for h in handles.values():
             h.close()
         if stats["train"]["files"] == 0 or stats["valid"]["files"] == 0:
-            raise CorpusError(f"the corpus under {root or stdlib_dir()} has {stats['train']['files']} train and "
+            raise DataError(f"the corpus under {root or stdlib_dir()} has {stats['train']['files']} train and "
                               f"{stats['valid']['files']} valid files; both must be non-empty")
         for s in SPLITS:
             os.replace(tmp[s], os.path.join(out_dir, f"{s}.jsonl"))
@@ -169,7 +166,7 @@ def build_corpus(out_dir: str, root: Optional[str] = None, valid_fraction: float
 def load_manifest(corpus_dir: str) -> dict:
     path = os.path.join(corpus_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise CorpusError(f"{path} not found; build the corpus with `python -m megatron_attnedit.teacher corpus --out {corpus_dir}`")
+        raise DataError(f"{path} not found; build the corpus with `python -m megatron_attnedit.teacher corpus --out {corpus_dir}`")
     with open(path) as f:
         return json.load(f)
 

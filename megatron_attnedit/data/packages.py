@@ -37,7 +37,8 @@ import os
 import sys
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from megatron_attnedit.data.corpus import SPLITS, CorpusError, _read, _write_json, interpreter
+from megatron_attnedit.data.corpus import SPLITS, _read, _write_json, interpreter
+from megatron_attnedit.errors import DataError
 
 EXCLUDED_DISTRIBUTIONS = frozenset({"megatron-attnedit", "megatron_attnedit"})
 MAX_FILE_BYTES = 1_000_000
@@ -85,7 +86,7 @@ def distributions(exclude: Iterable[str] = EXCLUDED_DISTRIBUTIONS, only: Optiona
     if wanted is not None:
         missing = sorted(wanted - {_norm_name(d["name"]) for d in out})
         if missing:
-            raise CorpusError(f"package(s) {', '.join(missing)} not installed (or have no Python files); "
+            raise DataError(f"package(s) {', '.join(missing)} not installed (or have no Python files); "
                               "leave them out of the package list")
     return sorted(out, key=lambda d: _norm_name(d["name"]))
 
@@ -100,10 +101,10 @@ def build_package_corpus(out_dir: str, max_bytes: Optional[int] = None, valid_fr
     """Write ``train.jsonl``, ``valid.jsonl`` ({"path": "dist/rel", "package", "text"} per file) and
     ``manifest.json`` to ``out_dir`` (temporary names, renamed at the end, the manifest last)."""
     if not 0 < valid_fraction < 1:
-        raise CorpusError(f"valid_fraction={valid_fraction} must be between 0 and 1")
+        raise DataError(f"valid_fraction={valid_fraction} must be between 0 and 1")
     dists = distributions(exclude, packages)
     if not dists:
-        raise CorpusError(f"no installed distribution with Python files on sys.path ({sys.prefix}); install some packages")
+        raise DataError(f"no installed distribution with Python files on sys.path ({sys.prefix}); install some packages")
     candidates = sorted(((_sample_key(d["name"], rel), i, rel) for i, d in enumerate(dists) for rel in d["files"]))
     skipped: Dict[str, int] = {}
     seen_content: set = set()
@@ -159,7 +160,7 @@ def _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_
                 per_pkg[i][f"{s}_bytes"] += len(data)
                 digests[s].update(path.encode("utf-8") + b"\0" + hashlib.sha256(data).digest())
         if stats["train"]["files"] == 0 or stats["valid"]["files"] == 0:
-            raise CorpusError(f"the package corpus has {stats['train']['files']} train and {stats['valid']['files']} held-out files; "
+            raise DataError(f"the package corpus has {stats['train']['files']} train and {stats['valid']['files']} held-out files; "
                               "both must be non-empty (raise max_bytes or valid_fraction)")
         for s in SPLITS:
             os.replace(tmp[s], os.path.join(out_dir, f"{s}.jsonl"))
@@ -201,7 +202,7 @@ def add_token_counts(corpus_dir: str, prefixes: Dict[str, str]) -> dict:
         with open(os.path.join(corpus_dir, f"{s}.jsonl"), encoding="utf-8") as f:
             pkgs = [json.loads(line)["package"] for line in f]
         if len(pkgs) != len(lengths):
-            raise CorpusError(f"{prefixes[s]} holds {len(lengths)} documents but {s}.jsonl {len(pkgs)} files; rebuild the datasets")
+            raise DataError(f"{prefixes[s]} holds {len(lengths)} documents but {s}.jsonl {len(pkgs)} files; rebuild the datasets")
         for pkg, n in zip(pkgs, lengths):
             tokens.setdefault(pkg, {"train": 0, "valid": 0})[s] += n
         manifest["splits"][s]["tokens"] = sum(lengths)

@@ -28,7 +28,7 @@ import os
 import shutil
 from typing import Dict, Iterable, Iterator, List, Optional
 
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import DataError
 
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 VOCAB_SIZE = 4096
@@ -36,9 +36,6 @@ MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer_meta.json"
 _CHUNK_CHARS = 4000  # SentencePiece trains on "sentences"; code is cut at line ends into pieces this long
 
-
-class TokenizerError(UserError):
-    """The tokenizer cannot be built or does not reproduce SentencePiece; one line."""
 
 
 def training_chunks(texts: Iterable[str], max_chars: int = _CHUNK_CHARS) -> Iterator[str]:
@@ -87,7 +84,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = VO
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise TokenizerError(f"SentencePiece training failed: {e}") from None
+        raise DataError(f"SentencePiece training failed: {e}") from None
     final = os.path.join(out_dir, MODEL_FILE)
     os.replace(prefix + ".model", final)
     os.remove(prefix + ".vocab")
@@ -104,7 +101,7 @@ def hf_tokenizer(model_path: str):
     pieces = [sp.id_to_piece(i) for i in range(n)]
     vocab = {p: i for i, p in enumerate(pieces)}
     if len(vocab) != n:
-        raise TokenizerError(f"{model_path} has duplicate pieces; cannot build a BPE vocabulary")
+        raise DataError(f"{model_path} has duplicate pieces; cannot build a BPE vocabulary")
     mergeable = {p: i for i, p in enumerate(pieces) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))}
     merges = []
     for piece, i in mergeable.items():

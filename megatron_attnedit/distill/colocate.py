@@ -35,14 +35,11 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.models import qwen3
 
 TRAINABLE_SETS = ("attention", "all")
 _NEVER_SHARED = "self_attention"
-
-
-class DistillError(qwen3.ConfigError):
-    """A teacher/student pairing problem; one line saying what is wrong and what to do."""
 
 
 @dataclasses.dataclass
@@ -77,7 +74,7 @@ class Colocated:
         now = self.shared_fingerprint()
         changed = [p for p, a, b in zip(self.shared, self.fingerprint.tolist(), now.tolist()) if a != b]
         if changed:
-            raise DistillError(
+            raise ConfigError(
                 f"the checkpoint loaded into the student changed weights it shares with the frozen teacher "
                 f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); it was trained with more than the "
                 "attention, so continue from it with objective.options.trainable=all"
@@ -144,7 +141,7 @@ def colocate(
     to the teacher's config.
     """
     if trainable not in TRAINABLE_SETS:
-        raise DistillError(f"trainable set {trainable!r} unknown; use one of {', '.join(TRAINABLE_SETS)}")
+        raise ConfigError(f"trainable set {trainable!r} unknown; use one of {', '.join(TRAINABLE_SETS)}")
     student_hf_cfg = student_hf_cfg or hf_cfg
     check_configs(hf_cfg, student_hf_cfg)
     # The teacher never trains: no activation recomputation. (megatron's layernorm recompute would
@@ -175,7 +172,7 @@ def check_configs(teacher_cfg: dict, student_cfg: dict) -> None:
     """Teacher and student must agree on what they exchange: vocabulary and hidden size."""
     for key, what in (("vocab_size", "vocabulary size"), ("hidden_size", "hidden size")):
         if teacher_cfg.get(key) != student_cfg.get(key):
-            raise DistillError(
+            raise ConfigError(
                 f"teacher and student {what} differ ({teacher_cfg.get(key)} vs {student_cfg.get(key)}); "
                 "distillation needs the student built from the teacher's config"
             )
@@ -185,17 +182,17 @@ def check_pair(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
     """The built models agree on vocabulary, hidden size and layer layout (one clear line if not)."""
     t, s = _unwrap(teacher), _unwrap(student)
     if t.vocab_size != s.vocab_size:
-        raise DistillError(
+        raise ConfigError(
             f"teacher and student vocabulary size differ ({t.vocab_size} vs {s.vocab_size}); "
             "distillation needs the student built from the teacher's config"
         )
     if t.config.hidden_size != s.config.hidden_size:
-        raise DistillError(
+        raise ConfigError(
             f"teacher and student hidden size differ ({t.config.hidden_size} vs {s.config.hidden_size}); "
             "distillation needs the student built from the teacher's config"
         )
     if len(t.decoder.layers) != len(s.decoder.layers):
-        raise DistillError(
+        raise ConfigError(
             f"teacher and student hold {len(t.decoder.layers)} vs {len(s.decoder.layers)} layers on this rank; "
             "build both with the same layer count and pipeline layout"
         )
@@ -257,7 +254,7 @@ def build_pair(cfg, plat, trainable: str = "attention") -> Colocated:
     from megatron_attnedit.training import objective as obj
 
     if not cfg.target.name:
-        raise DistillError("distillation needs a student attention target: set target.name (e.g. mla, gate_swa)")
+        raise ConfigError("distillation needs a student attention target: set target.name (e.g. mla, gate_swa)")
     hf = obj.hf_config(cfg)
     opts = obj.build_options(cfg, plat)
     target = _target(cfg.target)

@@ -29,7 +29,8 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_attnedit.distill import losses, pipeline
-from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated, DistillError, _unwrap
+from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated, _unwrap
+from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.training.objective import Objective, check_loss_chunk_tokens, check_options
 
 DEFAULTS: Dict[str, object] = {
@@ -80,16 +81,16 @@ def _grad_in_sbh_layout(logits: torch.Tensor) -> torch.Tensor:
 def check_stage2_options(options: Dict[str, object]) -> Dict[str, object]:
     o = check_options(options, DEFAULTS, "stage2")
     if o["trainable"] not in TRAINABLE_SETS:
-        raise DistillError(f"objective.options.trainable={o['trainable']!r} is not one of {', '.join(TRAINABLE_SETS)}")
+        raise ConfigError(f"objective.options.trainable={o['trainable']!r} is not one of {', '.join(TRAINABLE_SETS)}")
     if not float(o["temperature"]) > 0:
-        raise DistillError(f"objective.options.temperature must be > 0, got {o['temperature']}")
+        raise ConfigError(f"objective.options.temperature must be > 0, got {o['temperature']}")
     if int(o["topk"]) < 0:
-        raise DistillError(f"objective.options.topk must be >= 0 (0 = full KL), got {o['topk']}")
+        raise ConfigError(f"objective.options.topk must be >= 0 (0 = full KL), got {o['topk']}")
     if not isinstance(o["feature_layers"], (list, tuple)):
-        raise DistillError(f"objective.options.feature_layers must be a list of layer indices, got {o['feature_layers']!r}")
+        raise ConfigError(f"objective.options.feature_layers must be a list of layer indices, got {o['feature_layers']!r}")
     for k in ("kl_weight", "feature_weight", "ce_weight"):
         if float(o[k]) < 0:
-            raise DistillError(f"objective.options.{k} must be >= 0, got {o[k]}")
+            raise ConfigError(f"objective.options.{k} must be >= 0, got {o[k]}")
     check_loss_chunk_tokens(o["loss_chunk_tokens"])
     return o
 
@@ -127,7 +128,7 @@ class Stage2:
         chosen = sorted({(i + n) if i < 0 else i for i in feature_layers})
         bad = [i for i in chosen if not 0 <= i < n]
         if bad:
-            raise DistillError(f"objective.options.feature_layers has {bad} outside the model's {n} layers")
+            raise ConfigError(f"objective.options.feature_layers has {bad} outside the model's {n} layers")
         self.num_feature_layers = len(chosen) if self.feature_weight > 0 else 0
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -230,7 +231,7 @@ class Stage2Objective(Objective):
 
         o = self.options
         if cfg.model.recompute_granularity == "full" and o["feature_layers"] and float(o["feature_weight"]) > 0:
-            raise DistillError("objective.options.feature_layers needs layer outputs with their gradient, which "
+            raise ConfigError("objective.options.feature_layers needs layer outputs with their gradient, which "
                                "model.recompute_granularity=full does not keep (it recomputes them in the backward); "
                                "use selective recompute, or feature_weight: 0")
         self.pair = build_pair(cfg, plat, trainable=o["trainable"])

@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import torch
 
-from megatron_attnedit.config import ConfigError
+from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.distill.colocate import _unwrap, build_teacher, teacher_loader
 from megatron_attnedit.training.objective import Objective, build_options, check_options, hf_config
 

@@ -13,10 +13,8 @@ plots.py        PNG plots (matplotlib, Agg): training curves, KV bytes against c
                 position, probe accuracy against distance
 """
 
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import EvalError  # noqa: F401  (eval modules raise it)
 
 CONTEXTS = (4096, 32768, 131072)  # context lengths of the report's KV columns
 
 
-class EvalError(UserError):
-    """A user-facing problem with the evaluation's input; one line saying what to do."""

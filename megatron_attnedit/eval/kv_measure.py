@@ -18,8 +18,9 @@ from typing import Dict
 
 import torch
 
-from megatron_attnedit.eval import CONTEXTS, EvalError
-from megatron_attnedit.inference import InferenceError
+from megatron_attnedit.eval import CONTEXTS
+from megatron_attnedit.errors import EvalError
+from megatron_attnedit.errors import EvalError
 from megatron_attnedit.inference import attention_of as _attention_of
 
 
@@ -27,7 +28,7 @@ def attention_of(cfg: dict):
     """(target name, target options) of an HF config (inference.attention_of), an EvalError if unknown."""
     try:
         return _attention_of(cfg)
-    except InferenceError as e:
+    except EvalError as e:
         raise EvalError(str(e)) from None
 
 
@@ -45,7 +46,7 @@ def describe(name: str, options: dict) -> str:
 def config_bytes_per_token(cfg: dict, teacher_cfg: dict, context: int, bytes_per_elem: int) -> float:
     """Whole-model KV bytes per token at ``context`` from the target's formula."""
     from megatron_attnedit.attention.targets import get_target
-    from megatron_attnedit.models.qwen3 import ConfigError
+    from megatron_attnedit.errors import ConfigError
 
     name, options = attention_of(cfg)
     base = dict(teacher_cfg, num_hidden_layers=int(cfg["num_hidden_layers"]))

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Dict, List
 
-from megatron_attnedit.eval import EvalError
+from megatron_attnedit.errors import EvalError
 
 CONTEXT_GRID = [2**k for k in range(8, 18)]  # 256 .. 131072
 

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 from typing import List
 
-from megatron_attnedit.eval import CONTEXTS, EvalError
+from megatron_attnedit.eval import CONTEXTS
+from megatron_attnedit.errors import EvalError
 
 
 def human_bytes(n: float) -> str:

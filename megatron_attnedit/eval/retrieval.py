@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from megatron_attnedit.eval import EvalError
+from megatron_attnedit.errors import EvalError
 
 NAME_DIGITS, KEY_DIGITS = 4, 5
 CHANCE = dict(exact=10.0**-KEY_DIGITS, per_char=0.1)

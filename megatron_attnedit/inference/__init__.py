@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Tuple
 
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import EvalError
 
 # target name -> "module:Class" of its cached attention. A new kind: one file plus one line here.
 KINDS: Dict[str, str] = {
@@ -39,14 +39,11 @@ KINDS: Dict[str, str] = {
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
-class InferenceError(UserError):
-    """A model the engine cannot run, or a decode asked to go past its cache; one line."""
-
 
 def get_kind(name: str):
     """The cached-attention class registered for the attention target ``name``."""
     if name not in KINDS:
-        raise InferenceError(f"no cached decode for attention {name!r}; known: {', '.join(KINDS)}")
+        raise EvalError(f"no cached decode for attention {name!r}; known: {', '.join(KINDS)}")
     mod, cls = KINDS[name].split(":")
     return getattr(importlib.import_module(mod), cls)
 
@@ -79,6 +76,6 @@ def attention_of(cfg: dict) -> Tuple[str, dict]:
         return "gate_swa", dict(window=int(window), pattern=["S" if t == "sliding_attention" else "F" for t in types])
     if mt in ("qwen3", "qwen3_moe"):
         return "gqa", {}
-    raise InferenceError(
+    raise EvalError(
         f"cannot tell the attention of a {mt!r} checkpoint (expected qwen3, qwen3_moe, deepseek_v2/v3, or sliding layer_types)"
     )

@@ -26,7 +26,8 @@ from typing import List, Optional
 
 import torch
 
-from megatron_attnedit.inference import InferenceError, attention_of, get_kind
+from megatron_attnedit.inference import attention_of, get_kind
+from megatron_attnedit.errors import EvalError
 from megatron_attnedit.inference.rope import RopeTable
 
 
@@ -131,7 +132,7 @@ class DecodeEngine:
         """Logits [b, vocab] (fp32) after ``ids`` [batch, s], the prompt from position 0."""
         b, s = ids.shape
         if b != self.batch or s > self.max_len:
-            raise InferenceError(f"prefill of {b} x {s} tokens does not fit a cache of {self.batch} x {self.max_len}")
+            raise EvalError(f"prefill of {b} x {s} tokens does not fit a cache of {self.batch} x {self.max_len}")
         cos, sin = self.rope.rows(torch.arange(s, device=self.device))
         h = self.body.embed_tokens(ids)
         for layer, kind in zip(self.layers, self.kinds):
@@ -173,7 +174,7 @@ class DecodeEngine:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [b, vocab] (fp32) after one more token per sequence, ``ids`` [batch, 1]."""
         if self.length >= self.max_len:
-            raise InferenceError(f"the cache holds {self.max_len} positions; allocate a longer one to decode further")
+            raise EvalError(f"the cache holds {self.max_len} positions; allocate a longer one to decode further")
         self.length += 1
         if not self.cuda_graphs:
             return self._step(ids)
@@ -195,7 +196,7 @@ class DecodeEngine:
     def generate(self, prompt: torch.Tensor, steps: int, keep_logits: bool = True) -> Decode:
         """Greedy decode: prefill ``prompt`` [batch, s], then ``steps`` single-token steps."""
         if prompt.shape[1] + steps > self.max_len:
-            raise InferenceError(f"{prompt.shape[1]} prompt + {steps} decoded positions exceed the cache's {self.max_len}")
+            raise EvalError(f"{prompt.shape[1]} prompt + {steps} decoded positions exceed the cache's {self.max_len}")
         self.reset()
         synchronize(self.device)
         t0 = time.perf_counter()
@@ -218,7 +219,7 @@ class DecodeEngine:
     def time_steps(self, steps: int, warmup: int = 2) -> float:
         """Seconds per decode step from the current position (greedy, tokens fed back on the device)."""
         if self.length + warmup + steps > self.max_len:
-            raise InferenceError(f"{warmup + steps} more steps from position {self.length} exceed the cache's {self.max_len}")
+            raise EvalError(f"{warmup + steps} more steps from position {self.length} exceed the cache's {self.max_len}")
         ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         for _ in range(warmup):
             ids = self.step(ids).argmax(-1, keepdim=True)

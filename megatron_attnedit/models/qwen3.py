@@ -28,15 +28,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset
 
 from megatron_attnedit.attention.core import FlashCoreAttention
-from megatron_attnedit.errors import UserError, read_json_object
+from megatron_attnedit.errors import ConfigError, read_json_object
 from megatron_attnedit.models.experts import GroupedExperts
 from megatron_attnedit.models.presets import PRESETS  # noqa: F401  (re-exported: models.qwen3.PRESETS)
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
-
-
-class ConfigError(UserError):
-    """A user-facing configuration problem; its message is one line saying what to do."""
 
 
 def load_hf_config(hf_dir: str) -> dict:

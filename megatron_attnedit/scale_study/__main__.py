@@ -36,7 +36,8 @@ from typing import List, Optional
 from megatron_attnedit.errors import run_cli, strip_debug
 from megatron_attnedit.scale_study import plan as plan_lib
 from megatron_attnedit.scale_study import study, summary
-from megatron_attnedit.scale_study.runner import Runner, StudyInputError
+from megatron_attnedit.scale_study.runner import Runner
+from megatron_attnedit.errors import UserError
 
 
 def parse_args(argv: Optional[List[str]]):
@@ -130,7 +131,7 @@ def run(a) -> dict:
         data, previous = load_finished(out)
         teacher_hf = os.path.join(out, "hf", "teacher")
         if not os.path.isfile(os.path.join(teacher_hf, "config.json")):
-            raise StudyInputError(f"--reuse-teacher: {teacher_hf} holds no exported teacher; run the study without it first")
+            raise UserError(f"--reuse-teacher: {teacher_hf} holds no exported teacher; run the study without it first")
     os.makedirs(out, exist_ok=True)
     steps = Runner(out, "scale_study")
     platform = "cuda" if device == "cuda" else "cpu"
@@ -192,7 +193,7 @@ def load_finished(out: str):
     paths = [os.path.join(out, "phases.json"), os.path.join(out, "datasets", "datasets.json")]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise StudyInputError(f"{missing[0]} not found: {out} holds no finished study data; run the study without "
+        raise UserError(f"{missing[0]} not found: {out} holds no finished study data; run the study without "
                                "--reuse-teacher / --summary-only first")
     with open(paths[0]) as f:
         progress = json.load(f)

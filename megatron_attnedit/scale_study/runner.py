@@ -15,19 +15,13 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-from megatron_attnedit.errors import RunFault, UserError
+from megatron_attnedit.errors import StepFailed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_MARK = "starting at iteration"
 ITER_MARK = "iter "
 
 
-class StudyError(RunFault):
-    """A step failed; one line naming its log."""
-
-
-class StudyInputError(UserError):
-    """Bad input to the study (e.g. nothing to reuse); one line saying what to do."""
 
 
 class Runner:
@@ -49,7 +43,7 @@ class Runner:
 
     def __call__(self, name: str, cmd: List[str], env: Optional[Dict[str, str]] = None) -> dict:
         """Run ``cmd``; returns (and records) {wall_s, startup_s, train_s, finish_s} (the last three for
-        training runs). A non-zero exit raises StudyError after printing the log's tail."""
+        training runs). A non-zero exit raises StepFailed after printing the log's tail."""
         log = os.path.join(self.logs, f"{name}.log")
         self.say(f"{name} ...")
         start = time.time()
@@ -81,7 +75,7 @@ class Runner:
                 tail = fh.read().splitlines()[-15:]
             with self._lock:
                 print("\n".join("    " + line for line in tail), file=sys.stderr, flush=True)
-            raise StudyError(f"{name} failed (exit {rc}); full output in {log}")
+            raise StepFailed(f"{name} failed (exit {rc}); full output in {log}")
         detail = "".join(f", {k[:-2]} {rec[k]:.0f}s" for k in ("startup_s", "train_s", "finish_s") if k in rec)
         self.say(f"{name} done in {rec['wall_s']:.0f}s{detail}")
         return rec

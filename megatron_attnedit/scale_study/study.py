@@ -21,7 +21,8 @@ import time
 from typing import Dict, List
 
 from megatron_attnedit.scale_study import plan as plan_lib
-from megatron_attnedit.scale_study.runner import ROOT, Runner, StudyError
+from megatron_attnedit.scale_study.runner import ROOT, Runner
+from megatron_attnedit.errors import StepFailed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 TOKENIZER_WHY = ("the bundled teacher's SentencePiece BPE (vocab 4096, trained on the stdlib): the packages are Python too, "
@@ -39,7 +40,7 @@ def prepare_tokenizer(out: str) -> str:
 
     src = teacher.bundled_teacher("dense")
     if src is None:
-        raise StudyError(f"the bundled dense teacher is not in this checkout ({teacher.ASSETS_DIR}); its tokenizer is the study's")
+        raise StepFailed(f"the bundled dense teacher is not in this checkout ({teacher.ASSETS_DIR}); its tokenizer is the study's")
     os.makedirs(out, exist_ok=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
@@ -136,10 +137,10 @@ def conversion_phase(out: str, data: dict, teacher_hf: str, sizes: plan_lib.Size
         for name, fut in futures.items():
             try:
                 fut.result()
-            except StudyError as e:
+            except StepFailed as e:
                 errors.append(str(e))
         if errors:
-            raise StudyError("; ".join(errors))
+            raise StepFailed("; ".join(errors))
     return {name: os.path.join(out, "hf", name) for name in plan_lib.STUDENTS}
 
 

@@ -33,13 +33,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_attnedit import errors
-from megatron_attnedit.config import ConfigError
+from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
 from megatron_attnedit.errors import RunFault
 from megatron_attnedit.training import manifest
 from megatron_attnedit.training import resume
 from megatron_attnedit.training.optim import torch_optimizers
-from megatron_attnedit.training.resume import LATEST, CheckpointError, ResumePoint, iter_dir, read_latest  # noqa: F401  (re-exported)
+from megatron_attnedit.training.resume import LATEST, ResumePoint, iter_dir, read_latest
+from megatron_attnedit.errors import CheckpointError  # noqa: F401  (re-exported)
 
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # Megatron-LM default; optimizer reshardable over DP
 

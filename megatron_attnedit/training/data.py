@@ -15,13 +15,9 @@ import os
 import struct
 from typing import Dict, Iterator, List, Optional
 
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import DataError
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
-
-
-class DataError(UserError):
-    """Bad training data; one line saying what is wrong and what to do."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,18 +23,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_attnedit import platform
-from megatron_attnedit.config import Config, ConfigError
+from megatron_attnedit.config import Config
+from megatron_attnedit.errors import ConfigError, TrainingStopped
 from megatron_attnedit import errors
-from megatron_attnedit.errors import RunFault
 from megatron_attnedit.training import checkpoint as ckpt_lib
 from megatron_attnedit.training import data as data_lib
 from megatron_attnedit.training import objective as objective_lib
 from megatron_attnedit.training.monitor import Monitor, memory_gb
 from megatron_attnedit.training.optim import build_optimizer, build_scheduler, synced_params, wrap_ddp
 
-
-class TrainingStopped(RunFault):
-    """The run cannot go on (non-finite loss); the message says where and what was kept."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from megatron_attnedit.config import Config, ConfigError
+from megatron_attnedit.config import Config
+from megatron_attnedit.errors import ConfigError
 
 # name -> "module:Class" (imported on use, so a missing or broken objective fails only when asked for)
 OBJECTIVES: Dict[str, Union[str, Callable]] = {

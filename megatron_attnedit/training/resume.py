@@ -20,18 +20,13 @@ import dataclasses
 import os
 from typing import List, Optional, Tuple
 
-from megatron_attnedit.config import ConfigError
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import CheckpointError, ConfigError
 from megatron_attnedit.training import manifest
 
 LATEST = "latest_checkpointed_iteration.txt"
 # HF config fields that fix the shapes of a checkpoint's tensors
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
                 "vocab_size", "num_experts", "moe_intermediate_size", "tie_word_embeddings")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used; one line saying what to do."""
 
 
 def iter_dir(root: str, iteration: int) -> str:
