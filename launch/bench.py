@@ -25,7 +25,7 @@ token; attention scores QK^T and PV over the mean number of keys a query sees, (
 in a window; MoE layers count the router and the top-k experts only). Backward: input gradients
 cost one forward, weight gradients one more -- only for weights that train (frozen linears, e.g.
 the MLP and output layer in stage 2 with ``trainable: attention``, skip theirs), and none for the
-projections whose input needs no gradient (models/wgrad.py skips those GEMMs: every stage-1
+projections whose input needs no gradient (kernels/wgrad.py skips those GEMMs: every stage-1
 attention, stage 2's first layer); attention scores backward costs twice their forward. So lm =
 3 F_student, teacher_fwd = F_teacher without the output layer, stage1 = that + 3 x (trained
 attention) - their input projections, stage2 = F_teacher + 2 F_student + trained weights' share +

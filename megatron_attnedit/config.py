@@ -55,10 +55,10 @@ class ModelConfig:
     """Grouped-GEMM experts (torch._grouped_mm on GPU); SequentialMLP otherwise."""
     gradient_accumulation_fusion: Optional[bool] = None
     """Linear layers add their weight gradients into the fp32 main-grad buffers inside the GEMM
-    (models/wgrad.py) instead of a bf16 GEMM plus an add. None: on for CUDA with the local spec."""
+    (kernels/wgrad.py) instead of a bf16 GEMM plus an add. None: on for CUDA with the local spec."""
     kernel_fusion: Optional[bool] = None
     """Fused elementwise kernels (torch.compile) for RoPE, MLA's query/key assembly and SwiGLU --
-    megatron's bias_activation_fusion for the dense MLP, models/fusions.py for the rest.
+    megatron's bias_activation_fusion for the dense MLP, kernels/fusions.py for the rest.
     None: on for CUDA with the local spec."""
     init_on_cpu: bool = True
     """Initialise weights on the CPU from one seed: the same weights at any TP/EP layout. False:

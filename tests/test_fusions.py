@@ -1,4 +1,4 @@
-"""Fused elementwise kernels (models/fusions.py, model.kernel_fusion) against megatron's unfused code.
+"""Fused elementwise kernels (kernels/fusions.py, model.kernel_fusion) against megatron's unfused code.
 
 The CUDA path is inductor's code for these functions; here inductor compiles the same functions for
 the CPU. Tolerances: fp32 1e-6 (values and gradients); bf16: no further from an fp64 reference than
@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from megatron_attnedit import platform
-from megatron_attnedit.models import fusions, qwen3
+from megatron_attnedit import fixes
+from megatron_attnedit.kernels import fusions
+from megatron_attnedit.models import qwen3
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +31,7 @@ def fresh_dynamo():
 def unfused_rope():
     from megatron.core.models.common.embeddings import rope_utils
 
-    return fusions._UNFUSED_ROPE if fusions.installed() else rope_utils._apply_rotary_pos_emb_bshd
+    return fusions.UNFUSED["rope"] if fusions.installed() else rope_utils._apply_rotary_pos_emb_bshd
 
 
 def freqs_for(s, r, base=10000.0):
@@ -98,6 +100,7 @@ def test_glu_times_probs_compiled_equals_eager():
 def compile_on_cpu(monkeypatch):
     """Fused functions compile for CPU tensors too; returns the names of those that ran compiled."""
     platform.init_distributed(platform.init_platform("cpu"))
+    fixes.apply_one("rope_fusion")  # applied at start-up on CUDA; here the CPU takes it too
     monkeypatch.setattr(fusions, "DEVICES", {"cpu", "cuda"})
     used, compiled = set(), fusions.compiled
 

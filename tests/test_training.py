@@ -7,7 +7,7 @@
   W&B offline run holds the logged metrics;
 * a NaN loss stops the run with one line and leaves the last good checkpoint as the latest;
 * torch's fused AdamW resumes a multi-tensor AdamW checkpoint and follows its run;
-* weight gradients accumulated inside the GEMM (models/wgrad.py) train like megatron's unfused path;
+* weight gradients accumulated inside the GEMM (kernels/wgrad.py) train like megatron's unfused path;
 * gradient reduce and parameter all-gather overlapped with backward and forward (several buckets)
   follow the plain run, and its saves and evaluations see the updated parameters;
 * the MoE model at EP=2 (sequential and grouped experts) follows EP=1 step for step; a resume that
@@ -232,7 +232,7 @@ def test_overlapped_grad_reduce_and_param_gather_follow_the_plain_run(straight, 
 
 def test_gradient_accumulation_fusion_follows_the_unfused_run(straight, corpus, tiny_hf, tmp_path):
     """model.gradient_accumulation_fusion (weight gradients added into the fp32 main grads inside the
-    GEMM, models/wgrad.py; on for CUDA by default) trains like megatron's unfused path: same losses
+    GEMM, kernels/wgrad.py; on for CUDA by default) trains like megatron's unfused path: same losses
     to rounding over 20 steps, at TP=2 (split input and output dimensions)."""
     torchrun("train_worker.py", *overrides(corpus, tiny_hf["dense"], tmp_path, "training.train_iters=20", "model.gradient_accumulation_fusion=true",
                                            "parallel.tensor_model_parallel_size=2", "checkpoint.save_interval=0"))
@@ -243,15 +243,14 @@ def test_gradient_accumulation_fusion_follows_the_unfused_run(straight, corpus, 
 
 
 def test_megatron_linear_accumulates_through_wgrad():
-    """megatron's linear autograd function with gradient_accumulation_fusion, given models/wgrad.py:
+    """megatron's linear autograd function with gradient_accumulation_fusion, given kernels/wgrad.py:
     the weight gradient lands in main_grad (added to what was there, as over micro-batches), the
     input gradient is unchanged, and the layer flags the weight so the DDP hook adds nothing more."""
-    from megatron_attnedit import platform
-    from megatron_attnedit.models import wgrad
+    from megatron_attnedit import fixes, platform
     from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Linear
 
     platform.init_platform("cpu")
-    wgrad.install()
+    assert "wgrad_accumulation" in fixes.applied()
     g = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(6, 8, generator=g))
     w.main_grad, w.grad_added_to_main_grad = torch.randn(6, 8, generator=g), False
@@ -266,18 +265,16 @@ def test_megatron_linear_accumulates_through_wgrad():
 
 @pytest.mark.parametrize("fusion", [False, True], ids=["plain", "wgrad-fusion"])
 def test_megatron_linear_skips_the_unneeded_input_gradient(fusion):
-    """With models/wgrad.py's dgrad skip, megatron's linear backward on an input that needs no
+    """With kernels/wgrad.py's dgrad skip, megatron's linear backward on an input that needs no
     gradient (stage 1's detached teacher hidden state) skips the input-gradient GEMM and gives the
     same weight and bias gradients as megatron's backward on an input that needs one."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megatron_attnedit import platform
-    from megatron_attnedit.models import wgrad
+    from megatron_attnedit import fixes, platform
     from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Linear
 
     platform.init_platform("cpu")
-    wgrad.install()
-    wgrad.install_dgrad_skip()
+    assert {"wgrad_accumulation", "dgrad_skip"} <= set(fixes.applied())
     g = torch.Generator().manual_seed(0)
     x0, dy = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 6, generator=g)
     w0, b0 = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)

@@ -65,25 +65,11 @@ from megatron_attnedit.attention.targets import AttentionTarget, check_int, expa
 from megatron_attnedit.convert import mapping
 from megatron_attnedit.convert.mapping import Rule
 from megatron_attnedit.convert.qwen3 import GQA_ATTENTION, H, P, gqa_attention_rules, shapes
-from megatron_attnedit.models import fusions
+from megatron_attnedit.kernels import fusions
 from megatron_attnedit.models.qwen3 import LocalRMSNorm, gqa_attention_spec, head_dim, rope_theta
 from megatron_attnedit.errors import ConfigError
 
 KINDS = {"M": "multi-head latent attention", "G": "the teacher's GQA attention"}
-
-
-def _fix_mla_without_te() -> None:
-    """megatron-core 0.16.1 without transformer-engine: extensions.transformer_engine builds its
-    classes on a MagicMock, so multi_latent_attention.TELinear is a MagicMock *instance* (not None)
-    and MultiLatentAttention's isinstance(linear_proj, TELinear) raises TypeError. platform.py's
-    flag fix tests ``TELinear is None`` and misses this case; this check covers both."""
-    from megatron.core.transformer import multi_latent_attention as mla_mod
-
-    if mla_mod.HAVE_TE and not isinstance(mla_mod.TELinear, type):
-        mla_mod.HAVE_TE = False
-
-
-_fix_mla_without_te()
 
 
 class RotarySelfAttention(SelfAttention):

@@ -64,7 +64,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_object_for_checkpoint
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
-from megatron_attnedit.models import fusions
+from megatron_attnedit.kernels import fusions
 
 IMPLS = ("auto", "grouped_mm", "loop")
 # (stacked parameter, SequentialMLP submodule, TP axis of one expert's weight)

@@ -101,8 +101,8 @@ class BuildOptions:
     spec: str = "local"  # local | te
     moe_dispatcher: str = "allgather"  # allgather (CPU-safe) | alltoall (GPU)
     grouped_gemm: bool = False  # models/experts.py GroupedExperts (torch._grouped_mm on GPU); SequentialMLP otherwise
-    gradient_accumulation_fusion: bool = False  # weight gradients accumulated in the GEMM (models/wgrad.py)
-    kernel_fusion: bool = False  # compiled RoPE / MLA assembly / SwiGLU (models/fusions.py, megatron's bias_activation_fusion)
+    gradient_accumulation_fusion: bool = False  # weight gradients accumulated in the GEMM (kernels/wgrad.py)
+    kernel_fusion: bool = False  # compiled RoPE / MLA assembly / SwiGLU (kernels/fusions.py, megatron's bias_activation_fusion)
     use_cpu_initialization: bool = True
     perform_initialization: bool = True
     recompute_granularity: Optional[str] = None
@@ -137,16 +137,6 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
     """megatron TransformerConfig for an HF Qwen3 / Qwen3-MoE config."""
     check_hf_config(cfg)
     check_parallel(cfg, opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.expert_model_parallel_size)
-    if opts.spec == "local":
-        from megatron_attnedit.models import wgrad
-
-        wgrad.install_dgrad_skip()
-        if opts.gradient_accumulation_fusion:
-            wgrad.install()
-    if opts.kernel_fusion:
-        from megatron_attnedit.models import fusions
-
-        fusions.install()
     kw = dict(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],

@@ -143,7 +143,7 @@ def use_bf16(cfg: Config, plat) -> bool:
 def gradient_accumulation_fusion(cfg: Config, plat) -> bool:
     """``model.gradient_accumulation_fusion``, None resolved: on for CUDA with the local spec where
     the fp32-accumulating GEMM runs (TE's layers fuse it themselves)."""
-    from megatron_attnedit.models import wgrad
+    from megatron_attnedit.kernels import wgrad
 
     m = cfg.model
     if m.gradient_accumulation_fusion is not None:

@@ -36,7 +36,8 @@ def main():
     from megatron.core import tensor_parallel
 
     from megatron_attnedit.attention.targets import TargetConfig
-    from megatron_attnedit.models import fusions, qwen3
+    from megatron_attnedit.kernels import fusions
+    from megatron_attnedit.models import qwen3
     from megatron_attnedit.models.student import build_student
 
     fusions.DEVICES = {"cpu", "cuda"}

@@ -6,14 +6,14 @@ and the gradient rounded to bf16 before it is accumulated. megatron's ``gradient
 path instead calls apex's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(input, grad_output,
 main_grad)``, one GEMM whose epilogue adds into the fp32 buffer. ``WgradAccumulation`` is that
 interface on torch ops: ``torch.addmm(main_grad, dy^T, x, out_dtype=float32, out=main_grad)`` on CUDA
-(torch >= 2.9), an fp32 ``addmm_`` elsewhere. ``install()`` hands it to megatron's tensor-parallel
-linear layers.
+(torch >= 2.9), an fp32 ``addmm_`` elsewhere. ``fixes.wgrad_accumulation`` hands it to megatron's
+tensor-parallel linear layers at platform start-up.
 
 Measured on an H100 (launch/bench_wgrad.py, 4096 tokens): 1.18-1.30x faster per weight gradient at
 Qwen3-8B shapes, and an error against fp64 of 0.002 instead of 1.0 (the bf16 rounding of the
 gradient before accumulation).
 
-``install_dgrad_skip()`` (every build on the local spec): megatron's linear backward computes the
+``weight_grads_only`` (``fixes.dgrad_skip``, every platform): megatron's linear backward computes the
 input gradient ``grad_output @ weight`` whether or not the input needs one (TE's linears check).
 Stage 1 feeds each student attention the teacher's detached hidden state, so the query and latent
 projections' input gradients -- 13% of the student's FLOPs at Qwen3-8B MLA shape -- were computed
@@ -66,25 +66,14 @@ def supported(device: torch.device) -> bool:
     return _PROBE["cuda"]
 
 
-def install() -> None:
-    """Give megatron's tensor-parallel linear layers this implementation of apex's extension (they
-    look it up at call time as a module global). A real apex install is left in place."""
-    from megatron.core.tensor_parallel import layers
-
-    if getattr(layers, "_grad_accum_fusion_available", False) and getattr(layers, "fused_weight_gradient_mlp_cuda", None) is not None:
-        return
-    layers.fused_weight_gradient_mlp_cuda = WgradAccumulation
-    layers._grad_accum_fusion_available = True
-
-
 # ------------------------------------------------------------------------------------------------
 # Backward without the unneeded input gradient
 # ------------------------------------------------------------------------------------------------
 
-_MEGATRON_BACKWARD: dict = {}
+MEGATRON_BACKWARD: dict = {}  # megatron's own backward, kept by fixes.dgrad_skip
 
 
-def _weight_grads_only(ctx, grad_output):
+def weight_grads_only(ctx, grad_output):
     """megatron's ``LinearWithGradAccumulationAndAsyncCommunication.backward`` for an input that
     needs no gradient, without sequence parallelism or deferred weight gradients (those -- and any
     input that needs a gradient -- take megatron's own backward): the same weight-gradient paths
@@ -92,7 +81,7 @@ def _weight_grads_only(ctx, grad_output):
     and bias gradient, ``None`` for the input."""
     from megatron.core.tensor_parallel import layers
 
-    original = _MEGATRON_BACKWARD["linear"]
+    original = MEGATRON_BACKWARD["linear"]
     input, weight = ctx.saved_tensors
     if ctx.needs_input_grad[0] or ctx.sequence_parallel or ctx.grad_output_buffer is not None or hasattr(weight, "__fsdp_param__"):
         return original(ctx, grad_output)
@@ -113,13 +102,3 @@ def _weight_grads_only(ctx, grad_output):
         grad_weight = dy.t().matmul(x)
     grad_bias = dy.sum(dim=0) if ctx.use_bias else None
     return (None, grad_weight, grad_bias) + (None,) * 6
-
-
-def install_dgrad_skip() -> None:
-    """Route megatron's tensor-parallel linear backward through ``_weight_grads_only`` (idempotent;
-    the autograd function looks ``backward`` up on its class at every call)."""
-    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as F
-
-    if "linear" not in _MEGATRON_BACKWARD:
-        _MEGATRON_BACKWARD["linear"] = F.backward
-        F.backward = staticmethod(_weight_grads_only)
