@@ -67,9 +67,9 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "
 
 
 def qwen3_preset(name: str) -> dict:
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
-    return qwen3.config_for_preset(name)
+    return families.config_for_preset(name)
 
 
 def mean_keys(seq: int, window: Optional[int] = None) -> float:
@@ -84,7 +84,7 @@ class Flops:
 
     def __init__(self, hf: dict, target: dict, seq: int):
         from megatron_attnedit.attention.targets import expand_pattern
-        from megatron_attnedit.models.qwen3 import moe_layer_pattern, num_experts
+        from megatron_attnedit.families import moe_layer_pattern, num_experts
 
         h, L = hf["hidden_size"], hf["num_hidden_layers"]
         nh, nkv, d = hf["num_attention_heads"], hf["num_key_value_heads"], hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
@@ -315,9 +315,9 @@ def run_settings(a, recipe: str, name: str, prefix: str, sp: str) -> tuple:
 def main(argv=None) -> int:
     a = parse_args(argv)
     from megatron_attnedit.errors import ConfigError
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
-    hf = qwen3.config_for_preset(a.preset)
+    hf = families.config_for_preset(a.preset)
     hf["num_hidden_layers"] = a.layers
     prefix, sp = make_data(a.work, hf["vocab_size"], a.seq, a.gbs * (a.iters + 2) * 2)
     device = device_name(a.platform)

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_attnedit.attention import kv_formula  # noqa: E402
 from megatron_attnedit.inference import kv  # noqa: E402
 from megatron_attnedit.inference.engine import DecodeEngine, synchronize  # noqa: E402
-from megatron_attnedit.models.presets import PRESETS  # noqa: E402
+from megatron_attnedit.families import PRESETS  # noqa: E402
 
 GiB = 2**30
 MODELS = ("teacher", "mla", "gate_swa")

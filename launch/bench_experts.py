@@ -51,19 +51,20 @@ def build_pair(shape: dict, dtype: torch.dtype, on_gpu: bool):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.models import builder
+    from megatron_attnedit import families
 
-    cfg = qwen3.config_for_preset("qwen3-30b-a3b")
+    cfg = families.config_for_preset("qwen3-30b-a3b")
     cfg.update(num_hidden_layers=1, mlp_only_layers=[], num_experts=shape["experts"], hidden_size=shape["hidden"],
                moe_intermediate_size=shape["ffn"], num_experts_per_tok=shape["topk"])
     mods = []
     for grouped in (False, True):
-        opts = qwen3.BuildOptions(params_dtype=dtype, bf16=dtype == torch.bfloat16, grouped_gemm=grouped,
+        opts = builder.BuildOptions(params_dtype=dtype, bf16=dtype == torch.bfloat16, grouped_gemm=grouped,
                                   use_cpu_initialization=not on_gpu)
-        config = qwen3.transformer_config(cfg, opts)
+        config = builder.transformer_config(cfg, opts)
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         torch.manual_seed(1234)
-        spec = qwen3.mlp_spec(opts, moe=True).submodules.experts
+        spec = builder.mlp_spec(opts, moe=True).submodules.experts
         mods.append(build_module(spec, shape["experts"], config, pg_collection=get_default_pg_collection()))
     seq, grp = mods
     with torch.no_grad():  # equal weights whatever the initialisation path did

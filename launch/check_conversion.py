@@ -65,11 +65,12 @@ def main():
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.models import builder
+    from megatron_attnedit import families
 
     shutil.rmtree(a.work, ignore_errors=True)
     hf_dir, mc_dir, back_dir = (os.path.join(a.work, x) for x in ("hf", "mcore", "hf_back"))
-    cfg = qwen3.config_for_preset(a.preset)
+    cfg = families.config_for_preset(a.preset)
     if a.layers:
         cfg["num_hidden_layers"] = a.layers
     mt = cfg.pop("model_type")
@@ -111,9 +112,9 @@ def main():
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     from megatron_attnedit.models import forward
 
-    hf_cfg = qwen3.load_hf_config(hf_dir)
-    opts = qwen3.BuildOptions(params_dtype=torch.bfloat16, bf16=True, use_cpu_initialization=False, perform_initialization=False)
-    mmodel = qwen3.build_model(hf_cfg, opts)
+    hf_cfg = families.load_hf_config(hf_dir)
+    opts = builder.BuildOptions(params_dtype=torch.bfloat16, bf16=True, use_cpu_initialization=False, perform_initialization=False)
+    mmodel = builder.build_model(hf_cfg, opts)
     iters = open(os.path.join(mc_dir, "latest_checkpointed_iteration.txt")).read().strip()
     it_dir = os.path.join(mc_dir, "release" if iters == "release" else f"iter_{int(iters):07d}")
     dist_checkpointing.load(mmodel.sharded_state_dict(), it_dir)

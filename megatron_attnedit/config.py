@@ -42,7 +42,7 @@ class ModelConfig:
     """Hugging Face model directory: its config.json defines the architecture and its weights
     initialise the model (unless random_init). For distillation, this is the teacher."""
     preset: Optional[str] = None
-    """Instead of hf_dir: a name from models.qwen3.PRESETS (e.g. qwen3-debug), randomly initialised."""
+    """Instead of hf_dir: a name from families.PRESETS (e.g. qwen3-debug), randomly initialised."""
     random_init: bool = False
     """With hf_dir: take only the architecture, start from random weights (pretraining from scratch)."""
     overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)

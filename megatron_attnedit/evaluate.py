@@ -36,8 +36,9 @@ from typing import List, Optional, Tuple
 
 from megatron_attnedit.errors import read_json_object, run_cli, strip_debug
 from megatron_attnedit.errors import EvalError
+from megatron_attnedit.families import SUPPORTED_MODEL_TYPES
 
-TEACHER_TYPES = ("qwen3", "qwen3_moe")
+TEACHER_TYPES = SUPPORTED_MODEL_TYPES
 
 
 def _named(spec: str) -> Tuple[str, str]:

@@ -113,10 +113,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = ap.parse_args(argv)
 
     from megatron_attnedit.errors import UserError, run_cli
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
     def body():
-        cfg = qwen3.load_hf_config(a.hf_dir) if a.hf_dir else qwen3.config_for_preset(a.preset)
+        cfg = families.load_hf_config(a.hf_dir) if a.hf_dir else families.config_for_preset(a.preset)
         options = {name: getattr(a, name) for name, _ in OPTION_FLAGS.values() if getattr(a, name) is not None}
         try:
             contexts = tuple(int(c) for c in a.contexts.split(","))

@@ -309,7 +309,7 @@ def parameter_counts(hf_dir: str, cfg: dict) -> Dict[str, int]:
                 for k in f.keys():
                     shape = f.get_slice(k).get_shape()
                     total += math.prod(shape)
-    from megatron_attnedit.models.qwen3 import moe_layer_pattern, num_experts
+    from megatron_attnedit.families import moe_layer_pattern, num_experts
 
     moe_layers = sum(moe_layer_pattern(cfg))
     inactive = 0

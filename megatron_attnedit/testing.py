@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from megatron_attnedit.models import qwen3
+from megatron_attnedit import families
 
 
 def make_tiny_hf(
@@ -21,10 +21,10 @@ def make_tiny_hf(
     dtype: torch.dtype = torch.float32,
     **overrides,
 ) -> dict:
-    """Write a random-weight HF checkpoint of ``preset`` (a name from models.qwen3.PRESETS)."""
+    """Write a random-weight HF checkpoint of ``preset`` (a name from families.PRESETS)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = qwen3.config_for_preset(preset)
+    cfg = families.config_for_preset(preset)
     cfg.update(overrides)
     model_type = cfg.pop("model_type")
     cfg.pop("architectures", None)

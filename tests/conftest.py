@@ -38,13 +38,15 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600, check:
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
-    """{'dense': dir, 'moe': dir}: random-weight Qwen3 and Qwen3-MoE checkpoints, fp32."""
+    """{'dense', 'moe', 'llama', 'llama_untied': dir}: random-weight Qwen3, Qwen3-MoE and Llama 3
+    (llama3 RoPE scaling, GQA; tied and untied embeddings) checkpoints, fp32."""
     from megatron_attnedit.testing import make_tiny_hf
 
     base = tmp_path_factory.mktemp("hf")
     out = {}
-    for kind, preset in (("dense", "qwen3-debug"), ("moe", "qwen3-moe-debug")):
+    for kind, preset, overrides in (("dense", "qwen3-debug", {}), ("moe", "qwen3-moe-debug", {}), ("llama", "llama3-debug", {}),
+                                    ("llama_untied", "llama3-debug", {"tie_word_embeddings": False})):
         d = str(base / kind)
-        make_tiny_hf(d, preset, seed=1)
+        make_tiny_hf(d, preset, seed=1, **overrides)
         out[kind] = d
     return out

@@ -42,9 +42,9 @@ def _hf_linear_params(preset):
     import torch
     import transformers
 
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
-    cfg = qwen3.config_for_preset(preset)
+    cfg = families.config_for_preset(preset)
     cls = transformers.Qwen3MoeConfig if cfg["model_type"] == "qwen3_moe" else transformers.Qwen3Config
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cls(**{k: v for k, v in cfg.items() if k != "architectures"}))

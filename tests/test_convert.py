@@ -22,11 +22,15 @@ LAYOUTS = [
     ("moe-pp2", "moe", 1, 2, 1),
     ("moe-ep2", "moe", 1, 1, 2),
     ("tied-pp2", "tied", 1, 2, 1),  # tied embeddings: the last stage holds a copy of the embedding
+    ("llama-tp2", "llama", 2, 1, 1),  # Llama 3: no q/k-norm, llama3 RoPE scaling, tied embeddings
+    ("llama-pp2", "llama", 1, 2, 1),
+    ("llama-untied-tp2", "llama_untied", 2, 1, 1),
 ]
 # legacy files carry their layout; TP/PP/EP = 1 as well
-LEGACY = LAYOUTS + [("dense-tp1", "dense", 1, 1, 1), ("moe-tp1", "moe", 1, 1, 1)]
+LEGACY = LAYOUTS + [("dense-tp1", "dense", 1, 1, 1), ("moe-tp1", "moe", 1, 1, 1), ("llama-tp1", "llama", 1, 1, 1)]
 # torch_dist written by the converter (layout-free), converted straight back
-DIRECT = ["dense", "moe", "tied", "sharded"]
+DIRECT = ["dense", "moe", "tied", "sharded", "llama", "llama_untied"]
+COVERAGE = ["dense", "moe", "tied", "llama", "llama_untied"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def run(hf, tmp_path_factory):
         plan["to_hf"].append(dict(load_dir=d("legacy", name), save_dir=d("back", "legacy-" + name)))
         if name in dict((n, 1) for n, *_ in LAYOUTS):
             plan["megatron"].append(dict(name="legacy-" + name, hf_dir=hf[kind], ckpt=d("legacy", name), tp=tp, pp=pp, ep=ep))
-    for kind in ("dense", "moe", "tied"):
+    for kind in COVERAGE:
         plan["coverage"].append(dict(name=kind, hf_dir=hf[kind]))
     with open(d("plan.json"), "w") as f:
         json.dump(plan, f)
@@ -118,7 +122,7 @@ def test_legacy_rank_files_named_as_megatron_lm(run):
     assert (w / "legacy" / "moe-ep2" / "latest_checkpointed_iteration.txt").read_text() == "0"
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "tied"])
+@pytest.mark.parametrize("kind", COVERAGE)
 def test_key_coverage_both_ways(run, kind):
     """Every megatron parameter of a built model has a rule and every rule a parameter; every HF
     tensor is consumed and every consumed name exists; the check fails when a rule is missing."""
@@ -132,7 +136,7 @@ def test_key_coverage_both_ways(run, kind):
     assert bites is True
 
 
-@pytest.mark.parametrize("kind,layout", [("dense", "dense-tp2"), ("moe", "moe-ep2")])
+@pytest.mark.parametrize("kind,layout", [("dense", "dense-tp2"), ("moe", "moe-ep2"), ("llama", "llama-tp2")])
 def test_torch_dist_layout_equals_megatron_save(run, kind, layout):
     """The converter's files hold exactly the keys, global shapes and dtypes megatron's own
     dist_checkpointing.save writes for the same model (there at TP=2 / EP=2)."""

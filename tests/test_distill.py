@@ -88,7 +88,7 @@ def test_stage2_trainable_all_gives_the_student_its_own_copy(tiny_hf, tmp_path):
 def test_mismatched_teacher_and_student_give_one_clear_line():
     from megatron_attnedit.distill.colocate import check_configs, check_pair
     from megatron_attnedit.errors import ConfigError
-    from megatron_attnedit.models.qwen3 import config_for_preset
+    from megatron_attnedit.families import config_for_preset
 
     cfg = config_for_preset("qwen3-debug")
     for key, value, what in (("vocab_size", 512, "vocabulary size"), ("hidden_size", 128, "hidden size")):

@@ -25,7 +25,7 @@ def make_gateswa(out: str, window: int, pattern: str, seed: int = 3) -> None:
     layer types, auto_map, and the shipped configuration/modeling files."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron_attnedit.models.qwen3 import config_for_preset
+    from megatron_attnedit.families import config_for_preset
 
     code = os.path.join(ROOT, "megatron_attnedit", "convert", "hf_gateswa")
     os.makedirs(out)

@@ -30,7 +30,7 @@ def make_deepseek(version: int, q_lora_rank=None, seed: int = 0, **over):
 
 
 def _teacher_cfg():
-    from megatron_attnedit.models.qwen3 import config_for_preset
+    from megatron_attnedit.families import config_for_preset
 
     return config_for_preset("qwen3-debug")
 

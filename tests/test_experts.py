@@ -16,7 +16,8 @@ import torch
 
 from conftest import torchrun
 from megatron_attnedit import platform
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.models import builder
+from megatron_attnedit import families
 from megatron_attnedit.testing import hf_logits
 
 TOL = 1e-5  # module level, fp32
@@ -41,14 +42,14 @@ def experts_pair(num_experts=4):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.spec_utils import build_module
 
-    cfg = qwen3.config_for_preset("qwen3-moe-debug")
+    cfg = families.config_for_preset("qwen3-moe-debug")
     cfg["num_experts"] = num_experts
     mods = []
     for grouped in (False, True):
-        opts = qwen3.BuildOptions(grouped_gemm=grouped)
-        config = qwen3.transformer_config(cfg, opts)
+        opts = builder.BuildOptions(grouped_gemm=grouped)
+        config = builder.transformer_config(cfg, opts)
         seeded()
-        spec = qwen3.mlp_spec(opts, moe=True).submodules.experts
+        spec = builder.mlp_spec(opts, moe=True).submodules.experts
         mods.append(build_module(spec, num_experts, config, pg_collection=get_default_pg_collection()))
     return mods
 
@@ -137,17 +138,17 @@ def test_optimizer_checkpoint_entries_as_sequential_mlp(env):
 
 def test_model_matches_transformers_tp1(env, tiny_hf):
     from megatron_attnedit.convert import hf_io
-    from megatron_attnedit.convert.qwen3 import ModelTable
+    from megatron_attnedit.families.table import ModelTable
     from megatron_attnedit.distill.colocate import freeze, share_frozen_modules
     from megatron_attnedit.models import forward
 
-    cfg = qwen3.load_hf_config(tiny_hf["moe"])
+    cfg = families.load_hf_config(tiny_hf["moe"])
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = hf_logits(tiny_hf["moe"], tokens)
 
     def loaded(grouped):
         seeded()
-        m = qwen3.build_model(cfg, qwen3.BuildOptions(grouped_gemm=grouped))
+        m = builder.build_model(cfg, builder.BuildOptions(grouped_gemm=grouped))
         hf_io.load_into_model(m, hf_io.HFCheckpoint(tiny_hf["moe"]), ModelTable(cfg))
         return m
 

@@ -58,14 +58,15 @@ def _library_state():
 
 
 def test_building_a_config_and_a_model_patches_nothing():
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.models import builder
+    from megatron_attnedit import families
 
     platform.init_distributed(platform.init_platform("cpu"))
-    cfg = qwen3.config_for_preset("qwen3-debug")
+    cfg = families.config_for_preset("qwen3-debug")
     before = _library_state()
     for fusion in (False, True):
-        opts = qwen3.BuildOptions(kernel_fusion=fusion, gradient_accumulation_fusion=fusion)
-        qwen3.build_model(cfg, opts, qwen3.transformer_config(cfg, opts))
+        opts = builder.BuildOptions(kernel_fusion=fusion, gradient_accumulation_fusion=fusion)
+        builder.build_model(cfg, opts, builder.transformer_config(cfg, opts))
     assert _library_state() == before
 
 

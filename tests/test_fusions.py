@@ -17,7 +17,8 @@ import torch
 from megatron_attnedit import platform
 from megatron_attnedit import fixes
 from megatron_attnedit.kernels import fusions
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.models import builder
+from megatron_attnedit import families
 
 
 @pytest.fixture(autouse=True)
@@ -132,14 +133,14 @@ def test_fused_model_matches_unfused(compile_on_cpu, kind):
     from megatron_attnedit.models.student import build_student
 
     preset = "qwen3-moe-debug" if kind == "moe" else "qwen3-debug"
-    cfg = qwen3.config_for_preset(preset)
+    cfg = families.config_for_preset(preset)
 
     def build(fusion):
-        opts = qwen3.BuildOptions(kernel_fusion=fusion, grouped_gemm=kind == "moe")
+        opts = builder.BuildOptions(kernel_fusion=fusion, grouped_gemm=kind == "moe")
         if kind.startswith("mla"):
             options = {"kv_lora_rank": 16, "qk_pos_emb_head_dim": 8, "init": "random", "q_lora_rank": 24 if kind == "mla_q_lora" else None}
             return lambda: build_student(cfg, TargetConfig("mla", options), opts)
-        return lambda: qwen3.build_model(cfg, opts)
+        return lambda: builder.build_model(cfg, opts)
 
     ref_logits, ref_grads = logits_and_grads(build(False))
     logits, grads = logits_and_grads(build(True))

@@ -1,4 +1,4 @@
-"""Logits parity against transformers' Qwen3 / Qwen3-MoE in fp32 at TP=1 and at TP=2, PP=2, EP=2."""
+"""Logits parity against transformers' Qwen3 / Qwen3-MoE / Llama 3 in fp32 at TP=1 and at TP=2, PP=2 (EP=2 for the MoE)."""
 
 import pytest
 import torch
@@ -16,6 +16,10 @@ LAYOUTS = [
     ("moe", 2, 1, 1, 2),
     ("moe", 1, 2, 1, 2),
     ("moe", 1, 1, 2, 2),
+    ("llama", 1, 1, 1, 1),
+    ("llama_untied", 1, 1, 1, 1),
+    ("llama", 2, 1, 1, 2),
+    ("llama", 1, 2, 1, 2),
 ]
 
 

@@ -2,7 +2,7 @@
 and student build at full shape (on the meta device: names and shapes, no memory).
 
 For each recipe of launch/recipes/qwen3_8b*.yaml and qwen3_30b_a3b*.yaml, and each of its stages:
-the parallel layout against heads, KV heads, layers and experts (``qwen3.check_parallel``), against
+the parallel layout against heads, KV heads, layers and experts (``builder.check_parallel``), against
 the number of GPUs the recipe is written for (its header: one node of 8 for 8B, 2 nodes x 8 for
 30B-A3B) -- world divisible by TP x PP, EP dividing TP x DP, the global batch by micro-batch x DP --
 and the target's own TP rules; then the whole student and teacher built on the meta device at the
@@ -20,7 +20,9 @@ from conftest import ROOT
 from megatron_attnedit import platform
 from megatron_attnedit.attention.targets import TargetConfig, get_target
 from megatron_attnedit.config import load_config
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.models import builder
+from megatron_attnedit import families
+from megatron_attnedit.families import table
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "launch", "recipes", "qwen3_8b*.yaml"))
                  + glob.glob(os.path.join(ROOT, "launch", "recipes", "qwen3_30b_a3b*.yaml")))
@@ -62,10 +64,10 @@ def test_every_shipped_full_size_recipe_is_covered():
 @pytest.mark.parametrize("path,stage", CASES, ids=[f"{os.path.basename(p)[:-5]}-{s}" for p, s in CASES])
 def test_layout_divides_on_the_gpus_the_recipe_names(path, stage):
     cfg, fam = _config(path, stage)
-    hf = qwen3.config_for_preset(fam["preset"])
+    hf = families.config_for_preset(fam["preset"])
     par = cfg.parallel
     tp, pp, ep = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size
-    qwen3.check_parallel(hf, tp, pp, ep)
+    builder.check_parallel(hf, tp, pp, ep)
     world = fam["gpus"]
     assert world % (tp * pp) == 0, f"{world} GPUs are not a multiple of TP x PP = {tp} x {pp}"
     dp = world // (tp * pp)
@@ -79,7 +81,7 @@ def test_layout_divides_on_the_gpus_the_recipe_names(path, stage):
         # the target's own checks at this TP (e.g. MLA: TP divides the latent projection)
         t = get_target(cfg.target.name)
         t.validate(hf, dict(cfg.target.options))
-        t.validate_layout(hf, dict(cfg.target.options), qwen3.BuildOptions(tensor_model_parallel_size=tp))
+        t.validate_layout(hf, dict(cfg.target.options), builder.BuildOptions(tensor_model_parallel_size=tp))
 
 
 def _params(model):
@@ -100,8 +102,8 @@ def test_teacher_and_student_build_at_full_shape(path, megatron_tp1):
     from megatron_attnedit.convert.layout import build_meta_model
 
     cfg, fam = _config(path, None)
-    hf = qwen3.config_for_preset(fam["preset"])
-    padded = qwen3.padded_vocab_size(hf["vocab_size"], cfg.parallel.tensor_model_parallel_size)
+    hf = families.config_for_preset(fam["preset"])
+    padded = table.padded_vocab_size(hf["vocab_size"], cfg.parallel.tensor_model_parallel_size)
     teacher = build_meta_model(hf, padded)
     n_teacher = _params(teacher)
     # published totals count the unpadded vocabulary (embedding and output layer)

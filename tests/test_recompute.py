@@ -8,7 +8,8 @@ import torch
 
 from megatron_attnedit import platform
 from megatron_attnedit.attention.targets import TargetConfig, local_layers
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.models import builder
+from megatron_attnedit import families
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ CASES = {
     "layernorm_frozen_input": ("qwen3-debug", False, dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
                                {"input_layernorm": [1, 2, 3], "pre_mlp_layernorm": [0, 1, 2, 3]}),
     # Full recompute with a frozen embedding: megatron's reentrant checkpoint gives no weight any
-    # gradient unless the decoder input asks for one (qwen3._decoder_input_needs_grad).
+    # gradient unless the decoder input asks for one (builder._decoder_input_needs_grad).
     "full_frozen_input": ("qwen3-debug", False, dict(recompute_granularity="full"), {"": [0, 1, 2, 3]}),
     "moe": ("qwen3-moe-debug", False, dict(recompute_granularity="selective", recompute_modules=["moe"]),
             {"mlp.router": [1, 2, 3], "mlp.experts": [1, 2, 3], "self_attention": []}),  # layer 0 is dense (mlp_only_layers)
@@ -47,13 +48,13 @@ def _build(preset, mla, **recompute):
 
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    cfg = qwen3.config_for_preset(preset)
-    opts = qwen3.BuildOptions(**recompute)
+    cfg = families.config_for_preset(preset)
+    opts = builder.BuildOptions(**recompute)
     if mla:
         from megatron_attnedit.models.student import build_student
 
         return build_student(cfg, TargetConfig("mla", {"kv_lora_rank": 32}), opts)
-    return qwen3.build_model(cfg, opts)
+    return builder.build_model(cfg, opts)
 
 
 def _step(model, watched):

@@ -206,12 +206,13 @@ LOAD_INTO_MODEL = """
 import sys
 from megatron_attnedit import platform
 from megatron_attnedit.convert import hf_io
-from megatron_attnedit.convert.qwen3 import ModelTable
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.families.table import ModelTable
+from megatron_attnedit.models import builder
+from megatron_attnedit import families
 platform.init_distributed(platform.init_platform("cpu"))
 for d in sys.argv[1:]:
-    cfg = qwen3.load_hf_config(d)
-    model = qwen3.build_model(cfg, qwen3.BuildOptions())
+    cfg = families.load_hf_config(d)
+    model = builder.build_model(cfg, builder.BuildOptions())
     try:
         hf_io.load_into_model(model, hf_io.HFCheckpoint(d), ModelTable(cfg))
         print("loaded")

@@ -16,7 +16,8 @@ from megatron_attnedit.attention.targets import (
     local_layers,
     rotary_pos_emb_for,
 )
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.models import builder
+from megatron_attnedit import families
 from megatron_attnedit.errors import ConfigError
 
 TOL = 1e-5
@@ -34,10 +35,10 @@ def env():
 
 def teacher_from_hf(hf_dir):
     from megatron_attnedit.convert import hf_io
-    from megatron_attnedit.convert.qwen3 import ModelTable
+    from megatron_attnedit.families.table import ModelTable
 
-    cfg = qwen3.load_hf_config(hf_dir)
-    model = qwen3.build_model(cfg, qwen3.BuildOptions())
+    cfg = families.load_hf_config(hf_dir)
+    model = builder.build_model(cfg, builder.BuildOptions())
     hf_io.load_into_model(model, hf_io.HFCheckpoint(hf_dir), ModelTable(cfg))
     return cfg, model.eval()
 
@@ -46,7 +47,7 @@ def student_for(cfg, teacher, name, options, **init_kw):
     from megatron_attnedit.models.student import build_student, init_student_from_teacher
 
     tc = TargetConfig(name, options)
-    model = build_student(cfg, tc, qwen3.BuildOptions())
+    model = build_student(cfg, tc, builder.BuildOptions())
     init_student_from_teacher(model, teacher, cfg, tc, **init_kw)
     return tc, model.eval()
 
@@ -116,15 +117,15 @@ BAD = [
 
 @pytest.mark.parametrize("name,options,msg", BAD, ids=lambda x: str(x)[:40])
 def test_bad_target_config_gives_one_clear_error(name, options, msg):
-    cfg = qwen3.config_for_preset("qwen3-debug")
+    cfg = families.config_for_preset("qwen3-debug")
     with pytest.raises(ConfigError) as e:
         get_target(name).validate(cfg, options)
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
 def test_layout_errors():
-    cfg = qwen3.config_for_preset("qwen3-debug")
-    opts = qwen3.BuildOptions(tensor_model_parallel_size=2)
+    cfg = families.config_for_preset("qwen3-debug")
+    opts = builder.BuildOptions(tensor_model_parallel_size=2)
     with pytest.raises(ConfigError, match="TP=2 must divide kv_lora_rank \\+ qk_pos_emb_head_dim = 17"):
         get_target("mla").validate_layout(cfg, {"kv_lora_rank": 9, "qk_pos_emb_head_dim": 8}, opts)
     with pytest.raises(ConfigError, match="resolve it with"):
@@ -171,8 +172,8 @@ def test_colocated_student_is_built_around_the_teachers_mlps(env, tiny_hf, monke
     from megatron_attnedit.models.forward import forward_logits
     from megatron_attnedit.models.student import build_student, init_student_from_teacher
 
-    cfg = qwen3.load_hf_config(tiny_hf[kind])
-    load = col.hf_loader(tiny_hf[kind], cfg, qwen3.BuildOptions())
+    cfg = families.load_hf_config(tiny_hf[kind])
+    load = col.hf_loader(tiny_hf[kind], cfg, builder.BuildOptions())
     tc = TargetConfig("gate_swa", {"window": 8, "pattern": "SF"})
     at_build = {}
     real_build = col._StudentAPI.build_student
@@ -192,7 +193,7 @@ def test_colocated_student_is_built_around_the_teachers_mlps(env, tiny_hf, monke
 
     monkeypatch.setattr(col._StudentAPI, "build_student", spy)
     monkeypatch.setattr(col, "build_teacher", teacher_spy)
-    pair = col.colocate(cfg, tc, qwen3.BuildOptions(), load)
+    pair = col.colocate(cfg, tc, builder.BuildOptions(), load)
     teacher_mlps = [layer.mlp for layer in local_layers(pair.teacher)]
     assert all(s is t for s, t in zip(at_build["mlps"], teacher_mlps)) and len(teacher_mlps) == cfg["num_hidden_layers"]
     assert at_build["new"] and not any(".mlp." in n for n in at_build["new"]), sorted(at_build["new"])
@@ -200,11 +201,11 @@ def test_colocated_student_is_built_around_the_teachers_mlps(env, tiny_hf, monke
     assert not any(p.requires_grad for m in teacher_mlps for p in m.parameters())
 
     tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(5))
-    whole = build_student(cfg, tc, qwen3.BuildOptions())
+    whole = build_student(cfg, tc, builder.BuildOptions())
     init_student_from_teacher(whole, pair.teacher, cfg, tc)
     assert (forward_logits(pair.student, tokens) - forward_logits(whole, tokens)).abs().max().item() <= TOL
 
-    own = col.colocate(cfg, tc, qwen3.BuildOptions(), load, trainable="all")
+    own = col.colocate(cfg, tc, builder.BuildOptions(), load, trainable="all")
     for s_mlp, t_mlp in zip([layer.mlp for layer in local_layers(own.student)], [layer.mlp for layer in local_layers(own.teacher)]):
         assert s_mlp is not t_mlp
         for (n, a), (_, b) in zip(s_mlp.named_parameters(), t_mlp.named_parameters()):
@@ -310,7 +311,7 @@ def test_auto_pattern_matches_transformers_attention(dense, tiny_hf):
 
 
 def test_kv_figures_qwen3_8b():
-    cfg = qwen3.config_for_preset("qwen3-8b")
+    cfg = families.config_for_preset("qwen3-8b")
     gqa = get_target("gqa").kv_bytes_per_token(cfg, {}, 131072)
     assert gqa == 36 * 2 * 8 * 128 * 2 == 36 * 4096
     assert get_target("mla").kv_bytes_per_token(cfg, {}, 4096) == 36 * (512 + 64) * 2 == 36 * 1152
@@ -324,7 +325,7 @@ def test_kv_figures_qwen3_8b():
 def test_kv_report_cli(tmp_path, capsys):
     from megatron_attnedit import kv_report
 
-    (tmp_path / "config.json").write_text(json.dumps(qwen3.config_for_preset("qwen3-8b")))
+    (tmp_path / "config.json").write_text(json.dumps(families.config_for_preset("qwen3-8b")))
     assert kv_report.main(["--hf-dir", str(tmp_path), "--target", "gate_swa", "--window", "4096", "--pattern", "SSSSSF", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     by_ctx = {row["context"]: row for row in r["contexts"]}
@@ -356,7 +357,7 @@ TABLE_CASES = [
 
 @pytest.mark.parametrize("name,options", TABLE_CASES, ids=lambda x: str(x)[:30])
 def test_student_table_covers_the_student(dense, name, options):
-    from megatron_attnedit.convert import mapping
+    from megatron_attnedit.families import mapping
     from megatron_attnedit.convert.hf_io import trainable_items
     from megatron_attnedit.models.student import student_table, trainable_attention_params
 
@@ -389,10 +390,10 @@ def test_bf16_models_have_no_fp32_parameters(env, target):
     a bf16 input with an fp32 norm weight cannot use torch's fused rms_norm kernel on the GPU."""
     from megatron_attnedit.models.student import build_student
 
-    cfg = qwen3.config_for_preset("qwen3-debug")
-    opts = qwen3.BuildOptions(params_dtype=torch.bfloat16)
+    cfg = families.config_for_preset("qwen3-debug")
+    opts = builder.BuildOptions(params_dtype=torch.bfloat16)
     options = {"kv_lora_rank": 32} if target == "mla" else {}
-    model = qwen3.build_model(cfg, opts) if target is None else build_student(cfg, TargetConfig(target, options), opts)
+    model = builder.build_model(cfg, opts) if target is None else build_student(cfg, TargetConfig(target, options), opts)
     wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != torch.bfloat16}
     assert not wrong, wrong
     assert any("layernorm" in n for n, _ in model.named_parameters())

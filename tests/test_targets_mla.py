@@ -13,8 +13,8 @@ import torch
 
 from megatron_attnedit.attention import mla
 from megatron_attnedit.attention.targets import attention_forward, local_layers, rotary_pos_emb_for
-from megatron_attnedit.convert import mapping
-from megatron_attnedit.convert.qwen3 import shapes
+from megatron_attnedit.families import mapping
+from megatron_attnedit.families.table import shapes
 from test_targets import SEQ, TOL, env, hidden, student_for, teacher_from_hf  # noqa: F401  (fixture)
 
 # Pinned on the toy teacher (tiny_hf, seed 1); see the module docstring and README "MLA".

@@ -125,9 +125,9 @@ def test_architectures_fit_the_budget(kind, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = teacher.hf_config(kind, 4096, {"bos": 1, "eos": 2, "pad": 3})
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
-    qwen3.check_hf_config(cfg)
+    families.check_hf_config(cfg)
     config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(str(tmp_path))
@@ -136,8 +136,8 @@ def test_architectures_fit_the_budget(kind, tmp_path):
     assert counts["safetensors_bytes"] <= MAX_BYTES, counts
     if kind == "moe":
         experts = [p for n, p in model.named_parameters() if ".experts." in n]
-        per_layer_expert = sum(p.numel() for p in experts) // sum(qwen3.moe_layer_pattern(cfg)) // 8
-        assert counts["active"] == counts["total"] - sum(qwen3.moe_layer_pattern(cfg)) * 6 * per_layer_expert
+        per_layer_expert = sum(p.numel() for p in experts) // sum(families.moe_layer_pattern(cfg)) // 8
+        assert counts["active"] == counts["total"] - sum(families.moe_layer_pattern(cfg)) * 6 * per_layer_expert
     else:
         assert counts["active"] == counts["total"]
 

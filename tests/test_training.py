@@ -66,7 +66,7 @@ LAYOUTS = {"tp2": [TP2], "tp2sp": [TP2, "parallel.sequence_parallel=true"], "pp2
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_first_losses_match_tp1(straight, corpus, tiny_hf, tmp_path, layout):
     # Same schedule as the 20-step reference (decay over 20 iterations), only the first 10 steps.
-    # tp2sp: sequence parallelism with the local spec's norms (qwen3.LocalRMSNorm).
+    # tp2sp: sequence parallelism with the local spec's norms (builder.LocalRMSNorm).
     torchrun("train_worker.py", *overrides(corpus, tiny_hf["dense"], tmp_path, *LAYOUTS[layout], "training.train_iters=10",
                                            "optimizer.lr_decay_iters=20", "checkpoint.save_interval=0"))
     ref, got = losses(straight, 10), losses(tmp_path, 10)

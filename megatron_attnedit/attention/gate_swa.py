@@ -50,9 +50,10 @@ from megatron_attnedit.attention.targets import (
     global_layer_index,
     local_layers,
 )
-from megatron_attnedit.convert.mapping import Rule
-from megatron_attnedit.convert.qwen3 import H, P, gqa_attention_rules
-from megatron_attnedit.models.qwen3 import gqa_attention_spec
+from megatron_attnedit.families.mapping import Rule
+from megatron_attnedit.families.table import gqa_attention_rules
+from megatron_attnedit.families.base import H, P
+from megatron_attnedit.models.builder import gqa_attention_spec
 from megatron_attnedit.errors import ConfigError
 
 KINDS = {"S": "sliding window", "F": "full attention"}
@@ -149,7 +150,7 @@ class GateSWATarget(AttentionTarget):
         o = self.resolve(hf_cfg, options)
         if build_opts.spec != "local":
             raise ConfigError("gate_swa needs the local spec (spec: local); its gate and window live in our modules")
-        teacher = gqa_attention_spec(build_opts)
+        teacher = gqa_attention_spec(build_opts, hf_cfg)
         sub = teacher.submodules
         return ModuleSpec(
             module=GatedSelfAttention,

@@ -14,8 +14,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_attnedit.attention import kv_formula
 from megatron_attnedit.attention.targets import AttentionTarget
-from megatron_attnedit.convert.qwen3 import gqa_attention_rules
-from megatron_attnedit.models.qwen3 import gqa_attention_spec
+from megatron_attnedit.families.table import gqa_attention_rules
+from megatron_attnedit.models.builder import gqa_attention_spec
 from megatron_attnedit.errors import ConfigError
 
 
@@ -30,7 +30,7 @@ class GQATarget(AttentionTarget):
         return o
 
     def attention_spec(self, layer, hf_cfg, options, build_opts):
-        return gqa_attention_spec(build_opts)
+        return gqa_attention_spec(build_opts, hf_cfg)
 
     def config_overrides(self, hf_cfg, options):
         return TransformerConfig, {}

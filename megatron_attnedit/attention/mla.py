@@ -62,11 +62,13 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron_attnedit.attention.core import FlashCoreAttention
 from megatron_attnedit.attention import kv_formula
 from megatron_attnedit.attention.targets import AttentionTarget, check_int, expand_pattern
-from megatron_attnedit.convert import mapping
-from megatron_attnedit.convert.mapping import Rule
-from megatron_attnedit.convert.qwen3 import GQA_ATTENTION, H, P, gqa_attention_rules, shapes
+from megatron_attnedit.families import mapping
+from megatron_attnedit.families.mapping import Rule
+from megatron_attnedit.families.table import gqa_attention_rules, shapes
+from megatron_attnedit.families.base import INPUT_NORM, H, P
 from megatron_attnedit.kernels import fusions
-from megatron_attnedit.models.qwen3 import LocalRMSNorm, gqa_attention_spec, head_dim, rope_theta
+from megatron_attnedit.models.builder import LocalRMSNorm, gqa_attention_spec, scale_rope
+from megatron_attnedit.families import head_dim, rope_theta
 from megatron_attnedit.errors import ConfigError
 
 KINDS = {"M": "multi-head latent attention", "G": "the teacher's GQA attention"}
@@ -80,13 +82,14 @@ class RotarySelfAttention(SelfAttention):
 
     computes_own_rope = True
 
-    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None, rotary_base: float = 10000.0):
+    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None, hf_cfg=None):
         gqa_config = copy.copy(config)
         gqa_config.multi_latent_attention = False
         super().__init__(gqa_config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         self.own_rotary = RotaryEmbedding(
-            self.config.kv_channels, rotary_percent=1.0, rotary_base=rotary_base, use_cpu_initialization=self.config.use_cpu_initialization
+            self.config.kv_channels, rotary_percent=1.0, rotary_base=rope_theta(hf_cfg), use_cpu_initialization=self.config.use_cpu_initialization
         )
+        scale_rope(self.own_rotary, hf_cfg)  # the teacher's RoPE scaling, if its family has one
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         if kwargs.get("rotary_pos_emb") is None:
@@ -246,10 +249,10 @@ class MLATarget(AttentionTarget):
 
     def attention_spec(self, layer, hf_cfg, options, build_opts):
         if self.layer_kinds(hf_cfg, options)[layer] == "G":
-            spec = gqa_attention_spec(build_opts)
+            spec = gqa_attention_spec(build_opts, hf_cfg)
             return ModuleSpec(
                 module=RotarySelfAttention,
-                params=dict(spec.params, rotary_base=rope_theta(hf_cfg)),
+                params=dict(spec.params, hf_cfg=hf_cfg),
                 submodules=spec.submodules,
             )
         backend = LocalSpecProvider()
@@ -276,7 +279,7 @@ class MLATarget(AttentionTarget):
             return gqa_attention_rules(hf_cfg)
         o = self.resolve(hf_cfg, options)
         a, h = P + "self_attention.", H + "self_attn."
-        rules = [GQA_ATTENTION[0]]  # input_layernorm
+        rules = [INPUT_NORM]
         if o["q_lora_rank"] is None:
             rules.append(Rule(a + "linear_q_proj.weight", (h + "q_proj.weight",), "copy", 0))
         else:
@@ -325,7 +328,7 @@ class MLATarget(AttentionTarget):
         wq, wk, wv = mapping.to_hf(Rule("", (), "qkv", 0), qkv, shapes(hf_cfg))
         eps = float(hf_cfg.get("rms_norm_eps", 1e-6))
         full = svd_student_weights(
-            wq, wk, wv, teacher_attn.q_layernorm.weight, teacher_attn.k_layernorm.weight,
+            wq, wk, wv, getattr(teacher_attn.q_layernorm, "weight", None), getattr(teacher_attn.k_layernorm, "weight", None),
             input_norm_weight, calibration, hf_cfg, o, eps,
         )
         for name, w in full.items():
@@ -411,7 +414,7 @@ def svd_student_weights(wq, wk, wv, q_norm_w, k_norm_w, gamma, calib, hf_cfg, o,
     # On a CUDA GPU where the teacher lives (a Qwen3-8B layer's fp64 factorisations: seconds there, minutes on
     # a CPU); elsewhere (CPU, Ascend, whose fp64 linalg support we have not verified) on the CPU.
     dev = wq.device if wq.device.type == "cuda" else torch.device("cpu")
-    f = lambda t: t.detach().to(dev, torch.float64)
+    f = lambda t: None if t is None else t.detach().to(dev, torch.float64)
     wq, wk, wv, q_norm_w, k_norm_w = map(f, (wq, wk, wv, q_norm_w, k_norm_w))
     heads, groups, hd, d = int(hf_cfg["num_attention_heads"]), int(hf_cfg["num_key_value_heads"]), head_dim(hf_cfg), int(hf_cfg["hidden_size"])
     per = heads // groups
@@ -423,11 +426,14 @@ def svd_student_weights(wq, wk, wv, q_norm_w, k_norm_w, gamma, calib, hf_cfg, o,
 
     wq_h = wq.view(heads, hd, d)
     wk_g = wk.view(groups, hd, d)
-    # Linearised qk-norm: g * W x * s (one constant per head / group).
-    s_q = qk_norm_scales(wq_h, gamma, x, eps)
-    s_k = qk_norm_scales(wk_g, gamma, x, eps)
-    q_t = wq_h * q_norm_w.view(1, hd, 1) * s_q.view(heads, 1, 1) * math.sqrt(dn + dr) / math.sqrt(hd)
-    k_t = wk_g * k_norm_w.view(1, hd, 1) * s_k.view(groups, 1, 1)
+    # Linearised qk-norm: g * W x * s (one constant per head / group); a family without q/k-norm
+    # (Llama) has nothing to linearise: its projections are taken as they are.
+    q_t, k_t = wq_h, wk_g
+    if q_norm_w is not None:
+        q_t = q_t * q_norm_w.view(1, hd, 1) * qk_norm_scales(wq_h, gamma, x, eps).view(heads, 1, 1)
+    if k_norm_w is not None:
+        k_t = k_t * k_norm_w.view(1, hd, 1) * qk_norm_scales(wk_g, gamma, x, eps).view(groups, 1, 1)
+    q_t = q_t * math.sqrt(dn + dr) / math.sqrt(hd)
     v_g = wv.view(groups, hd, d)
 
     pairs = selected_pairs(hd, dr, o["rope_frequencies"])

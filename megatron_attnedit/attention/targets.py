@@ -28,7 +28,6 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from megatron_attnedit.attention import kv_formula
-from megatron_attnedit.models.qwen3 import head_dim
 from megatron_attnedit.errors import ConfigError
 
 # name -> "module:Class". A new target: one file in this package plus one line here.

@@ -1,6 +1,5 @@
-"""HF <-> megatron checkpoint conversion.
+"""HF <-> megatron checkpoint conversion (the tables themselves are the families': families/).
 
-mapping.py, qwen3.py   the declarative tables (read both ways)
 hf_io.py               reading HF safetensors one tensor at a time; filling a megatron shard from HF
 layout.py              megatron's checkpoint layout, read off a meta-device model
 dist_ckpt.py           streaming torch_dist writer and chunk reader

@@ -58,12 +58,12 @@ def legacy_rank_dir(tp_rank: int, pp_rank: int, ep_rank: int, pp: int, ep: int) 
 
 
 def conversion_metadata(cfg: dict, tp: int, pp: int, ep: int, padded_vocab: int, ckpt_format: str, dtype: torch.dtype, target=None) -> dict:
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
-    qwen3.check_hf_config(cfg)
+    families.check_hf_config(cfg)
     return {
         "format_version": FORMAT_VERSION,
-        "model_family": "qwen3",
+        "model_family": families.family_of(cfg).model_type,
         "target": target,  # None: the teacher's own attention; else the attention target's name
         "hf_config": cfg,
         "padded_vocab_size": int(padded_vocab),
@@ -77,11 +77,11 @@ def conversion_metadata(cfg: dict, tp: int, pp: int, ep: int, padded_vocab: int,
 
 def megatron_args(meta: dict) -> argparse.Namespace:
     """The ``args`` Megatron-LM stores in a checkpoint (and reads with --use-checkpoint-args)."""
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
     cfg = meta["hf_config"]
     dtype = getattr(torch, meta["dtype"])
-    moe = any(qwen3.moe_layer_pattern(cfg))
+    moe = any(families.moe_layer_pattern(cfg))
     ns = argparse.Namespace(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -89,16 +89,16 @@ def megatron_args(meta: dict) -> argparse.Namespace:
         num_attention_heads=cfg["num_attention_heads"],
         group_query_attention=cfg["num_key_value_heads"] != cfg["num_attention_heads"],
         num_query_groups=cfg["num_key_value_heads"],
-        kv_channels=qwen3.head_dim(cfg),
+        kv_channels=families.head_dim(cfg),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         seq_length=int(cfg.get("max_position_embeddings", 4096)),
         position_embedding_type="rope",
-        rotary_base=int(qwen3.rope_theta(cfg)),
+        rotary_base=int(families.rope_theta(cfg)),
         rotary_percent=1.0,
         normalization="RMSNorm",
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         swiglu=True,
-        qk_layernorm=True,
+        qk_layernorm=families.family_of(cfg).qk_norm,
         add_bias_linear=False,
         add_qkv_bias=bool(cfg.get("attention_bias", False)),
         untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
@@ -110,10 +110,10 @@ def megatron_args(meta: dict) -> argparse.Namespace:
         pipeline_model_parallel_size=meta["pipeline_model_parallel_size"],
         expert_model_parallel_size=meta["expert_model_parallel_size"],
         expert_tensor_parallel_size=meta["tensor_model_parallel_size"],
-        num_experts=qwen3.num_experts(cfg) if moe else None,
+        num_experts=families.num_experts(cfg) if moe else None,
         moe_router_topk=int(cfg["num_experts_per_tok"]) if moe else None,
         moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]) if moe else None,
-        moe_layer_freq=qwen3.moe_layer_pattern(cfg) if moe else 1,
+        moe_layer_freq=families.moe_layer_pattern(cfg) if moe else 1,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
-from megatron_attnedit.convert import checks, mapping
+from megatron_attnedit.convert import checks
+from megatron_attnedit.families import mapping
 from megatron_attnedit.convert.hf_io import HFCheckpoint, check_hf_inputs
 from megatron_attnedit.errors import CheckpointError, ConfigError
 from megatron_attnedit.convert.hf_writer import declared_dtype, parse_dtype  # noqa: F401  (parse_dtype: used by cli)
@@ -111,7 +112,7 @@ def check_hf_keys(ckpt: HFCheckpoint, table) -> None:
 
 
 def _table(cfg: dict, tp: int, padded_vocab: Optional[int] = None):
-    from megatron_attnedit.convert.qwen3 import ModelTable
+    from megatron_attnedit.families.table import ModelTable
 
     table = ModelTable(cfg, tp=tp)
     if padded_vocab is not None:
@@ -157,15 +158,16 @@ def hf_to_mcore(
     """Convert an HF Qwen3 / Qwen3-MoE checkpoint into a megatron checkpoint (see checkpoint.py for
     the layout). torch_dist is layout-free (TP/PP/EP are validated and recorded; TP also sets the
     vocabulary padding); torch writes one file per TP/PP/EP rank."""
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.models import builder
+    from megatron_attnedit import families
 
     t0 = time.time()
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
     if ckpt_format not in CKPT_FORMATS:
         raise ConfigError(f"unknown --ckpt-format {ckpt_format!r}; use torch_dist or torch")
     prepare_output(save_dir, overwrite, "hf_to_mcore", hf_dir)
-    cfg = qwen3.load_hf_config(hf_dir)
-    qwen3.check_parallel(cfg, tp, pp, ep)
+    cfg = families.load_hf_config(hf_dir)
+    builder.check_parallel(cfg, tp, pp, ep)
     ckpt = HFCheckpoint(hf_dir, allow_pickle=allow_pickle)
     table = _table(cfg, tp)
     check_hf_keys(ckpt, table)
@@ -203,7 +205,7 @@ def hf_to_mcore(
         else:
             from megatron_attnedit.convert import legacy
 
-            rank_map = legacy.RankMap(cfg, tp, pp, ep, qwen3.num_experts(cfg))
+            rank_map = legacy.RankMap(cfg, tp, pp, ep, families.num_experts(cfg))
             with _progress(legacy.total_bytes(layout, table, rank_map, dtype_of), "hf_to_mcore", progress) as bar:
                 legacy.write(iter_dir, layout, table, rank_map, materialize, header, bar.update)
         ckpt_dirs.copy_hf_assets(hf_dir, iter_dir)
@@ -236,16 +238,13 @@ def mcore_to_hf(
     bfloat16 teacher exports in bfloat16, as the teacher was published -- else the stored dtype of
     the embedding."""
     from megatron_attnedit.convert.hf_writer import ShardedSafetensorsWriter, parse_size, write_hf_config_files
-    from megatron_attnedit.models import qwen3
 
     t0 = time.time()
     max_bytes = parse_size(max_shard_size)
     prepare_output(save_dir, overwrite, "mcore_to_hf", load_dir)
     meta = ckpt_dirs.read_checkpoint_metadata(load_dir, allow_pickle)
-    if meta.get("model_family") != "qwen3":
-        raise CheckpointError(f"{load_dir} holds model family {meta.get('model_family')!r}; this converter handles qwen3")
     cfg = meta["hf_config"]
-    qwen3.check_hf_config(cfg)
+    check_family_metadata(meta, load_dir)
     check_vocab_metadata(meta, load_dir)
     # A student (the metadata names an attention target) exports in its target's HF format.
     from megatron_attnedit.convert import students
@@ -337,9 +336,23 @@ def mcore_to_hf(
 _EMBEDDING = "embedding.word_embeddings.weight"
 
 
+def check_family_metadata(meta: dict, load_dir: str) -> None:
+    """The metadata's model family is the stored config's (checkpoints written before families were
+    recorded by model_type say "qwen3" for Qwen3-MoE too)."""
+    from megatron_attnedit import families
+
+    cfg, recorded = meta["hf_config"], meta.get("model_family")
+    families.check_hf_config(cfg)
+    mt = cfg.get("model_type")
+    if recorded != mt and not (recorded == "qwen3" and mt == "qwen3_moe"):
+        raise CheckpointError(
+            f"{load_dir} records model family {recorded!r} but its stored config is a {mt!r} model; the metadata is inconsistent"
+        )
+
+
 def check_vocab_metadata(meta: dict, load_dir: str) -> None:
     """The stored config's vocab_size pads to the embedding rows the checkpoint records."""
-    from megatron_attnedit.models.qwen3 import padded_vocab_size
+    from megatron_attnedit.families.table import padded_vocab_size
 
     vocab, rows, tp = meta["hf_config"].get("vocab_size"), meta.get("padded_vocab_size"), meta.get("tensor_model_parallel_size", 1)
     if not isinstance(vocab, int) or not isinstance(rows, int) or not isinstance(tp, int) or vocab <= 0 or tp <= 0:

@@ -185,10 +185,10 @@ class Qwen3Moe(Qwen3):
 
     @classmethod
     def check(cls, cfg: dict, where: str) -> None:
-        from megatron_attnedit.models import qwen3
+        from megatron_attnedit import families
 
         super().check(cfg, where)
-        dense = [i for i, m in enumerate(qwen3.moe_layer_pattern(cfg)) if not m]
+        dense = [i for i, m in enumerate(families.moe_layer_pattern(cfg)) if not m]
         if dense:
             raise CheckpointError(f"{where}: layers {dense} are dense (mlp_only_layers / decoder_sparse_step); llama.cpp's qwen3moe has MoE in every layer")
         if not cfg.get("norm_topk_prob", False):
@@ -196,18 +196,18 @@ class Qwen3Moe(Qwen3):
 
     @classmethod
     def add_hparams(cls, w, cfg: dict) -> None:
-        from megatron_attnedit.models import qwen3
+        from megatron_attnedit import families
 
         super().add_hparams(w, cfg)
-        w.add_expert_count(qwen3.num_experts(cfg))
+        w.add_expert_count(families.num_experts(cfg))
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
         w.add_expert_feed_forward_length(int(cfg["moe_intermediate_size"]))
 
     @classmethod
     def mlp(cls, p: _Planner, i: int) -> None:
-        from megatron_attnedit.models import qwen3
+        from megatron_attnedit import families
 
-        h, e = int(p.cfg["hidden_size"]), qwen3.num_experts(p.cfg)
+        h, e = int(p.cfg["hidden_size"]), families.num_experts(p.cfg)
         p.copy(f"model.layers.{i}.mlp.gate.weight", (e, h))
         p.stack_experts(i, e, int(p.cfg["moe_intermediate_size"]), h)
 

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from megatron_attnedit.convert import mapping
+from megatron_attnedit.families import mapping
 from megatron_attnedit.errors import CheckpointError
 
 

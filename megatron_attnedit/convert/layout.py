@@ -24,7 +24,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from megatron_attnedit.errors import CheckpointError
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.models import builder
+from megatron_attnedit import families
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class ModelLayout:
 def build_meta_model(cfg: dict, padded_vocab: int, target=None):
     """The whole model (one stage, TP=EP=1) on the meta device, for its names and shapes only.
 
-    Mirrors ``models.qwen3.build_model`` (``models.student.build_student`` when ``target``, a
+    Mirrors ``models.builder.build_model`` (``models.student.build_student`` when ``target``, a
     ``TargetConfig``, is given) except for the device and the explicit padded vocab (the
     checkpoint's, which depends on the TP it was padded for).
     """
@@ -72,10 +73,10 @@ def build_meta_model(cfg: dict, padded_vocab: int, target=None):
 
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise RuntimeError("the converter's layout needs megatron initialised at TP=PP=1 in a single process")
-    opts = qwen3.BuildOptions(use_cpu_initialization=True, perform_initialization=False)
+    opts = builder.BuildOptions(use_cpu_initialization=True, perform_initialization=False)
     attention_for_layer = None
     if target is None:
-        config = qwen3.transformer_config(cfg, opts)
+        config = builder.transformer_config(cfg, opts)
     else:
         from megatron_attnedit.attention.targets import get_target
         from megatron_attnedit.models.student import student_config
@@ -86,7 +87,7 @@ def build_meta_model(cfg: dict, padded_vocab: int, target=None):
     with torch.device("meta"):
         return GPTModel(
             config=config,
-            transformer_layer_spec=qwen3.block_spec(cfg, config, opts, attention_for_layer, pp_rank=0),
+            transformer_layer_spec=builder.block_spec(cfg, config, opts, attention_for_layer, pp_rank=0),
             vocab_size=padded_vocab,
             max_sequence_length=int(cfg.get("max_position_embeddings", 4096)),
             pre_process=True,
@@ -94,7 +95,7 @@ def build_meta_model(cfg: dict, padded_vocab: int, target=None):
             share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
             position_embedding_type="rope",
             rotary_percent=1.0,
-            rotary_base=int(qwen3.rope_theta(cfg)),
+            rotary_base=int(families.rope_theta(cfg)),
         )
 
 
@@ -157,6 +158,6 @@ def ordered_params(layout: ModelLayout, table) -> List[Tuple[str, Tuple[str, ...
 
 def hf_shapes_of(rule, shapes, megatron_shape: Tuple[int, ...]) -> List[Tuple[int, ...]]:
     """HF tensor shapes a rule makes from a megatron tensor of this shape (meta device)."""
-    from megatron_attnedit.convert import mapping
+    from megatron_attnedit.families import mapping
 
     return [tuple(t.shape) for t in mapping.to_hf(rule, torch.empty(megatron_shape, device="meta"), shapes)]

@@ -116,9 +116,9 @@ def student_export(meta: dict, where: str) -> Optional[StudentExport]:
 
 def _dense_prefix(cfg: dict, where: str) -> int:
     """first_k_dense_replace: the number of leading dense layers, when the rest are all MoE."""
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
-    moe = qwen3.moe_layer_pattern(cfg)
+    moe = families.moe_layer_pattern(cfg)
     k = moe.index(1) if 1 in moe else len(moe)
     if any(moe[:k]) or not all(moe[k:]):
         dense = [i for i, m in enumerate(moe) if not m]
@@ -131,7 +131,7 @@ def _dense_prefix(cfg: dict, where: str) -> int:
 
 def _deepseek_v2(cfg: dict, target, table, where: str) -> StudentExport:
     from megatron_attnedit.attention.targets import get_target
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
     t = get_target("mla")
     o = t.resolve(cfg, target.options)
@@ -191,7 +191,7 @@ def _deepseek_v2(cfg: dict, target, table, where: str) -> StudentExport:
             topk_method="greedy",
             n_group=1,
             topk_group=1,
-            n_routed_experts=qwen3.num_experts(cfg),
+            n_routed_experts=families.num_experts(cfg),
             num_experts_per_tok=int(cfg["num_experts_per_tok"]),
             moe_intermediate_size=int(cfg["moe_intermediate_size"]),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),

@@ -36,7 +36,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from megatron_attnedit.errors import ConfigError
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.models import builder
 
 TRAINABLE_SETS = ("attention", "all")
 _NEVER_SHARED = "self_attention"
@@ -93,30 +93,30 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _without_recompute(opts: qwen3.BuildOptions) -> qwen3.BuildOptions:
+def _without_recompute(opts: builder.BuildOptions) -> builder.BuildOptions:
     return dataclasses.replace(opts, recompute_granularity=None, recompute_modules=None, recompute_method=None, recompute_num_layers=None)
 
 
-def build_teacher(hf_cfg: dict, opts: qwen3.BuildOptions, load: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+def build_teacher(hf_cfg: dict, opts: builder.BuildOptions, load: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
     """This rank's teacher shard, filled by ``load(model)`` and frozen."""
-    teacher = qwen3.build_model(hf_cfg, opts)
+    teacher = builder.build_model(hf_cfg, opts)
     load(teacher)
     return freeze(teacher)
 
 
-def hf_loader(hf_dir: str, hf_cfg: dict, opts: qwen3.BuildOptions) -> Callable[[torch.nn.Module], None]:
+def hf_loader(hf_dir: str, hf_cfg: dict, opts: builder.BuildOptions) -> Callable[[torch.nn.Module], None]:
     """A ``load`` for ``build_teacher`` reading a Hugging Face checkpoint directory."""
 
     def load(model):
         from megatron_attnedit.convert import hf_io
-        from megatron_attnedit.convert.qwen3 import ModelTable
+        from megatron_attnedit.families.table import ModelTable
 
         hf_io.load_into_model(model, hf_io.HFCheckpoint(hf_dir), ModelTable(hf_cfg, tp=opts.tensor_model_parallel_size))
 
     return load
 
 
-def teacher_loader(cfg, hf_cfg: dict, opts: qwen3.BuildOptions) -> Callable[[torch.nn.Module], None]:
+def teacher_loader(cfg, hf_cfg: dict, opts: builder.BuildOptions) -> Callable[[torch.nn.Module], None]:
     """The ``load`` of the run config's teacher: HF weights from ``model.hf_dir``, or none (random
     weights) for a preset or with ``model.random_init`` -- benchmarks and plumbing tests."""
     if cfg.model.hf_dir and not cfg.model.random_init:
@@ -127,7 +127,7 @@ def teacher_loader(cfg, hf_cfg: dict, opts: qwen3.BuildOptions) -> Callable[[tor
 def colocate(
     hf_cfg: dict,
     target,
-    opts: qwen3.BuildOptions,
+    opts: builder.BuildOptions,
     load_teacher: Callable[[torch.nn.Module], None],
     trainable: str = "attention",
     student_hf_cfg: Optional[dict] = None,

@@ -20,7 +20,6 @@ import torch
 
 from megatron_attnedit.eval import CONTEXTS
 from megatron_attnedit.errors import EvalError
-from megatron_attnedit.errors import EvalError
 from megatron_attnedit.inference import attention_of as _attention_of
 
 

@@ -1,13 +1,19 @@
-"""Qwen3 model shapes by name: the public configs (DESIGN.md section 5) and debug presets.
+"""Qwen3 (``qwen3``) and Qwen3-MoE (``qwen3_moe``): the families the project was built on.
 
-Plain dictionaries in Hugging Face ``config.json`` form, importable without megatron-core (the
-decode benchmark runs where megatron-core is not installed). ``models.qwen3.config_for_preset``
-returns a copy with a one-line error for an unknown name.
+Attention quirks: every query and key head is RMS-normalised before RoPE (``qk_norm``: the MLA
+target's svd initializer folds it into a constant per head, GateSWA keeps it); q/k/v biases only
+when ``attention_bias`` (Qwen3 has none); plain RoPE (no scaling). Qwen3-MoE: softmax router over
+all experts, top-k, renormalised iff ``norm_topk_prob``; ``decoder_sparse_step`` and
+``mlp_only_layers`` pick the dense layers.
+
+Presets: the public configs (DESIGN.md section 5) and debug presets, plain dictionaries in Hugging
+Face ``config.json`` form (only the fields the builder reads).
 """
 
 from typing import Dict
 
-# Public configs; only the fields the builder reads.
+from megatron_attnedit.families.base import Family
+
 PRESETS: Dict[str, dict] = {
     "qwen3-8b": dict(
         model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_hidden_layers=36, hidden_size=4096,
@@ -39,3 +45,13 @@ PRESETS: Dict[str, dict] = {
         attention_bias=False, hidden_act="silu", torch_dtype="float32",
     ),
 }
+
+
+QWEN3 = Family(
+    model_type="qwen3", architecture="Qwen3ForCausalLM", qk_norm=True, moe=False, gguf_arch="qwen3",
+    presets={k: v for k, v in PRESETS.items() if v["model_type"] == "qwen3"},
+)
+QWEN3_MOE = Family(
+    model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", qk_norm=True, moe=True, gguf_arch="qwen3moe",
+    presets={k: v for k, v in PRESETS.items() if v["model_type"] == "qwen3_moe"},
+)

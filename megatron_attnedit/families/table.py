@@ -1,88 +1,52 @@
-"""The Qwen3 / Qwen3-MoE table (megatron local-spec names <-> HF names)."""
+"""One model's HF <-> megatron table (megatron local-spec names <-> HF names), from its family's rules."""
 
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence
 
-from megatron_attnedit.convert.mapping import Rule, Shapes, Table
-from megatron_attnedit.models import qwen3 as qwen3_model
+from megatron_attnedit.families import family_of, head_dim
+from megatron_attnedit.families.base import TOP
+from megatron_attnedit.families.mapping import Rule, Shapes, Table
 
-TOP = [
-    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", 0),
-    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    Rule("output_layer.weight", ("lm_head.weight",), "vocab", 0),
-]
 
-P = "decoder.layers.{L}."
-H = "model.layers.{L}."
-
-GQA_ATTENTION = [
-    Rule(P + "input_layernorm.weight", (H + "input_layernorm.weight",)),
-    Rule(
-        P + "self_attention.linear_qkv.weight",
-        (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"),
-        "qkv",
-        0,
-    ),
-    Rule(P + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",)),
-    Rule(P + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",)),
-    Rule(P + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), "copy", 1),
-]
-GQA_ATTENTION_BIAS = [
-    Rule(
-        P + "self_attention.linear_qkv.bias",
-        (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"),
-        "qkv",
-        0,
-    ),
-]
-
-DENSE_MLP = [
-    Rule(P + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",)),
-    Rule(P + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), "gate_up", "gate_up"),
-    Rule(P + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), "copy", 1),
-]
-
-MOE_MLP = [
-    Rule(P + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",)),
-    Rule(P + "mlp.router.weight", (H + "mlp.gate.weight",)),
-    Rule(
-        P + "mlp.experts.local_experts.{E}.linear_fc1.weight",
-        (H + "mlp.experts.{E}.gate_proj.weight", H + "mlp.experts.{E}.up_proj.weight"),
-        "gate_up",
-        "gate_up",
-        expert=True,
-    ),
-    Rule(P + "mlp.experts.local_experts.{E}.linear_fc2.weight", (H + "mlp.experts.{E}.down_proj.weight",), "copy", 1, expert=True),
-]
+def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
+    """Pad to a multiple of 128 (and of 128 x TP only when 128 does not split over TP), so that
+    for the usual power-of-two TP the padded size -- and so the checkpoint -- is layout-free."""
+    padded = ((vocab + multiple - 1) // multiple) * multiple
+    if padded % tp:
+        m = multiple * tp
+        padded = ((vocab + m - 1) // m) * m
+    return padded
 
 
 def shapes(cfg: dict, tp: int = 1) -> Shapes:
     return Shapes(
         num_heads=cfg["num_attention_heads"],
         num_kv_heads=cfg["num_key_value_heads"],
-        head_dim=qwen3_model.head_dim(cfg),
+        head_dim=head_dim(cfg),
         vocab_size=cfg["vocab_size"],
-        padded_vocab_size=qwen3_model.padded_vocab_size(cfg["vocab_size"], tp),
+        padded_vocab_size=padded_vocab_size(cfg["vocab_size"], tp),
     )
 
 
 def gqa_attention_rules(cfg: dict) -> List[Rule]:
-    return GQA_ATTENTION + (GQA_ATTENTION_BIAS if cfg.get("attention_bias") else [])
+    """The teacher's own attention of one layer (its family's rules)."""
+    return family_of(cfg).attention_rules(cfg)
 
 
 class ModelTable:
     """Every tensor of one model: per-layer rules (attention may differ per layer) + top rules."""
 
     def __init__(self, cfg: dict, attention_rules: Optional[Callable[[int], Sequence[Rule]]] = None, tp: int = 1):
+        family = family_of(cfg)
         self.cfg = cfg
         self.shapes = shapes(cfg, tp)
-        attention_rules = attention_rules or (lambda i: gqa_attention_rules(cfg))
-        pattern = qwen3_model.moe_layer_pattern(cfg)
+        attention_rules = attention_rules or (lambda i: family.attention_rules(cfg))
+        pattern = family.moe_layer_pattern(cfg)
         self.layer_rules: Dict[int, List[Rule]] = {
-            i: list(attention_rules(i)) + (MOE_MLP if pattern[i] else DENSE_MLP) for i in range(len(pattern))
+            i: list(attention_rules(i)) + family.mlp_rules(cfg, bool(pattern[i])) for i in range(len(pattern))
         }
-        self.num_experts = {i: qwen3_model.num_experts(cfg) if pattern[i] else 0 for i in range(len(pattern))}
+        self.num_experts = {i: family.num_experts(cfg) if pattern[i] else 0 for i in range(len(pattern))}
         top = [r for r in TOP if not (cfg.get("tie_word_embeddings") and r.megatron == "output_layer.weight")]
         self.top_rules = top
         all_rules = top + [r for rs in self.layer_rules.values() for r in rs]

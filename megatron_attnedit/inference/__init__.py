@@ -28,6 +28,7 @@ import importlib
 from typing import Dict, Tuple
 
 from megatron_attnedit.errors import EvalError
+from megatron_attnedit.families import FAMILIES
 
 # target name -> "module:Class" of its cached attention. A new kind: one file plus one line here.
 KINDS: Dict[str, str] = {
@@ -55,7 +56,7 @@ def attention_of(cfg: dict) -> Tuple[str, dict]:
     2. ``model_type`` deepseek_v2 / deepseek_v3 -> ``mla`` with the config's latent shapes;
     3. ``layer_types`` with ``sliding_attention`` entries (or model_type ``*_gateswa``, the project's
        GateSWA export) and a ``sliding_window`` -> ``gate_swa`` with that window and the S/F pattern;
-    4. qwen3 / qwen3_moe -> ``gqa`` (the teacher's attention)."""
+    4. a teacher family's model_type (families.FAMILIES) -> ``gqa`` (the teacher's attention)."""
     rec = cfg.get("attnedit")
     if isinstance(rec, dict) and isinstance(rec.get("target"), dict) and rec["target"].get("name"):
         return rec["target"]["name"], dict(rec["target"].get("options") or {})
@@ -74,8 +75,8 @@ def attention_of(cfg: dict) -> Tuple[str, dict]:
     gateswa = str(mt).endswith("_gateswa")  # the project's GateSWA export, even with no sliding layer
     if isinstance(types, list) and window and ("sliding_attention" in types or gateswa):
         return "gate_swa", dict(window=int(window), pattern=["S" if t == "sliding_attention" else "F" for t in types])
-    if mt in ("qwen3", "qwen3_moe"):
+    if mt in FAMILIES:
         return "gqa", {}
     raise EvalError(
-        f"cannot tell the attention of a {mt!r} checkpoint (expected qwen3, qwen3_moe, deepseek_v2/v3, or sliding layer_types)"
+        f"cannot tell the attention of a {mt!r} checkpoint (expected {', '.join(FAMILIES)}, deepseek_v2/v3, or sliding layer_types)"
     )

@@ -1,16 +1,15 @@
-"""Qwen3 (dense) and Qwen3-MoE on megatron-core: HF config -> TransformerConfig + layer specs.
+"""The model builder: an HF config -> megatron TransformerConfig + layer specs + GPTModel.
 
-The HF ``config.json`` is the single description of the model; everything megatron needs is
-derived from it here and nowhere else. Layer specs are built fresh per layer from a per-layer
-description (attention kind, dense or MoE MLP) and sliced per pipeline stage, so attention
-targets can swap the attention of any layer without touching a shared spec.
+Family-neutral: the HF ``config.json`` is the single description of the model, and what differs
+between families (q/k-norm, routed experts, RoPE scaling) is read from its ``families.Family``.
+Layer specs are built fresh per layer from a per-layer description (attention kind, dense or MoE
+MLP) and sliced per pipeline stage, so attention targets can swap the attention of any layer
+without touching a shared spec.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -27,66 +26,12 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset
 
+from megatron_attnedit import platform
 from megatron_attnedit.attention.core import FlashCoreAttention
-from megatron_attnedit.errors import ConfigError, read_json_object
+from megatron_attnedit.errors import ConfigError
+from megatron_attnedit.families import check_hf_config, family_of, head_dim, rope_inv_freq, rope_theta, rope_type
+from megatron_attnedit.families.table import padded_vocab_size
 from megatron_attnedit.models.experts import GroupedExperts
-from megatron_attnedit.models.presets import PRESETS  # noqa: F401  (re-exported: models.qwen3.PRESETS)
-
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
-
-
-def load_hf_config(hf_dir: str) -> dict:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found; --hf-dir must be a Hugging Face model directory")
-    cfg = read_json_object(path, error=ConfigError)
-    check_hf_config(cfg)
-    return cfg
-
-
-_REQUIRED_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-
-
-def check_hf_config(cfg: dict) -> None:
-    mt = cfg.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    missing = [k for k in _REQUIRED_INTS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] < 1]
-    if missing:
-        got = ", ".join(f"{k}={cfg.get(k)!r}" for k in missing)
-        raise ConfigError(f"the config needs positive integers for {got}; restore the model's config.json")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"unsupported hidden_act {act!r}; Qwen3 uses silu")
-    rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
-    if rs and rs.get("rope_type", rs.get("type", "default")) not in ("default", None):
-        raise ConfigError(f"rope scaling {rs} is not supported; use a checkpoint without rope_scaling")
-
-
-def rope_theta(cfg: dict) -> float:
-    if "rope_theta" in cfg:
-        return float(cfg["rope_theta"])
-    return float((cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-
-
-def head_dim(cfg: dict) -> int:
-    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-
-
-def num_experts(cfg: dict) -> int:
-    """Routed experts per MoE layer (transformers 5 writes ``num_local_experts``, 4.x ``num_experts``)."""
-    return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
-
-
-def moe_layer_pattern(cfg: dict) -> List[int]:
-    """1 where layer i has routed experts, 0 where it is dense (HF Qwen3MoE's rule)."""
-    n = cfg["num_hidden_layers"]
-    if cfg["model_type"] != "qwen3_moe" or not num_experts(cfg):
-        return [0] * n
-    step = int(cfg.get("decoder_sparse_step", 1))
-    only = set(cfg.get("mlp_only_layers") or [])
-    return [int(i not in only and step > 0 and (i + 1) % step == 0) for i in range(n)]
-
 
 @dataclasses.dataclass
 class BuildOptions:
@@ -124,9 +69,9 @@ def check_parallel(cfg: dict, tp: int, pp: int, ep: int) -> None:
     if cfg["num_hidden_layers"] % pp != 0:
         raise ConfigError(f"PP={pp} does not divide num_hidden_layers={cfg['num_hidden_layers']}; choose a divisor")
     if ep > 1:
-        ne = num_experts(cfg)
-        if cfg["model_type"] != "qwen3_moe" or ne == 0:
-            raise ConfigError(f"EP={ep} asked for a dense model; expert parallelism needs qwen3_moe")
+        ne = family_of(cfg).num_experts(cfg)
+        if ne == 0:
+            raise ConfigError(f"EP={ep} asked for a dense model; expert parallelism needs routed experts (e.g. qwen3_moe)")
         if ne % ep != 0:
             raise ConfigError(f"EP={ep} does not divide num_experts={ne}; choose a divisor")
     if cfg["vocab_size"] % tp != 0:
@@ -134,7 +79,8 @@ def check_parallel(cfg: dict, tp: int, pp: int, ep: int) -> None:
 
 
 def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerConfig, **overrides) -> TransformerConfig:
-    """megatron TransformerConfig for an HF Qwen3 / Qwen3-MoE config."""
+    """megatron TransformerConfig for an HF config of a supported family."""
+    family = family_of(cfg)
     check_hf_config(cfg)
     check_parallel(cfg, opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.expert_model_parallel_size)
     kw = dict(
@@ -146,7 +92,7 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
         ffn_hidden_size=cfg["intermediate_size"],
         normalization="RMSNorm",
         layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-        qk_layernorm=True,
+        qk_layernorm=family.qk_norm,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
@@ -177,10 +123,10 @@ def transformer_config(cfg: dict, opts: BuildOptions, config_class=TransformerCo
         if opts.recompute_granularity == "full":
             kw["recompute_method"] = opts.recompute_method or "uniform"
             kw["recompute_num_layers"] = opts.recompute_num_layers or 1
-    pattern = moe_layer_pattern(cfg)
+    pattern = family.moe_layer_pattern(cfg)
     if any(pattern):
         kw.update(
-            num_moe_experts=num_experts(cfg),
+            num_moe_experts=family.num_experts(cfg),
             moe_router_topk=int(cfg["num_experts_per_tok"]),
             moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
             moe_layer_freq=pattern,
@@ -219,14 +165,16 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
-def gqa_attention_spec(opts: BuildOptions) -> ModuleSpec:
-    """The teacher's attention: fused QKV, per-head q/k RMSNorm, our flash core attention."""
+def gqa_attention_spec(opts: BuildOptions, cfg: dict) -> ModuleSpec:
+    """The teacher's attention: fused QKV, the family's per-head q/k RMSNorm if it has one, our
+    flash core attention."""
+    has_qk_norm = family_of(cfg).qk_norm
     if opts.spec == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True).submodules.self_attention
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=has_qk_norm).submodules.self_attention
     backend = LocalSpecProvider()
-    qk_norm = LocalRMSNorm
+    qk_norm = LocalRMSNorm if has_qk_norm else IdentityOp
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -302,9 +250,9 @@ def block_spec(
 ) -> TransformerBlockSubmodules:
     """Fresh per-layer specs for this pipeline stage. ``borrow_mlp``: {global layer index: an
     existing MLP/MoE module} that those layers take as their own (see ``borrowed``)."""
-    attention_for_layer = attention_for_layer or (lambda i: gqa_attention_spec(opts))
+    attention_for_layer = attention_for_layer or (lambda i: gqa_attention_spec(opts, cfg))
     borrow_mlp = borrow_mlp or {}
-    pattern = moe_layer_pattern(cfg)
+    pattern = family_of(cfg).moe_layer_pattern(cfg)
     specs = []
     for i, moe in enumerate(pattern):
         mlp = borrowed(borrow_mlp[i]) if i in borrow_mlp else mlp_spec(opts, bool(moe))
@@ -344,8 +292,8 @@ def build_model(
         rotary_percent=1.0,
         rotary_base=int(rope_theta(cfg)),
     )
-    from megatron_attnedit import platform
-
+    if getattr(model, "rotary_pos_emb", None) is not None:
+        scale_rope(model.rotary_pos_emb, cfg)
     # megatron's local norms (WrappedTorchNorm -> torch.nn.RMSNorm) are created in fp32 whatever
     # params_dtype says; a bf16 input with an fp32 weight cannot take torch's fused rms_norm kernel.
     for m in model.modules():
@@ -354,6 +302,14 @@ def build_model(
     if opts.recompute_granularity == "full":
         model.decoder.register_forward_pre_hook(_decoder_input_needs_grad, with_kwargs=True)
     return model.to(platform.active().device)
+
+
+def scale_rope(rotary: torch.nn.Module, cfg: dict, base: Optional[float] = None) -> None:
+    """A megatron ``RotaryEmbedding`` of a config with RoPE scaling (Llama 3's ``llama3``) takes the
+    family's scaled inverse frequencies; megatron's own llama3 scaling fixes three of its four
+    parameters (factor only). Plain RoPE keeps megatron's frequencies untouched."""
+    if rope_type(cfg) != "default":
+        rotary.inv_freq = rope_inv_freq(cfg, rotary.inv_freq.numel() * 2, base).to(rotary.inv_freq.device)
 
 
 def _decoder_input_needs_grad(module, args, kwargs):
@@ -369,19 +325,3 @@ def _decoder_input_needs_grad(module, args, kwargs):
     if "hidden_states" in kwargs:
         return args, {**kwargs, "hidden_states": x}
     return (x, *args[1:]), kwargs
-
-
-def padded_vocab_size(vocab: int, tp: int, multiple: int = 128) -> int:
-    """Pad to a multiple of 128 (and of 128 x TP only when 128 does not split over TP), so that
-    for the usual power-of-two TP the padded size -- and so the checkpoint -- is layout-free."""
-    padded = ((vocab + multiple - 1) // multiple) * multiple
-    if padded % tp:
-        m = multiple * tp
-        padded = ((vocab + m - 1) // m) * m
-    return padded
-
-
-def config_for_preset(name: str) -> dict:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])

@@ -15,20 +15,20 @@ from typing import Dict, Optional
 import torch
 
 from megatron_attnedit.attention.targets import TargetConfig, get_target, global_layer_index, local_layers
-from megatron_attnedit.convert.qwen3 import ModelTable
-from megatron_attnedit.models import qwen3
+from megatron_attnedit.families.table import ModelTable
+from megatron_attnedit.models import builder
 
 
-def student_config(hf_cfg: dict, target: TargetConfig, opts: qwen3.BuildOptions):
+def student_config(hf_cfg: dict, target: TargetConfig, opts: builder.BuildOptions):
     """The student's TransformerConfig (validates the target against the teacher and the layout)."""
     t = get_target(target.name)
     t.validate(hf_cfg, target.options)
     t.validate_layout(hf_cfg, target.options, opts)
     config_class, overrides = t.config_overrides(hf_cfg, target.options)
-    return qwen3.transformer_config(hf_cfg, opts, config_class=config_class, **overrides)
+    return builder.transformer_config(hf_cfg, opts, config_class=config_class, **overrides)
 
 
-def build_student(hf_cfg: dict, target: TargetConfig, opts: qwen3.BuildOptions, borrow_mlp_from=None):
+def build_student(hf_cfg: dict, target: TargetConfig, opts: builder.BuildOptions, borrow_mlp_from=None):
     """This rank's student GPTModel (its pipeline stage, its TP shard), same layout as the teacher.
 
     ``borrow_mlp_from``: a teacher built from the same config and layout whose MLP/MoE modules the
@@ -40,7 +40,7 @@ def build_student(hf_cfg: dict, target: TargetConfig, opts: qwen3.BuildOptions, 
     borrow = None
     if borrow_mlp_from is not None:
         borrow = {global_layer_index(layer): layer.mlp for layer in local_layers(_unwrap(borrow_mlp_from))}
-    return qwen3.build_model(
+    return builder.build_model(
         hf_cfg,
         opts,
         config=config,

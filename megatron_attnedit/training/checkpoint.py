@@ -324,7 +324,7 @@ class Checkpointer:
         return next((g for g in gathered if g is not None), None)
 
     def _conversion_metadata(self) -> dict:
-        from megatron_attnedit.models.qwen3 import padded_vocab_size
+        from megatron_attnedit.families.table import padded_vocab_size
 
         lay = self._layout()
         tp, pp, ep = (lay[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))

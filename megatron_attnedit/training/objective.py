@@ -128,11 +128,11 @@ class Objective:
 
 def hf_config(cfg: Config) -> dict:
     """The HF config dict of ``cfg.model`` (hf_dir's config.json or a preset, plus overrides)."""
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
-    hf = qwen3.load_hf_config(cfg.model.hf_dir) if cfg.model.hf_dir else qwen3.config_for_preset(cfg.model.preset)
+    hf = families.load_hf_config(cfg.model.hf_dir) if cfg.model.hf_dir else families.config_for_preset(cfg.model.preset)
     hf.update(cfg.model.overrides)
-    qwen3.check_hf_config(hf)
+    families.check_hf_config(hf)
     return hf
 
 
@@ -160,12 +160,12 @@ def kernel_fusion(cfg: Config, plat) -> bool:
     return plat.name == "cuda" and m.transformer_impl == "local"
 
 
-def build_options(cfg: Config, plat) -> "qwen3.BuildOptions":  # noqa: F821
-    from megatron_attnedit.models import qwen3
+def build_options(cfg: Config, plat) -> "builder.BuildOptions":  # noqa: F821
+    from megatron_attnedit.models import builder
 
     p, m = cfg.parallel, cfg.model
     bf16 = use_bf16(cfg, plat)
-    return qwen3.BuildOptions(
+    return builder.BuildOptions(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
@@ -187,9 +187,9 @@ def build_options(cfg: Config, plat) -> "qwen3.BuildOptions":  # noqa: F821
 
 def build_gpt(cfg: Config, plat, hf: Optional[dict] = None, attention_for_layer=None):
     """This rank's GPTModel for ``cfg.model`` (random init; see load_hf_weights)."""
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.models import builder
 
-    return qwen3.build_model(hf or hf_config(cfg), build_options(cfg, plat), attention_for_layer=attention_for_layer)
+    return builder.build_model(hf or hf_config(cfg), build_options(cfg, plat), attention_for_layer=attention_for_layer)
 
 
 def load_hf_weights(model, hf_dir: str, hf: dict) -> None:
@@ -197,7 +197,7 @@ def load_hf_weights(model, hf_dir: str, hf: dict) -> None:
     from megatron.core import parallel_state
 
     from megatron_attnedit.convert import hf_io
-    from megatron_attnedit.convert.qwen3 import ModelTable
+    from megatron_attnedit.families.table import ModelTable
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     hf_io.load_into_model(model, hf_io.HFCheckpoint(hf_dir), ModelTable(hf, tp=tp))

@@ -21,14 +21,16 @@ import sys
 import torch
 
 
-def coverage(job, qwen3, ModelTable):
+def coverage(job, ModelTable):
     """Table vs a really built model (TP=1, not meta) and vs the HF file; plus proof the check bites."""
+    from megatron_attnedit import families
     from megatron_attnedit.convert import hf_io
     from megatron_attnedit.convert.layout import check_table_covers, model_layout
+    from megatron_attnedit.models import builder
 
-    cfg = qwen3.load_hf_config(job["hf_dir"])
+    cfg = families.load_hf_config(job["hf_dir"])
     table = ModelTable(cfg)
-    model = qwen3.build_model(cfg, qwen3.BuildOptions())
+    model = builder.build_model(cfg, builder.BuildOptions())
     params = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     produced = set(table.megatron_names())
     hf_keys = set(hf_io.HFCheckpoint(job["hf_dir"]).keys())
@@ -69,15 +71,16 @@ def main():
     from megatron_attnedit.convert import hf_io
     from megatron_attnedit.convert.checkpoint import load_mcore_checkpoint_into_model, save_mcore_checkpoint
     from megatron_attnedit.convert.converters import hf_to_mcore, mcore_to_hf
-    from megatron_attnedit.convert.qwen3 import ModelTable
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.families.table import ModelTable
+    from megatron_attnedit.models import builder
+    from megatron_attnedit import families
 
     result = {"megatron": {}, "coverage": {}}
     platform.init_distributed(plat, 1, 1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     if dist.get_rank() == 0:
         for job in plan.get("coverage", []):
-            result["coverage"][job["name"]] = coverage(job, qwen3, ModelTable)
+            result["coverage"][job["name"]] = coverage(job, ModelTable)
         for job in plan.get("to_mcore", []):
             hf_to_mcore(job["hf_dir"], job["save_dir"], job["tp"], job["pp"], job["ep"], ckpt_format=job["format"], progress=False)
     dist.barrier()
@@ -86,11 +89,11 @@ def main():
         tp, pp, ep = job["tp"], job["pp"], job["ep"]
         platform.init_distributed(plat, tp, pp, ep)
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        cfg = qwen3.load_hf_config(job["hf_dir"])
-        opts = qwen3.BuildOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
-        got = qwen3.build_model(cfg, opts)
+        cfg = families.load_hf_config(job["hf_dir"])
+        opts = builder.BuildOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
+        got = builder.build_model(cfg, opts)
         meta = load_mcore_checkpoint_into_model(got, job["ckpt"])
-        ref = qwen3.build_model(cfg, opts)
+        ref = builder.build_model(cfg, opts)
         hf_io.load_into_model(ref, hf_io.HFCheckpoint(job["hf_dir"]), ModelTable(cfg, tp=tp))
         ref_sd = ref.state_dict()
         bad = [k for k, v in got.state_dict().items() if isinstance(v, torch.Tensor) and not torch.equal(v, ref_sd[k])]

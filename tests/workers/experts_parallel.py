@@ -77,10 +77,12 @@ def main():
 
     from megatron_attnedit.convert import hf_io
     from megatron_attnedit.convert.checkpoint import conversion_metadata, load_mcore_checkpoint_into_model, save_mcore_checkpoint
-    from megatron_attnedit.convert.qwen3 import ModelTable
-    from megatron_attnedit.models import forward, qwen3
+    from megatron_attnedit.families.table import ModelTable
+    from megatron_attnedit.models import builder, forward
+    from megatron_attnedit import families
+    from megatron_attnedit.families import table
 
-    cfg = qwen3.load_hf_config(a.hf_dir)
+    cfg = families.load_hf_config(a.hf_dir)
     tokens = torch.load(a.tokens)
     result = {}
     first_ckpt = None
@@ -91,8 +93,8 @@ def main():
         def build(grouped, seed=1234, from_hf=True):
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
             torch.manual_seed(seed)
-            opts = qwen3.BuildOptions(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, grouped_gemm=grouped)
-            model = qwen3.build_model(cfg, opts)
+            opts = builder.BuildOptions(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, grouped_gemm=grouped)
+            model = builder.build_model(cfg, opts)
             if from_hf:
                 hf_io.load_into_model(model, hf_io.HFCheckpoint(a.hf_dir), ModelTable(cfg, tp=tp))
             return model.eval()
@@ -114,7 +116,7 @@ def main():
         r["replica_ids"] = tuple(rep.pop()) if len(rep) == 1 else ("several",)
 
         # what the converter and the training loop record (the loader refuses metadata without it)
-        meta = conversion_metadata(cfg, tp, 1, ep, qwen3.padded_vocab_size(cfg["vocab_size"], tp), "torch_dist", torch.float32)
+        meta = conversion_metadata(cfg, tp, 1, ep, table.padded_vocab_size(cfg["vocab_size"], tp), "torch_dist", torch.float32)
         seq_dir, grp_dir = os.path.join(a.work, f"seq_{name}"), os.path.join(a.work, f"grp_{name}")
         save_mcore_checkpoint(seq, seq_dir, meta)
         save_mcore_checkpoint(grp, grp_dir, meta)

@@ -38,17 +38,18 @@ SMALL = {
 def save(work, name, cfg, spec):
     from megatron_attnedit.attention.targets import TargetConfig
     from megatron_attnedit.convert.checkpoint import conversion_metadata, save_mcore_checkpoint
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.models import builder
+    from megatron_attnedit.families import table
     from megatron_attnedit.models.student import build_student
 
-    opts = qwen3.BuildOptions(perform_initialization=False)
+    opts = builder.BuildOptions(perform_initialization=False)
     tc = TargetConfig.from_dict(spec) if spec else None
-    model = build_student(cfg, tc, opts) if tc else qwen3.build_model(cfg, opts)
+    model = build_student(cfg, tc, opts) if tc else builder.build_model(cfg, opts)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-0.05, 0.05, generator=g)
-    meta = conversion_metadata(cfg, 1, 1, 1, qwen3.padded_vocab_size(cfg["vocab_size"], 1), "torch_dist", torch.float32,
+    meta = conversion_metadata(cfg, 1, 1, 1, table.padded_vocab_size(cfg["vocab_size"], 1), "torch_dist", torch.float32,
                                target=tc.name if tc else None)
     if tc:
         meta["target_options"] = dict(tc.options)
@@ -67,7 +68,7 @@ def main():
     platform.init_distributed(plat, 1, 1, 1)
     from megatron.core import tensor_parallel
 
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit import families
 
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -75,13 +76,13 @@ def main():
     from megatron_attnedit.convert.cli import mcore_to_hf_main
 
     jobs = {}
-    cfg = qwen3.config_for_preset("qwen3-debug")
+    cfg = families.config_for_preset("qwen3-debug")
     cfg.update(QWEN3_8B_WIDTHS)
     cfg.pop("torch_dtype", None)
     cfg["dtype"] = "bfloat16"
     jobs["qwen3-8b-mla"] = (cfg, MLA_8B, [])
     for name, (spec, dtype) in SMALL.items():
-        c = qwen3.config_for_preset("qwen3-debug")
+        c = families.config_for_preset("qwen3-debug")
         c.pop("torch_dtype", None)
         if dtype:
             c["dtype"] = dtype

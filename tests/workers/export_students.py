@@ -63,17 +63,19 @@ def make_case(work, name, preset, overrides, target_spec, tokens):
     from megatron_attnedit.convert import hf_io
     from megatron_attnedit.convert.checkpoint import conversion_metadata, save_mcore_checkpoint
     from megatron_attnedit.convert.converters import mcore_to_hf
-    from megatron_attnedit.convert.qwen3 import ModelTable
-    from megatron_attnedit.models import forward, qwen3
+    from megatron_attnedit.families.table import ModelTable
+    from megatron_attnedit.models import builder, forward
+    from megatron_attnedit import families
+    from megatron_attnedit.families import table
     from megatron_attnedit.models.student import build_student, init_student_from_teacher
     from megatron_attnedit.testing import make_tiny_hf
 
     d = os.path.join(work, name)
     teacher_dir = os.path.join(d, "teacher")
     make_tiny_hf(teacher_dir, preset, seed=3, **overrides)
-    cfg = qwen3.load_hf_config(teacher_dir)
-    opts = qwen3.BuildOptions()
-    teacher = qwen3.build_model(cfg, opts)
+    cfg = families.load_hf_config(teacher_dir)
+    opts = builder.BuildOptions()
+    teacher = builder.build_model(cfg, opts)
     hf_io.load_into_model(teacher, hf_io.HFCheckpoint(teacher_dir), ModelTable(cfg))
     tc = TargetConfig.from_dict(target_spec)
     student = build_student(cfg, tc, opts)
@@ -81,7 +83,7 @@ def make_case(work, name, preset, overrides, target_spec, tokens):
     perturb(student, seed=7)
     torch.save(forward.forward_logits(student, tokens, cfg["vocab_size"]).float(), os.path.join(d, "megatron_logits.pt"))
     # the metadata training/checkpoint.py writes: the target's name, and its options beside it
-    meta = conversion_metadata(cfg, 1, 1, 1, qwen3.padded_vocab_size(cfg["vocab_size"], 1), "torch_dist", torch.float32, target=tc.name)
+    meta = conversion_metadata(cfg, 1, 1, 1, table.padded_vocab_size(cfg["vocab_size"], 1), "torch_dist", torch.float32, target=tc.name)
     meta["target_options"] = dict(tc.options)
     save_mcore_checkpoint(student, os.path.join(d, "ckpt"), meta, hf_assets_dir=teacher_dir)
     err = io.StringIO()

@@ -37,7 +37,8 @@ def main():
 
     from megatron_attnedit.attention.targets import TargetConfig
     from megatron_attnedit.kernels import fusions
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.models import builder
+    from megatron_attnedit import families
     from megatron_attnedit.models.student import build_student
 
     fusions.DEVICES = {"cpu", "cuda"}
@@ -49,7 +50,7 @@ def main():
         return compiled(fn)
 
     fusions.compiled = spy
-    cfg = qwen3.config_for_preset("qwen3-debug")
+    cfg = families.config_for_preset("qwen3-debug")
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
     results = {}
@@ -60,7 +61,7 @@ def main():
             ran.clear()
             tensor_parallel.model_parallel_cuda_manual_seed(1234)
             torch.manual_seed(1234)
-            opts = qwen3.BuildOptions(tensor_model_parallel_size=2, sequence_parallel=sp, kernel_fusion=fusion)
+            opts = builder.BuildOptions(tensor_model_parallel_size=2, sequence_parallel=sp, kernel_fusion=fusion)
             model = build_student(cfg, TargetConfig("mla", options), opts)
             logits = model(tokens, pos, None)
             logits.float().square().mean().backward()

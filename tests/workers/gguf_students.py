@@ -40,14 +40,15 @@ def perturb(model, seed):
 def save_student(work, name, cfg, teacher):
     from megatron_attnedit.attention.targets import TargetConfig
     from megatron_attnedit.convert.checkpoint import conversion_metadata, save_mcore_checkpoint
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.models import builder
+    from megatron_attnedit.families import table
     from megatron_attnedit.models.student import build_student, init_student_from_teacher
 
     tc = TargetConfig.from_dict(recipe_target(name))
-    student = build_student(cfg, tc, qwen3.BuildOptions())
+    student = build_student(cfg, tc, builder.BuildOptions())
     init_student_from_teacher(student, teacher, cfg, tc)
     perturb(student, seed=7)
-    meta = conversion_metadata(cfg, 1, 1, 1, qwen3.padded_vocab_size(cfg["vocab_size"], 1), "torch_dist", torch.float32, target=tc.name)
+    meta = conversion_metadata(cfg, 1, 1, 1, table.padded_vocab_size(cfg["vocab_size"], 1), "torch_dist", torch.float32, target=tc.name)
     meta["target_options"] = dict(tc.options)
     ckpt = os.path.join(work, name, "ckpt")
     save_mcore_checkpoint(student, ckpt, meta, hf_assets_dir=TEACHER)
@@ -63,13 +64,14 @@ def main():
     from megatron.core import tensor_parallel
 
     from megatron_attnedit.convert import hf_io
-    from megatron_attnedit.convert.qwen3 import ModelTable
-    from megatron_attnedit.models import qwen3
+    from megatron_attnedit.families.table import ModelTable
+    from megatron_attnedit.models import builder
+    from megatron_attnedit import families
 
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(0)
-    cfg = qwen3.load_hf_config(TEACHER)
-    teacher = qwen3.build_model(cfg, qwen3.BuildOptions())
+    cfg = families.load_hf_config(TEACHER)
+    teacher = builder.build_model(cfg, builder.BuildOptions())
     hf_io.load_into_model(teacher, hf_io.HFCheckpoint(TEACHER), ModelTable(cfg))
     ckpts = {name: save_student(work, name, cfg, teacher) for name in ("mla", "gateswa")}
 

@@ -27,12 +27,13 @@ def main():
 
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     from megatron_attnedit.convert import hf_io
-    from megatron_attnedit.convert.qwen3 import ModelTable
-    from megatron_attnedit.models import forward, qwen3
+    from megatron_attnedit.families.table import ModelTable
+    from megatron_attnedit.models import builder, forward
+    from megatron_attnedit import families
 
-    cfg = qwen3.load_hf_config(a.hf_dir)
-    opts = qwen3.BuildOptions(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, expert_model_parallel_size=a.ep)
-    model = qwen3.build_model(cfg, opts)
+    cfg = families.load_hf_config(a.hf_dir)
+    opts = builder.BuildOptions(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, expert_model_parallel_size=a.ep)
+    model = builder.build_model(cfg, opts)
     hf_io.load_into_model(model, hf_io.HFCheckpoint(a.hf_dir), ModelTable(cfg, tp=a.tp))
     tokens = torch.load(a.tokens)
     logits = forward.forward_logits(model, tokens, cfg["vocab_size"])

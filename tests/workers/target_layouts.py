@@ -36,7 +36,7 @@ def perturb(model, seed):
 def save_hf(model, table, out_dir, cfg):
     from safetensors.torch import save_file
 
-    from megatron_attnedit.convert import mapping
+    from megatron_attnedit.families import mapping
     from megatron_attnedit.convert.hf_io import trainable_items
 
     tensors = {}
@@ -66,11 +66,12 @@ def main():
 
     from megatron_attnedit.attention.targets import TargetConfig
     from megatron_attnedit.convert import hf_io
-    from megatron_attnedit.convert.qwen3 import ModelTable
-    from megatron_attnedit.models import forward, qwen3
+    from megatron_attnedit.families.table import ModelTable
+    from megatron_attnedit.models import builder, forward
+    from megatron_attnedit import families
     from megatron_attnedit.models.student import build_student, init_student_from_teacher, student_table
 
-    cfg = qwen3.load_hf_config(a.hf_dir)
+    cfg = families.load_hf_config(a.hf_dir)
     tokens = torch.load(a.tokens)
     vocab = cfg["vocab_size"]
     ref, results = {}, {}
@@ -78,9 +79,9 @@ def main():
         platform.init_distributed(plat, tp, pp)
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         rank = dist.get_rank()
-        opts = qwen3.BuildOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
+        opts = builder.BuildOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
         where = f"tp{tp} pp{pp}" + (" sp" if sp else "")
-        teacher = qwen3.build_model(cfg, opts)
+        teacher = builder.build_model(cfg, opts)
         hf_io.load_into_model(teacher, hf_io.HFCheckpoint(a.hf_dir), ModelTable(cfg, tp=tp))
         teacher_logits = forward.forward_logits(teacher, tokens, vocab)
         for key, spec in STUDENTS.items():
