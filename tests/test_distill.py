@@ -58,6 +58,30 @@ def test_stage1_halves_every_layer_and_shares_frozen_weights(tiny_hf, tmp_path, 
         assert after[name] == before[name], name
 
 
+@pytest.mark.parametrize("target,options", [("mla", {"kv_lora_rank": 32, "init": "svd"}), ("gate_swa", GATE_SWA)], ids=["mla-svd", "gate_swa"])
+def test_stage1_on_a_llama_teacher(tiny_hf, tmp_path, target, options):
+    """Llama 3 (no q/k-norm, llama3 RoPE scaling, tied embeddings): stage 1 halves every layer's loss
+    (MLA from the svd init, which has no q/k-norm to fold there), with one copy of the frozen weights."""
+    r = drive(tmp_path, tiny_hf["llama"], "--target", target, "--target-options", json.dumps(options),
+              "--steps", 30, "--lr", 3e-3, "--data-pool", 2)
+    first, last = layer_losses(r["metrics"][0]), layer_losses(r["metrics"][-1])
+    assert len(first) == 4
+    for name, v0 in first.items():
+        if v0 < 1e-6:
+            assert last[name] < 1e-6, (name, v0, last[name])
+        else:
+            assert last[name] <= 0.5 * v0, f"{target} {name}: normalized MSE {v0:.4f} -> {last[name]:.4f}, not halved"
+    s = r["storages"]
+    assert s["pair"] == s["teacher"] + s["attention"], s
+
+
+def test_stage2_on_a_llama_teacher(tiny_hf, tmp_path):
+    r = drive(tmp_path, tiny_hf["llama"], "--stage", 2, "--target", "mla", "--target-options", json.dumps(MLA_RANDOM),
+              "--steps", 15, "--data-pool", 2, "--lr", 3e-3)
+    first, last = r["metrics"][0], r["metrics"][-1]
+    assert last["stage2/kl"] < 0.5 * first["stage2/kl"], (first, last)
+
+
 def test_sharing_with_moe_teacher(tiny_hf, tmp_path):
     r = drive(tmp_path, tiny_hf["moe"], "--target", "gate_swa", "--target-options", json.dumps(GATE_SWA), "--steps", 2)
     s = r["storages"]

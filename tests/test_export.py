@@ -1,8 +1,8 @@
 """Student exports (checkpoints_tools/mcore_to_hf.py on a checkpoint whose metadata names a target).
 
-MLA -> stock transformers DeepseekV2ForCausalLM (no remote code); GateSWA -> Qwen3 / Qwen3-MoE plus
-the shipped configuration_gateswa.py / modeling_gateswa.py (trust_remote_code). For dense and MoE
-teachers: logits parity with the megatron student (fp32, CPU, <= 1e-4), offline loading with
+MLA -> stock transformers DeepseekV2ForCausalLM (no remote code); GateSWA -> Qwen3 / Qwen3-MoE / Llama plus
+the shipped configuration_gateswa.py / modeling_gateswa.py (trust_remote_code). For dense, MoE and
+Llama 3 teachers: logits parity with the megatron student (fp32, CPU, <= 1e-4), offline loading with
 AutoModelForCausalLM, greedy generation whose cached steps equal a full forward (so the sliding-
 window cache is right), and bad target metadata ending in one error line with nothing written.
 
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from conftest import ROOT
 
 TOL = 1e-4
-CASES = ["mla-dense", "mla-dense-qlora-tied", "mla-moe", "mla-moe-nonorm", "gateswa-dense", "gateswa-moe", "gqa-dense"]
+CASES = ["mla-dense", "mla-dense-qlora-tied", "mla-moe", "mla-moe-nonorm", "gateswa-dense", "gateswa-moe", "gqa-dense", "mla-llama", "gateswa-llama"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_loads_offline_and_generates_with_cache(exports, case):
     elif case.startswith("gqa"):
         assert r["class"] == "Qwen3ForCausalLM" and not r["remote_code"]
     else:
-        assert r["class"] in ("GateSWAForCausalLM", "GateSWAMoeForCausalLM") and r["remote_code"]
+        assert r["class"] in ("GateSWAForCausalLM", "GateSWAMoeForCausalLM", "GateSWALlamaForCausalLM") and r["remote_code"]
         assert r["module"].startswith("transformers_modules.") and r["module"].endswith(".modeling_gateswa")
     assert len(r["generated"]) == 14
     # 10 prompt + 14 new tokens > window (8 / 6): sliding layers decode from a truncated cache
@@ -154,7 +154,11 @@ def test_gateswa_config_and_files(exports):
     assert dense["layer_types"] == ["sliding_attention", "full_attention"] * 2 and dense["sliding_window"] == 8 and dense["use_sliding_window"]
     assert moe["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"] and moe["sliding_window"] == 6
     assert (dense["output_gate"], dense["attention_sinks"], moe["output_gate"], moe["attention_sinks"]) == ("head", True, "channel", False)
-    for case in ("gateswa-dense", "gateswa-moe"):
+    llama = _config(w, "gateswa-llama")
+    assert llama["model_type"] == "llama_gateswa" and llama["auto_map"]["AutoModelForCausalLM"] == "modeling_gateswa.GateSWALlamaForCausalLM"
+    assert llama["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    assert llama["rope_parameters"]["rope_type"] == "llama3"  # the teacher's RoPE, kept
+    for case in ("gateswa-dense", "gateswa-moe", "gateswa-llama"):
         assert {"configuration_gateswa.py", "modeling_gateswa.py"} <= set(os.listdir(w / case / "hf"))
     keys = _hf_keys(w, "gateswa-dense")
     assert {"model.layers.0.self_attn.output_gate.weight", "model.layers.0.self_attn.output_gate.bias", "model.layers.0.self_attn.sinks"} <= keys
@@ -190,6 +194,7 @@ def test_bad_target_metadata_one_line_nothing_written(exports, name):
 
 def test_export_reports_and_notes(exports):
     _, result, _ = exports
-    # only the norm_topk_prob export warns, in one line
-    assert [c for c in CASES if result[c]["stderr"]] == ["mla-moe"]
+    # only the norm_topk_prob export and the Llama MLA export (rms_norm_eps 1e-5) warn, in one line each
+    assert [c for c in CASES if result[c]["stderr"]] == ["mla-moe", "mla-llama"]
     assert result["mla-moe"]["stderr"].count("\n") == 1 and "norm_topk_prob" in result["mla-moe"]["stderr"]
+    assert result["mla-llama"]["stderr"].count("\n") == 1 and "rms_norm_eps 1e-05" in result["mla-llama"]["stderr"]

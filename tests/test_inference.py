@@ -42,6 +42,14 @@ def qwen3(moe=False, **over):
     return spread(Qwen3ForCausalLM(Qwen3Config(**shape)))
 
 
+def llama(**over):
+    """Llama 3: no q/k-norm, llama3 RoPE scaling (the engine's RoPE table comes from the model's own frequencies)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8, rope_theta=10000.0)
+    return spread(LlamaForCausalLM(LlamaConfig(**dict(SMALL, num_key_value_heads=2, head_dim=16, rope_parameters=rope, **over))))
+
+
 def deepseek(version=2, q_lora_rank=None, moe=False):
     """MLA of the debug teacher's width; MoE layers from layer 1 on, no shared expert (as the exports write them)."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
@@ -74,6 +82,7 @@ def prompts(n=9, batch=2, seed=1):
 MODELS = {
     "gqa": lambda: qwen3(),
     "gqa-moe": lambda: qwen3(moe=True),
+    "gqa-llama": lambda: llama(),
     "mla-v2": lambda: deepseek(2),
     "mla-v2-qlora": lambda: deepseek(2, q_lora_rank=32),
     "mla-v2-moe": lambda: deepseek(2, moe=True),

@@ -34,6 +34,8 @@ from megatron_attnedit.errors import CheckpointError
 
 GATESWA_CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_gateswa")
 GATESWA_FILES = ("configuration_gateswa.py", "modeling_gateswa.py")
+# teacher model_type -> the class name prefix of its GateSWA classes in hf_gateswa/ (model_type <teacher>_gateswa)
+GATESWA_CLASSES = {"qwen3": "GateSWA", "qwen3_moe": "GateSWAMoe", "llama": "GateSWALlama"}
 
 # Substrings of megatron weight names that only a student has: what tells a student's weights
 # apart from the teacher's when the metadata names no target.
@@ -235,11 +237,12 @@ def _gateswa(cfg: dict, target, table, where: str) -> StudentExport:
 
     t = get_target("gate_swa")
     o, kinds = t.resolve(cfg, target.options), t.layer_kinds(cfg, target.options)
-    moe = cfg["model_type"] == "qwen3_moe"
-    prefix = "GateSWAMoe" if moe else "GateSWA"
+    prefix = GATESWA_CLASSES.get(cfg["model_type"])
+    if prefix is None:
+        raise CheckpointError(f"{where}: the GateSWA code shipped with exports has no {cfg['model_type']} base (it has {', '.join(GATESWA_CLASSES)})")
     out = dict(cfg)
     out.update(
-        model_type="qwen3_moe_gateswa" if moe else "qwen3_gateswa",
+        model_type=cfg["model_type"] + "_gateswa",
         architectures=[f"{prefix}ForCausalLM"],
         auto_map={
             "AutoConfig": f"configuration_gateswa.{prefix}Config",

@@ -1,4 +1,4 @@
-"""Kind "gqa": the teacher's attention (Qwen3 / Qwen3-MoE) with full K and V of every KV head.
+"""Kind "gqa": the teacher's attention (Qwen3 / Qwen3-MoE / Llama) with full K and V of every KV head.
 
 Cache per layer: K and V [batch, kv_heads, slots, head_dim], RoPE applied before caching (keys are
 stored at their absolute position). Slot of position p: p mod slots -- the position itself in a
@@ -7,7 +7,7 @@ the GateSWA kind that extends this one): once the ring has wrapped it holds exac
 p - W < j <= p that a sliding window of W keys lets position p see.
 
 Projections, q/k-norms and o_proj are the model's own modules; Qwen3's order is projection,
-per-head RMSNorm, RoPE (rotate-half).
+per-head RMSNorm, RoPE (rotate-half); Llama's the same without the norm.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import torch
 from megatron_attnedit.inference.attend import cached_attention, causal_attention
 from megatron_attnedit.inference.base import CachedAttention
 from megatron_attnedit.inference.rope import rotate_half
+
+
+def _identity(x):
+    return x
 
 
 class GQAAttention(CachedAttention):
@@ -49,8 +53,9 @@ class GQAAttention(CachedAttention):
         a = self.attn
         shape = (*x.shape[:2], -1, self.head_dim)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-        q = rotate_half(a.q_norm(a.q_proj(x).view(shape)), cos, sin)
-        k = rotate_half(a.k_norm(a.k_proj(x).view(shape)), cos, sin)
+        q_norm, k_norm = getattr(a, "q_norm", None) or _identity, getattr(a, "k_norm", None) or _identity  # Llama has none
+        q = rotate_half(q_norm(a.q_proj(x).view(shape)), cos, sin)
+        k = rotate_half(k_norm(a.k_proj(x).view(shape)), cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), a.v_proj(x).view(shape).transpose(1, 2)
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

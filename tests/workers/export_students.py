@@ -41,6 +41,9 @@ CASES = {
     "gateswa-moe": ("qwen3-moe-debug", {}, {"name": "gate_swa", "options": {"pattern": ["S", "S", "F", "S"], "window": 6, "gate": "channel"}}),
     # the plumbing target: the teacher's own format
     "gqa-dense": ("qwen3-debug", {}, {"name": "gqa", "options": {"init": "copy"}}),
+    # Llama 3 teacher (no q/k-norm, llama3 RoPE scaling, tied embeddings): svd init without a norm to fold
+    "mla-llama": ("llama3-debug", {}, {"name": "mla", "options": {"kv_lora_rank": 32, "qk_pos_emb_head_dim": 8}}),
+    "gateswa-llama": ("llama3-debug", {"tie_word_embeddings": False}, {"name": "gate_swa", "options": {"pattern": "SSF", "window": 8, "sinks": True}}),
 }
 
 

@@ -1,4 +1,4 @@
-"""GateSWA configuration (megatron-attnedit): a Qwen3 / Qwen3-MoE config plus the attention edit.
+"""GateSWA configuration (megatron-attnedit): a Qwen3 / Qwen3-MoE / Llama config plus the attention edit.
 
 Fields beyond the base config:
   layer_types      per layer "sliding_attention" (window of ``sliding_window`` keys, itself
@@ -7,7 +7,7 @@ Fields beyond the base config:
   attention_sinks  true: one learnable sink logit per head (a virtual key whose value is zero)
 """
 
-from transformers import Qwen3Config, Qwen3MoeConfig
+from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
 _GATES = ("head", "channel")
 
@@ -36,6 +36,19 @@ class GateSWAMoeConfig(Qwen3MoeConfig):
     output_gate: str = "head"
     attention_sinks: bool = False
     layer_types: list | None = None  # Qwen3-MoE has no per-layer attention types of its own
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _check(self)
+
+
+class GateSWALlamaConfig(LlamaConfig):
+    model_type = "llama_gateswa"
+    output_gate: str = "head"
+    attention_sinks: bool = False
+    layer_types: list | None = None  # Llama has no per-layer attention types of its own
+    sliding_window: int | None = None
+    use_sliding_window: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -1,7 +1,8 @@
-"""GateSWA (megatron-attnedit): Qwen3 / Qwen3-MoE with gated, hybrid sliding-window attention.
+"""GateSWA (megatron-attnedit): Qwen3 / Qwen3-MoE / Llama with gated, hybrid sliding-window attention.
 
 Loaded with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``. Everything but
-the attention is transformers' own Qwen3 / Qwen3-MoE. Per layer i:
+the attention is transformers' own Qwen3 / Qwen3-MoE / Llama (the teacher's family; Llama has no
+q/k-norm, and its model gets one mask per layer type here as Qwen3-MoE's does). Per layer i:
 
 * ``config.layer_types[i]`` is "sliding_attention" (query t sees keys t-W < j <= t, W =
   ``config.sliding_window``) or "full_attention";
@@ -28,14 +29,15 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3ForCausalLM, apply_rotary_pos_emb, eager_attention_forward, repeat_kv
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCausalLM, LlamaModel
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_gateswa import GateSWAConfig, GateSWAMoeConfig
+from .configuration_gateswa import GateSWAConfig, GateSWALlamaConfig, GateSWAMoeConfig
 
 # The name under which this transformers passes the cache to masks, layers and model outputs.
 _CACHE_KEYWORD = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
@@ -82,9 +84,10 @@ def attention_with_sinks(module, query, key, value, attention_mask, scaling, dro
     return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous(), probs
 
 
-class GateSWAAttention(Qwen3Attention):
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
+class _GatedSlidingAttention:
+    """The edit, on top of the family's attention (its q/k/v/o projections, q/k-norm if it has one)."""
+
+    def _add_gate(self, config, layer_idx):
         sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if sliding else None
         self.gate_width = 1 if config.output_gate == "head" else self.head_dim
@@ -95,8 +98,9 @@ class GateSWAAttention(Qwen3Attention):
         cache = _cache_of(kwargs, cache)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-        key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        q_norm, k_norm = getattr(self, "q_norm", _identity), getattr(self, "k_norm", _identity)
+        query = q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key = k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
@@ -115,9 +119,54 @@ class GateSWAAttention(Qwen3Attention):
         return self.o_proj(out), weights
 
 
-def _use_gateswa_attention(layers, config):
+def _identity(x):
+    return x
+
+
+class GateSWAAttention(_GatedSlidingAttention, Qwen3Attention):
+    def __init__(self, config, layer_idx):
+        Qwen3Attention.__init__(self, config, layer_idx)
+        self._add_gate(config, layer_idx)
+
+
+class GateSWALlamaAttention(_GatedSlidingAttention, LlamaAttention):
+    def __init__(self, config, layer_idx):
+        LlamaAttention.__init__(self, config, layer_idx)
+        self._add_gate(config, layer_idx)
+
+
+def _use_gateswa_attention(layers, config, attention=GateSWAAttention):
     for i, layer in enumerate(layers):
-        layer.self_attn = GateSWAAttention(config, i)
+        layer.self_attn = attention(config, i)
+
+
+def _forward_by_layer_type(model, output_class, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                           inputs_embeds=None, use_cache=None, **kwargs):
+    """A decoder body's forward with one mask per layer type (full / sliding)."""
+    cache = _cache_of(kwargs, cache)
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if use_cache and cache is None:
+        cache = DynamicCache(config=model.config)
+    if inputs_embeds is None:
+        inputs_embeds = model.embed_tokens(input_ids)
+    if position_ids is None:
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+    mask_kwargs = dict(config=model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       position_ids=position_ids, **{_CACHE_KEYWORD: cache})
+    masks = attention_mask  # generate may already have built one mask per layer type
+    if not isinstance(masks, dict):
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in model.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+    hidden_states = inputs_embeds
+    position_embeddings = model.rotary_emb(hidden_states, position_ids=position_ids)
+    for layer, kind in zip(model.layers, model.config.layer_types):
+        hidden_states = layer(hidden_states, attention_mask=masks[kind], position_ids=position_ids,
+                              use_cache=use_cache, **{_CACHE_KEYWORD: cache},
+                              position_embeddings=position_embeddings, **kwargs)
+    return output_class(last_hidden_state=model.norm(hidden_states), **{_CACHE_KEYWORD: cache})
 
 
 class GateSWAForCausalLM(Qwen3ForCausalLM):
@@ -144,32 +193,8 @@ class GateSWAMoeModel(Qwen3MoeModel):
 
     @merge_with_config_defaults
     @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
-        cache = _cache_of(kwargs, cache)
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
-        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           position_ids=position_ids, **{_CACHE_KEYWORD: cache})
-        masks = attention_mask  # generate may already have built one mask per layer type
-        if not isinstance(masks, dict):
-            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-            if "sliding_attention" in self.config.layer_types:
-                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for layer, kind in zip(self.layers, self.config.layer_types):
-            hidden_states = layer(hidden_states, attention_mask=masks[kind], position_ids=position_ids,
-                                  use_cache=use_cache, **{_CACHE_KEYWORD: cache},
-                                  position_embeddings=position_embeddings, **kwargs)
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{_CACHE_KEYWORD: cache})
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, **kwargs):
+        return _forward_by_layer_type(self, MoeModelOutputWithPast, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, **kwargs)
 
 
 class GateSWAMoeForCausalLM(Qwen3MoeForCausalLM):
@@ -178,4 +203,29 @@ class GateSWAMoeForCausalLM(Qwen3MoeForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         self.model = GateSWAMoeModel(config)  # replaces the stock body; weights come from the checkpoint
+        self.post_init()
+
+
+class GateSWALlamaModel(LlamaModel):
+    """Llama base; its forward is LlamaModel's with one mask per layer type (Llama's has one mask)."""
+
+    config_class = GateSWALlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _use_gateswa_attention(self.layers, config, GateSWALlamaAttention)
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, **kwargs):
+        return _forward_by_layer_type(self, BaseModelOutputWithPast, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, **kwargs)
+
+
+class GateSWALlamaForCausalLM(LlamaForCausalLM):
+    config_class = GateSWALlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = GateSWALlamaModel(config)  # replaces the stock body; weights come from the checkpoint
         self.post_init()
