@@ -12,11 +12,13 @@ def _pins(name):
 setup(
     name="megatron-attnedit",
     version="0.1.0",
-    description="Convert trained Qwen3 LLMs to MLA / GateSWA attention by progressive distillation on megatron-core",
+    description="Convert trained LLMs (Qwen3, Qwen3-MoE, Llama 3) to MLA / GateSWA attention by progressive distillation on megatron-core",
     packages=find_packages(include=["megatron_attnedit", "megatron_attnedit.*"]),
     # The bundled teachers ship inside the package; recipes and launchers stay in launch/ (the
     # project is used from a checkout, installed in editable mode by launch/install.sh).
-    package_data={"megatron_attnedit": ["assets/teachers/*/*", "convert/hf_gateswa/*.py"]},
+    package_data={"megatron_attnedit": ["assets/teachers/*/*", "targets/gate_swa/hf/*.py"]},
+    # one command with subcommands (megatron_attnedit/cli/main.py); the scripts stay as shims
+    entry_points={"console_scripts": ["attnedit=megatron_attnedit.cli.main:main"]},
     python_requires=">=3.10",
     # Exact pins (requirements.txt). torch is deliberately not among them: the install script
     # installs torch==2.13.0 only when no torch is present, and never replaces the user's own build.

@@ -9,6 +9,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 if __name__ == "__main__":
-    from megatron_attnedit.convert.cli import hf_to_gguf_main
+    from megatron_attnedit.cli.convert import hf_to_gguf_main
 
     sys.exit(hf_to_gguf_main())

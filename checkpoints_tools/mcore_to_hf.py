@@ -10,6 +10,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 if __name__ == "__main__":
-    from megatron_attnedit.convert.cli import mcore_to_hf_main
+    from megatron_attnedit.cli.convert import mcore_to_hf_main
 
     sys.exit(mcore_to_hf_main())

@@ -50,6 +50,7 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from megatron_attnedit.targets.base import mean_keys  # noqa: E402,F401  (torch only; bench.mean_keys for tests)
 
 RUNS = ("lm", "teacher_fwd", "stage1", "stage2")
 RECIPES = {  # preset -> target -> recipe whose target section (and stage overlays) the runs use
@@ -66,59 +67,31 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "
 # ------------------------------------------------------------------------------------------------
 
 
-def qwen3_preset(name: str) -> dict:
+def preset(name: str) -> dict:
     from megatron_attnedit import families
 
     return families.config_for_preset(name)
 
 
-def mean_keys(seq: int, window: Optional[int] = None) -> float:
-    """Keys a query attends to, averaged over the sequence (causal; at most ``window``)."""
-    if window is None or window >= seq:
-        return (seq + 1) / 2
-    return (window * (window + 1) / 2 + (seq - window) * window) / seq
-
-
 class Flops:
-    """Forward FLOPs per token of the pieces of a teacher/student pair (see the module docstring)."""
+    """Forward FLOPs per token of the pieces of a teacher/student pair (see the module docstring);
+    each attention target counts its own layers (``targets/<name>.flops``)."""
 
     def __init__(self, hf: dict, target: dict, seq: int):
-        from megatron_attnedit.attention.targets import expand_pattern
-        from megatron_attnedit.families import moe_layer_pattern, num_experts
+        from megatron_attnedit import families
+        from megatron_attnedit.targets import get_target
+        from megatron_attnedit.targets.base import gqa_layer_flops
 
         h, L = hf["hidden_size"], hf["num_hidden_layers"]
-        nh, nkv, d = hf["num_attention_heads"], hf["num_key_value_heads"], hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         self.out = 2 * h * hf["vocab_size"]
-        gqa_proj = 2 * (h * (nh + 2 * nkv) * d + nh * d * h)
-        gqa_score = 4 * mean_keys(seq) * nh * d
-        moe = moe_layer_pattern(hf)
-        E = num_experts(hf)
+        moe, E = families.moe_layer_pattern(hf), families.num_experts(hf)
         self.mlp = [2 * h * E + hf.get("num_experts_per_tok", 0) * 6 * h * hf.get("moe_intermediate_size", 0) if m
                     else 6 * h * hf["intermediate_size"] for m in moe]
-        self.t_proj, self.t_score = [gqa_proj] * L, [gqa_score] * L
-        o = target.get("options", {})
-        if target["name"] == "mla":
-            kinds = expand_pattern(o.get("pattern", "M"), L, {"M": "mla", "G": "gqa"})
-            qk = o.get("qk_head_dim") or d
-            dr = o.get("qk_pos_emb_head_dim") or d // 2
-            v, r, ql = o.get("v_head_dim") or d, o.get("kv_lora_rank", 512), o.get("q_lora_rank")
-            q_proj = 2 * h * nh * (qk + dr) if not ql else 2 * (h * ql + ql * nh * (qk + dr))
-            mla_proj = q_proj + 2 * h * (r + dr) + 2 * r * nh * (qk + v) + 2 * nh * v * h
-            mla_score = 2 * mean_keys(seq) * nh * (qk + dr + v)
-            mla_input = (2 * h * nh * (qk + dr) if not ql else 2 * h * ql) + 2 * h * (r + dr)
-            self.s_input = [mla_input if k == "M" else 2 * h * (nh + 2 * nkv) * d for k in kinds]
-            self.s_proj = [mla_proj if k == "M" else gqa_proj for k in kinds]
-            self.s_score = [mla_score if k == "M" else gqa_score for k in kinds]
-            self.trained = [k == "M" for k in kinds]
-        elif target["name"] == "gate_swa":
-            kinds = expand_pattern(o.get("pattern", "SSSSSF"), L, {"S": "window", "F": "full"})
-            gate = 2 * h * nh * (d if o.get("gate", "head") == "channel" else 1)
-            self.s_proj = [gqa_proj + gate] * L
-            self.s_input = [2 * h * (nh + 2 * nkv) * d + gate] * L
-            self.s_score = [4 * mean_keys(seq, o.get("window", 4096) if k == "S" else None) * nh * d for k in kinds]
-            self.trained = [True] * L
-        else:
-            raise SystemExit(f"error: no FLOP model for target {target['name']!r}")
+        teacher = gqa_layer_flops(hf, seq)
+        self.t_proj, self.t_score = [teacher.proj] * L, [teacher.score] * L
+        layers = get_target(target["name"]).flops(hf, target.get("options", {}), seq)
+        self.s_proj, self.s_score = [x.proj for x in layers], [x.score for x in layers]
+        self.s_input, self.trained = [x.input for x in layers], [x.trained for x in layers]
 
     def per_token(self, trainable: str = "attention", teacher_logits: bool = False) -> Dict[str, float]:
         """Per run; ``teacher_logits``: the teacher_fwd run goes through the output layer too."""

@@ -16,7 +16,7 @@ weights -- computed from the engine's allocated cache of one sequence, then conf
 it and decoding (backing off by 10% on an out-of-memory) -- every sequence a copy of the prefilled
 one, and timed again at the same positions (``max_batch``). Decode tokens/s count every sequence's
 token per step. Cache bytes per token are measured from the allocated tensors (whole model, per
-sequence, at C positions) next to the attention target's formula (attention/kv_formula.py).
+sequence, at C positions) next to the attention target's formula (targets/<name>: kv_bytes_per_layer).
 
 With fewer layers than the preset (``--layers``) the figures are of that model; ``at_preset_layers``
 says how each scales (cache and weights: linear in layers, the embedding and lm_head once;
@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_attnedit.attention import kv_formula  # noqa: E402
+from megatron_attnedit import families  # noqa: E402
 from megatron_attnedit.inference import kv  # noqa: E402
 from megatron_attnedit.inference.engine import DecodeEngine, synchronize  # noqa: E402
 from megatron_attnedit.families import PRESETS  # noqa: E402
@@ -99,7 +99,7 @@ def hf_config(name: str, preset: dict, layers: int, a):
         return AutoConfig.for_model(preset["model_type"], **base)
     s = STUDENT[a.preset]
     if name == "mla":
-        hd = kv_formula.head_dim(preset)
+        hd = families.head_dim(preset)
         experts = dict(n_routed_experts=base["num_experts"], num_experts_per_tok=base["num_experts_per_tok"],
                        moe_intermediate_size=base["moe_intermediate_size"], norm_topk_prob=True, first_k_dense_replace=0) if moe else \
             dict(n_routed_experts=0, num_experts_per_tok=None, first_k_dense_replace=layers)
@@ -110,7 +110,7 @@ def hf_config(name: str, preset: dict, layers: int, a):
             rope_parameters={"rope_type": "default", "rope_theta": base["rope_theta"] ** (s["rope"] / hd)},  # the export's "high" RoPE
             rms_norm_eps=base["rms_norm_eps"], max_position_embeddings=base["max_position_embeddings"], tie_word_embeddings=False,
             n_shared_experts=0, routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1, **experts)
-    from megatron_attnedit.convert.hf_gateswa.configuration_gateswa import GateSWAConfig, GateSWAMoeConfig
+    from megatron_attnedit.targets.gate_swa.hf.configuration_gateswa import GateSWAConfig, GateSWAMoeConfig
 
     kinds = [a.pattern[i % len(a.pattern)] for i in range(layers)]
     return (GateSWAMoeConfig if moe else GateSWAConfig)(
@@ -123,7 +123,7 @@ def build(name: str, config, device, dtype):
     from transformers import AutoModelForCausalLM
 
     if name == "gate_swa":
-        from megatron_attnedit.convert.hf_gateswa import modeling_gateswa as m
+        from megatron_attnedit.targets.gate_swa.hf import modeling_gateswa as m
 
         cls = m.GateSWAMoeForCausalLM if "moe" in config.model_type else m.GateSWAForCausalLM
     else:
@@ -134,14 +134,10 @@ def build(name: str, config, device, dtype):
     return model.eval()
 
 
-def formula(name: str, cfg: dict, context: int, bpe: int, pattern: str):
-    """The target's KV bytes per token, per layer, of a model config (kv_formula: the targets' own)."""
-    n = cfg["num_hidden_layers"]
-    if name == "teacher":
-        return kv_formula.gqa_layers(cfg, bpe)
-    if name == "mla":
-        return kv_formula.mla_layers(cfg, ["M"] * n, cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], bpe)
-    return kv_formula.gate_swa_layers(cfg, [pattern[i % len(pattern)] for i in range(n)], cfg["sliding_window"], context, bpe)
+def formula(cfg: dict, context: int, bpe: int):
+    """The target's KV bytes per token, per layer, of a model config (its attention recognised as
+    the evaluation does, the formula the target's own)."""
+    return kv.formula_per_layer(cfg, context, bpe)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -225,7 +221,7 @@ def bench_context(name: str, model, config, context: int, a, weights: dict) -> d
     log(f"{name} {context}: prefill of {prompt_len} tokens {prefill_s:.2f} s")
     step_s = engine.time_steps(a.steps, a.warmup)  # batch 1, up to position `context`
     measured = kv.measure(engine, context)
-    per_layer_formula = formula(name, config.to_dict(), context, bpe, a.pattern)
+    per_layer_formula = formula(config.to_dict(), context, bpe)
     per_seq = sum(engine.cache_bytes_per_layer())
     log(f"{name} {context}: batch 1 {1e3 * step_s:.2f} ms/step; cache {per_seq / GiB:.3f} GiB/sequence")
     big = largest_batch(engine, prompt_len, a, per_seq)
@@ -258,7 +254,10 @@ SCALING = ("cache bytes per token (the formula, which the measured cache equals 
 def at_preset_layers(row: dict, config, name: str, full: int, a, memory: dict) -> dict:
     """How the row's figures scale from its layers to the preset's ``full`` layers (module docstring)."""
     f = full / config.num_hidden_layers
-    per_token = sum(formula(name, dict(config.to_dict(), num_hidden_layers=full), row["context"], memory["bytes_per_elem"], a.pattern))
+    at_full = dict(config.to_dict(), num_hidden_layers=full)
+    if name == "gate_swa":  # the pattern tiled over the preset's layers
+        at_full["layer_types"] = ["sliding_attention" if a.pattern[i % len(a.pattern)] == "S" else "full_attention" for i in range(full)]
+    per_token = sum(formula(at_full, row["context"], memory["bytes_per_elem"]))
     weights = memory["other_weights_GiB"] + memory["layer_weights_GiB"] * f
     step_ws = step_workspace(config, row["context"])
     room = (memory["free_before_weights_GiB"] - weights - a.reserve_gib) * GiB if memory.get("free_before_weights_GiB") else None

@@ -13,7 +13,7 @@ trained at 2,048 tokens; past that its outputs mean nothing, which timing does n
 
 Per context C: the model is loaded with an f16 KV cache of C cells (llama.cpp's default cache
 type) and ``kv_bytes`` is what llama.cpp reports allocating for it (its "llama_kv_cache: size"
-log line, K and V separately), next to ``formula_bytes`` = C x attention/kv_formula.py at 2
+log line, K and V separately), next to ``formula_bytes`` = C x the target's KV formula (targets/<name>) at 2
 bytes per value. At the decode contexts, C - 64 random tokens are prefilled (``prefill_s``), then
 ``--decode-tokens`` tokens are decoded one at a time through the cache (``decode_tok_s``, the
 median step); the rest of the context stays free. Threads: prefill on every core, decode on
@@ -78,14 +78,10 @@ def random_mla_student(dst: str) -> str:
 
 
 def formula_per_token(cfg: dict) -> int:
-    """attention/kv_formula.py at 2 bytes per value, summed over layers."""
-    from megatron_attnedit.attention import kv_formula
+    """The target's KV formula (targets/<name>) at 2 bytes per value, summed over layers."""
+    from megatron_attnedit.inference import kv
 
-    if cfg["model_type"] == "deepseek_v2":
-        layers = kv_formula.mla_layers(cfg, "M" * cfg["num_hidden_layers"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], 2)
-    else:
-        layers = kv_formula.gqa_layers(cfg, 2)
-    return int(sum(layers))
+    return int(sum(kv.formula_per_layer(cfg, 1, 2)))
 
 
 def load(gguf_path: str, context: int, threads: int, flash_attn: bool = True):

@@ -55,7 +55,7 @@ def main():
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_attnedit.distill import losses
+    from megatron_attnedit.training import losses
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")

@@ -281,10 +281,31 @@ class ObjectiveConfig:
 
 @dataclasses.dataclass
 class TargetConfig:
+    """The ``target:`` section of a recipe, and what every part of the project passes around as
+    "the student's attention" (checkpoint metadata, exports). The target (``targets.get_target``)
+    resolves and validates the options against the teacher's config."""
+
     name: Optional[str] = None
-    """Attention target of the student (mla, gate_swa; attention/targets.py); None = teacher attention."""
+    """Attention target of the student (mla, gate_swa, gqa: targets/); None = teacher attention."""
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     """Passed through to the target; it validates them."""
+
+    def __post_init__(self):
+        _check(self.name is None or isinstance(self.name, str), f"target.name must be a target's name, got {self.name!r}")
+        _check(isinstance(self.options, dict), f"target options must be a mapping, got {type(self.options).__name__}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TargetConfig":
+        """{'name': ..., 'options': {...}} or the flat form {'name': ..., 'window': ..., ...}."""
+        d = dict(d)
+        _check("name" in d, "target section needs a 'name' (an attention target: mla, gate_swa, gqa)")
+        name = d.pop("name")
+        options = dict(d.pop("options", {}) or {})
+        options.update(d)
+        return cls(name=name, options=options)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "options": dict(self.options)}
 
 
 @dataclasses.dataclass

@@ -69,7 +69,7 @@ def test_teacher_flops_are_twice_the_active_weights(preset):
 
 
 def test_flop_model_counts_windows_and_frozen_weights():
-    cfg = dict(bench.qwen3_preset("qwen3-8b"), num_hidden_layers=6)
+    cfg = dict(bench.preset("qwen3-8b"), num_hidden_layers=6)
     full = bench.Flops(cfg, {"name": "gate_swa", "options": {"window": 4096, "pattern": "F"}}, seq=16384)
     swa = bench.Flops(cfg, {"name": "gate_swa", "options": {"window": 4096, "pattern": "SSSSSF"}}, seq=16384)
     assert bench.mean_keys(16384) == 8192.5 and bench.mean_keys(8, 2) == (1 + 2 * 7) / 8

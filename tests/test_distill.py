@@ -276,14 +276,16 @@ def test_full_recompute_with_feature_matching_is_refused_in_one_line(tiny_hf, tm
 def test_gateswa_no_longer_than_its_window_is_warned_once(capsys):
     """At data.seq_length <= window every GateSWA sliding-window layer sees the whole sequence: the
     student equals the teacher (stage-1 loss exactly 0, measured at 8B shape) and learns nothing."""
-    from megatron_attnedit.attention.targets import TargetConfig
+    from megatron_attnedit.config import TargetConfig
     from megatron_attnedit.distill.colocate import _warn_if_nothing_to_learn
+    from megatron_attnedit.families import config_for_preset
 
-    _warn_if_nothing_to_learn(TargetConfig("gate_swa", {"window": 16}), 16)
+    cfg = config_for_preset("qwen3-debug")
+    _warn_if_nothing_to_learn(TargetConfig("gate_swa", {"window": 16}), 16, cfg)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: target.options.window=16 >= data.seq_length=16")
-    _warn_if_nothing_to_learn(TargetConfig("gate_swa", {}), 4096)  # the default window, 4096
+    _warn_if_nothing_to_learn(TargetConfig("gate_swa", {}), 4096, cfg)  # the default window, 4096
     assert "window=4096 >= data.seq_length=4096" in capsys.readouterr().err
-    _warn_if_nothing_to_learn(TargetConfig("gate_swa", {"window": 16}), 32)
-    _warn_if_nothing_to_learn(TargetConfig("mla", {}), 16)
+    _warn_if_nothing_to_learn(TargetConfig("gate_swa", {"window": 16}), 32, cfg)
+    _warn_if_nothing_to_learn(TargetConfig("mla", {}), 16, cfg)
     assert capsys.readouterr().err == ""

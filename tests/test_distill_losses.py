@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import torchrun
-from megatron_attnedit.distill import losses
+from megatron_attnedit.training import losses
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 from distill_losses import case_tensors  # noqa: E402

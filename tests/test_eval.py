@@ -27,7 +27,7 @@ def make_gateswa(out: str, window: int, pattern: str, seed: int = 3) -> None:
 
     from megatron_attnedit.families import config_for_preset
 
-    code = os.path.join(ROOT, "megatron_attnedit", "convert", "hf_gateswa")
+    code = os.path.join(ROOT, "megatron_attnedit", "targets", "gate_swa", "hf")
     os.makedirs(out)
     for f in ("configuration_gateswa.py", "modeling_gateswa.py"):
         shutil.copy(os.path.join(code, f), out)
@@ -275,7 +275,7 @@ def test_training_curves(setup, tmp_path):
 def test_wrong_decode_fails_the_evaluation(setup, tmp_path, monkeypatch, capsys):
     """An engine whose MLA value up-projection is 5% off: the report is written, its decode check says
     FAIL, and the command exits 1 with one error line naming the model."""
-    from megatron_attnedit.inference import mla
+    from megatron_attnedit.targets.mla import decode as mla
 
     allocate = mla.MLAAttention.allocate
 

@@ -129,8 +129,8 @@ def logits_and_grads(build):
 
 @pytest.mark.parametrize("kind", ["dense", "moe", "mla", "mla_q_lora"])
 def test_fused_model_matches_unfused(compile_on_cpu, kind):
-    from megatron_attnedit.attention.targets import TargetConfig
-    from megatron_attnedit.models.student import build_student
+    from megatron_attnedit.config import TargetConfig
+    from megatron_attnedit.targets.student import build_student
 
     preset = "qwen3-moe-debug" if kind == "moe" else "qwen3-debug"
     cfg = families.config_for_preset(preset)

@@ -68,7 +68,7 @@ def sequences(hf_dir, vocab):
 
 
 def export_gguf(hf_dir, out, *args):
-    from megatron_attnedit.convert.cli import hf_to_gguf_main
+    from megatron_attnedit.cli.convert import hf_to_gguf_main
 
     assert hf_to_gguf_main(["--hf-dir", str(hf_dir), "--out", str(out), "--no-progress", *args]) == 0
     return str(out)
@@ -252,7 +252,7 @@ def test_output_file_rules(tmp_path, capsys):
     """--out: refused over a file that is not a GGUF or without --overwrite; written aside and renamed;
     a GGUF written into an export directory joins its manifest (so the export's --overwrite replaces it)."""
     from megatron_attnedit.convert import outdir
-    from megatron_attnedit.convert.cli import hf_to_gguf_main
+    from megatron_attnedit.cli.convert import hf_to_gguf_main
 
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")

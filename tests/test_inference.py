@@ -65,8 +65,8 @@ def deepseek(version=2, q_lora_rank=None, moe=False):
 
 
 def gateswa(pattern=("S", "S", "F"), window=4, sinks=True, gate="head", moe=False):
-    from megatron_attnedit.convert.hf_gateswa.configuration_gateswa import GateSWAConfig, GateSWAMoeConfig
-    from megatron_attnedit.convert.hf_gateswa.modeling_gateswa import GateSWAForCausalLM, GateSWAMoeForCausalLM
+    from megatron_attnedit.targets.gate_swa.hf.configuration_gateswa import GateSWAConfig, GateSWAMoeConfig
+    from megatron_attnedit.targets.gate_swa.hf.modeling_gateswa import GateSWAForCausalLM, GateSWAMoeForCausalLM
 
     shape = dict(SMALL, num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=window, output_gate=gate,
                  attention_sinks=sinks, layer_types=["sliding_attention" if k == "S" else "full_attention" for k in pattern])

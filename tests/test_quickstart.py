@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from megatron_attnedit import quickstart, teacher
+from megatron_attnedit import teacher
+from megatron_attnedit.cli import quickstart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

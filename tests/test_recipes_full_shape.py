@@ -18,7 +18,8 @@ import pytest
 
 from conftest import ROOT
 from megatron_attnedit import platform
-from megatron_attnedit.attention.targets import TargetConfig, get_target
+from megatron_attnedit.config import TargetConfig
+from megatron_attnedit.targets import get_target
 from megatron_attnedit.config import load_config
 from megatron_attnedit.models import builder
 from megatron_attnedit import families

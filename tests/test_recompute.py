@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megatron_attnedit import platform
-from megatron_attnedit.attention.targets import TargetConfig, local_layers
+from megatron_attnedit.config import TargetConfig
+from megatron_attnedit.models.layers import local_layers
 from megatron_attnedit.models import builder
 from megatron_attnedit import families
 
@@ -51,7 +52,7 @@ def _build(preset, mla, **recompute):
     cfg = families.config_for_preset(preset)
     opts = builder.BuildOptions(**recompute)
     if mla:
-        from megatron_attnedit.models.student import build_student
+        from megatron_attnedit.targets.student import build_student
 
         return build_student(cfg, TargetConfig("mla", {"kv_lora_rank": 32}), opts)
     return builder.build_model(cfg, opts)

@@ -26,7 +26,7 @@ def test_gradient_value_unchanged_and_layout_folds_to_one_gemm():
 
 def test_chunked_kl_gradient_passes_through_without_a_copy():
     """The chunked losses already write the gradient as a contiguous [s, b, V]: _SBHGrad hands it on."""
-    from megatron_attnedit.distill import losses
+    from megatron_attnedit.training import losses
 
     s, v = 32, 64
     for b in (1, 2):

@@ -9,13 +9,9 @@ import torch
 
 from megatron_attnedit import platform
 from megatron_attnedit.attention import core
-from megatron_attnedit.attention.targets import (
-    TargetConfig,
-    attention_forward,
-    get_target,
-    local_layers,
-    rotary_pos_emb_for,
-)
+from megatron_attnedit.config import TargetConfig
+from megatron_attnedit.models.layers import attention_forward, local_layers, rotary_pos_emb_for
+from megatron_attnedit.targets import TARGETS, get_target
 from megatron_attnedit.models import builder
 from megatron_attnedit import families
 from megatron_attnedit.errors import ConfigError
@@ -44,7 +40,7 @@ def teacher_from_hf(hf_dir):
 
 
 def student_for(cfg, teacher, name, options, **init_kw):
-    from megatron_attnedit.models.student import build_student, init_student_from_teacher
+    from megatron_attnedit.targets.student import build_student, init_student_from_teacher
 
     tc = TargetConfig(name, options)
     model = build_student(cfg, tc, builder.BuildOptions())
@@ -87,12 +83,12 @@ def dense(env, tiny_hf):
 
 
 def test_registry_and_target_config():
-    assert {"mla", "gate_swa", "gqa"} <= set(__import__("megatron_attnedit.attention.targets", fromlist=["REGISTRY"]).REGISTRY)
+    assert {"mla", "gate_swa", "gqa"} <= set(TARGETS)
     assert get_target("gate_swa").name == "gate_swa"
     with pytest.raises(ConfigError, match="unknown attention target 'swa'"):
         get_target("swa")
-    with pytest.raises(ConfigError, match="unknown attention target"):
-        TargetConfig("nope", {})
+    with pytest.raises(ConfigError, match="target section needs a 'name'"):
+        TargetConfig.from_dict({"window": 8})
     flat = TargetConfig.from_dict({"name": "gate_swa", "window": 8})
     nested = TargetConfig.from_dict({"name": "gate_swa", "options": {"window": 8}})
     assert flat == nested and flat.options == {"window": 8}
@@ -170,16 +166,16 @@ def test_colocated_student_is_built_around_the_teachers_mlps(env, tiny_hf, monke
     whole and initialised from the teacher computes. With trainable=all the student owns copies."""
     from megatron_attnedit.distill import colocate as col
     from megatron_attnedit.models.forward import forward_logits
-    from megatron_attnedit.models.student import build_student, init_student_from_teacher
+    from megatron_attnedit.targets.student import build_student, init_student_from_teacher
 
     cfg = families.load_hf_config(tiny_hf[kind])
     load = col.hf_loader(tiny_hf[kind], cfg, builder.BuildOptions())
     tc = TargetConfig("gate_swa", {"window": 8, "pattern": "SF"})
     at_build = {}
-    real_build = col._StudentAPI.build_student
+    real_build = col.build_student
 
-    def spy(self, *args, **kwargs):
-        model = real_build(self, *args, **kwargs)
+    def spy(*args, **kwargs):
+        model = real_build(*args, **kwargs)
         at_build["new"] = {n for n, p in model.named_parameters() if p.untyped_storage().data_ptr() not in at_build["teacher"]}
         at_build["mlps"] = [layer.mlp for layer in local_layers(model)]
         return model
@@ -191,7 +187,7 @@ def test_colocated_student_is_built_around_the_teachers_mlps(env, tiny_hf, monke
         at_build["teacher"] = col.storages(t)
         return t
 
-    monkeypatch.setattr(col._StudentAPI, "build_student", spy)
+    monkeypatch.setattr(col, "build_student", spy)
     monkeypatch.setattr(col, "build_teacher", teacher_spy)
     pair = col.colocate(cfg, tc, builder.BuildOptions(), load)
     teacher_mlps = [layer.mlp for layer in local_layers(pair.teacher)]
@@ -286,7 +282,7 @@ def test_auto_pattern_matches_transformers_attention(dense, tiny_hf):
     """auto:K picks the layers whose attention (as transformers computes it) reaches furthest."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_attnedit.attention import gate_swa
+    from megatron_attnedit.targets.gate_swa import model as gate_swa
 
     cfg, teacher = dense
     w, k = 6, 2
@@ -359,7 +355,7 @@ TABLE_CASES = [
 def test_student_table_covers_the_student(dense, name, options):
     from megatron_attnedit.families import mapping
     from megatron_attnedit.convert.hf_io import trainable_items
-    from megatron_attnedit.models.student import student_table, trainable_attention_params
+    from megatron_attnedit.targets.student import student_table, trainable_attention_params
 
     cfg, teacher = dense
     tc, student = student_for(cfg, teacher, name, options)
@@ -388,7 +384,7 @@ def test_student_table_covers_the_student(dense, name, options):
 def test_bf16_models_have_no_fp32_parameters(env, target):
     """Every parameter, the norms' included (megatron's local norms are born fp32), is in params_dtype:
     a bf16 input with an fp32 norm weight cannot use torch's fused rms_norm kernel on the GPU."""
-    from megatron_attnedit.models.student import build_student
+    from megatron_attnedit.targets.student import build_student
 
     cfg = families.config_for_preset("qwen3-debug")
     opts = builder.BuildOptions(params_dtype=torch.bfloat16)

@@ -11,8 +11,8 @@ of the layer's attention output on the teacher's normalised input, averaged over
 import pytest
 import torch
 
-from megatron_attnedit.attention import mla
-from megatron_attnedit.attention.targets import attention_forward, local_layers, rotary_pos_emb_for
+from megatron_attnedit.targets.mla import model as mla
+from megatron_attnedit.models.layers import attention_forward, local_layers, rotary_pos_emb_for
 from megatron_attnedit.families import mapping
 from megatron_attnedit.families.table import shapes
 from test_targets import SEQ, TOL, env, hidden, student_for, teacher_from_hf  # noqa: F401  (fixture)
@@ -159,7 +159,7 @@ def test_calibrated_init_on_the_trained_teacher(env):
     lowers every layer's init error on held-out text: the reason calibration_tokens defaults on."""
     from megatron_attnedit import teacher as bundled
     from megatron_attnedit.data import corpus
-    from megatron_attnedit.models.student import capture_attention_inputs
+    from megatron_attnedit.targets.student import capture_attention_inputs
 
     path = bundled.bundled_teacher("dense")
     if path is None:

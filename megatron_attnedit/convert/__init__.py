@@ -11,8 +11,8 @@ checkpoint.py          checkpoint directories and metadata; save/load for traini
 converters.py          hf_to_mcore / mcore_to_hf end to end; cli.py, outdir.py around them
 outdir.py              write aside and rename; manifest (--overwrite replaces only the tool's own output);
                        stale partial directories of killed runs removed by the next run
-students.py            HF formats of students (MLA -> DeepSeek-V2, GateSWA -> Qwen3 + hf_gateswa/ code)
-hf_gateswa/            configuration_gateswa.py, modeling_gateswa.py: shipped inside GateSWA exports
+students.py            HF formats of students: reads the target from the metadata, its export (targets/<name>/export.py),
+                       and the attnedit record in config.json
 gguf_export.py         HF directory -> one GGUF for llama.cpp (hf_to_gguf.py, mcore_to_hf.py --gguf); why
                        written with the gguf package rather than llama.cpp's converter
 gguf_layouts.py        llama.cpp's qwen3 / qwen3moe / deepseek2 layouts: hyper-parameters, tensor plan

@@ -32,7 +32,7 @@ from megatron_attnedit.families import mapping
 from megatron_attnedit.convert.hf_io import HFCheckpoint, check_hf_inputs
 from megatron_attnedit.errors import CheckpointError, ConfigError
 from megatron_attnedit.convert.hf_writer import declared_dtype, parse_dtype  # noqa: F401  (parse_dtype: used by cli)
-from megatron_attnedit.convert.layout import check_table_covers, hf_shapes_of, model_layout, ordered_params
+from megatron_attnedit.convert.layout import check_table_covers, model_layout, ordered_params
 from megatron_attnedit.convert.outdir import atomic_output_dir, check_output_dir, dir_bytes, sweep_stale
 
 CKPT_FORMATS = ("torch_dist", "torch")
@@ -291,9 +291,9 @@ def mcore_to_hf(
     dtype = dtype or declared_dtype(cfg, load_dir) or src_dtype(entries[0][0])
     plan = []
     for name, hf_names, rule in entries:
-        for h, shape in zip(hf_names, hf_shapes_of(rule, table.shapes, layout.params[name])):
+        for h, shape in zip(hf_names, mapping.hf_shapes_of(rule, table.shapes, layout.params[name])):
             plan.append((h, shape, dtype))
-    transform = student.transform if student else (lambda h, t: t)
+    transform = (student.transform if student else None) or (lambda h, t: t)
     zeros = [(h, shape, dtype) for h, shape in (student.zero_tensors if student else [])]
     plan += zeros
     rss_before = peak_rss()

@@ -312,9 +312,7 @@ def check_hf_inputs(ckpt: HFCheckpoint, table, rule, hf_names, megatron_shape: T
     are read: a vocab_size that is not the embedding's rows, or a transposed tensor with the right
     number of elements, would otherwise load without a word."""
     from megatron_attnedit.convert import checks
-    from megatron_attnedit.convert.layout import hf_shapes_of
-
-    for h, want in zip(hf_names, hf_shapes_of(rule, table.shapes, megatron_shape)):
+    for h, want in zip(hf_names, mapping.hf_shapes_of(rule, table.shapes, megatron_shape)):
         dtype, got = ckpt.info(h)
         where = os.path.join(ckpt.dir, ckpt.weight_map[h]) if ckpt._pickle is None else ckpt.dir
         checks.check_dtype(dtype, h, where)

@@ -22,10 +22,12 @@ import dataclasses
 from typing import Dict, List, Tuple
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
 from megatron_attnedit.errors import CheckpointError
 from megatron_attnedit.models import builder
-from megatron_attnedit import families
+from megatron_attnedit.targets.student import build_student
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,47 +64,20 @@ class ModelLayout:
 
 
 def build_meta_model(cfg: dict, padded_vocab: int, target=None):
-    """The whole model (one stage, TP=EP=1) on the meta device, for its names and shapes only.
-
-    Mirrors ``models.builder.build_model`` (``models.student.build_student`` when ``target``, a
-    ``TargetConfig``, is given) except for the device and the explicit padded vocab (the
-    checkpoint's, which depends on the TP it was padded for).
-    """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
+    """The whole model (one stage, TP=EP=1) on the meta device, for its names and shapes only: the
+    teacher's (``builder.build_model``) or, when ``target`` (a TargetConfig) is given, the student's
+    (``student.build_student``), with the checkpoint's padded vocabulary (which depends on the TP it
+    was padded for)."""
     if parallel_state.get_tensor_model_parallel_world_size() != 1 or parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise RuntimeError("the converter's layout needs megatron initialised at TP=PP=1 in a single process")
     opts = builder.BuildOptions(use_cpu_initialization=True, perform_initialization=False)
-    attention_for_layer = None
     if target is None:
-        config = builder.transformer_config(cfg, opts)
-    else:
-        from megatron_attnedit.attention.targets import get_target
-        from megatron_attnedit.models.student import student_config
-
-        config = student_config(cfg, target, opts)
-        t = get_target(target.name)
-        attention_for_layer = lambda i: t.attention_spec(i, cfg, target.options, opts)  # noqa: E731
-    with torch.device("meta"):
-        return GPTModel(
-            config=config,
-            transformer_layer_spec=builder.block_spec(cfg, config, opts, attention_for_layer, pp_rank=0),
-            vocab_size=padded_vocab,
-            max_sequence_length=int(cfg.get("max_position_embeddings", 4096)),
-            pre_process=True,
-            post_process=True,
-            share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
-            position_embedding_type="rope",
-            rotary_percent=1.0,
-            rotary_base=int(families.rope_theta(cfg)),
-        )
+        return builder.build_model(cfg, opts, meta_vocab=padded_vocab)
+    return build_student(cfg, target, opts, meta_vocab=padded_vocab)
 
 
 def model_layout(cfg: dict, padded_vocab: int, target=None) -> ModelLayout:
     """The checkpoint layout of the teacher, or of the student of ``target`` (a TargetConfig)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
-
     model = build_meta_model(cfg, padded_vocab, target)
     state = model.state_dict(keep_vars=True)
     params = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
@@ -154,10 +129,3 @@ def ordered_params(layout: ModelLayout, table) -> List[Tuple[str, Tuple[str, ...
     """(megatron name, hf names, rule) in the model's own state-dict order (embedding, layers, head)."""
     by_name = {m: (m, hf, r) for m, hf, r in table.entries()}
     return [by_name[p] for p in layout.params]
-
-
-def hf_shapes_of(rule, shapes, megatron_shape: Tuple[int, ...]) -> List[Tuple[int, ...]]:
-    """HF tensor shapes a rule makes from a megatron tensor of this shape (meta device)."""
-    from megatron_attnedit.families import mapping
-
-    return [tuple(t.shape) for t in mapping.to_hf(rule, torch.empty(megatron_shape, device="meta"), shapes)]

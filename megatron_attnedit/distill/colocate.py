@@ -35,8 +35,14 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from megatron_attnedit.convert import hf_io
 from megatron_attnedit.errors import ConfigError
+from megatron_attnedit.families.table import ModelTable
 from megatron_attnedit.models import builder
+from megatron_attnedit.targets import get_target
+from megatron_attnedit.targets.student import build_student, capture_attention_inputs, init_student_from_teacher
+from megatron_attnedit.training import objective as obj
+from megatron_attnedit.training.data import calibration_tokens as read_calibration_tokens
 
 TRAINABLE_SETS = ("attention", "all")
 _NEVER_SHARED = "self_attention"
@@ -108,9 +114,6 @@ def hf_loader(hf_dir: str, hf_cfg: dict, opts: builder.BuildOptions) -> Callable
     """A ``load`` for ``build_teacher`` reading a Hugging Face checkpoint directory."""
 
     def load(model):
-        from megatron_attnedit.convert import hf_io
-        from megatron_attnedit.families.table import ModelTable
-
         hf_io.load_into_model(model, hf_io.HFCheckpoint(hf_dir), ModelTable(hf_cfg, tp=opts.tensor_model_parallel_size))
 
     return load
@@ -147,9 +150,8 @@ def colocate(
     # The teacher never trains: no activation recomputation. (megatron's layernorm recompute would
     # also free the normalised inputs that stage 1 and the calibration take from the teacher.)
     teacher = build_teacher(hf_cfg, _without_recompute(opts), load_teacher)
-    api = _student_api()
     borrow = trainable == "attention" and student_hf_cfg == hf_cfg
-    student = api.build_student(student_hf_cfg, target, opts, borrow_mlp_from=teacher if borrow else None)
+    student = build_student(student_hf_cfg, target, opts, borrow_mlp_from=teacher if borrow else None)
     if borrow:  # a borrowed MoE layer decides its own recompute from its config, the teacher's
         moe_recompute = opts.recompute_granularity == "selective" and "moe" in (opts.recompute_modules or ())
         for layer in _unwrap(student).decoder.layers:
@@ -159,8 +161,8 @@ def colocate(
     calibration = None
     if calibration_tokens is not None:
         device = next(_unwrap(teacher).parameters()).device
-        calibration = api.student.capture_attention_inputs(teacher, calibration_tokens.to(device), max_tokens=calibration_tokens.numel())
-    api.init_student_from_teacher(student, teacher, student_hf_cfg, target, calibration)
+        calibration = capture_attention_inputs(teacher, calibration_tokens.to(device), max_tokens=calibration_tokens.numel())
+    init_student_from_teacher(student, teacher, student_hf_cfg, target, calibration=calibration)
     set_trainable(student, target, trainable)  # a pipeline stage may hold no trained layer (MLA pattern G)
     shared = share_frozen_modules(teacher, student) if trainable == "attention" else []
     pair = Colocated(teacher=teacher, student=student, shared=shared, trainable=trainable, vocab_size=int(hf_cfg["vocab_size"]))
@@ -202,10 +204,9 @@ def set_trainable(student: torch.nn.Module, target, trainable: str) -> List[torc
     """requires_grad on the student: the target's attention parameters (and everything for "all").
     Returns the attention parameters."""
     s = _unwrap(student)
-    api = _student_api()
     attention: Dict[int, torch.nn.Parameter] = {}
     for layer in s.decoder.layers:
-        for p in _params(api.trainable_attention_params(target, layer)):
+        for p in _params(get_target(target.name).trainable_attention_params(layer)):
             attention[id(p)] = p
     for p in s.parameters():
         p.requires_grad_(trainable == "all" or id(p) in attention)
@@ -251,21 +252,17 @@ def _identical_frozen(t: torch.nn.Module, s: torch.nn.Module) -> bool:
 def build_pair(cfg, plat, trainable: str = "attention") -> Colocated:
     """The co-located pair described by a run config: teacher = ``cfg.model`` (HF weights from
     ``model.hf_dir``, random for a preset or with ``model.random_init``), student = ``cfg.target``."""
-    from megatron_attnedit.training import objective as obj
-
     if not cfg.target.name:
         raise ConfigError("distillation needs a student attention target: set target.name (e.g. mla, gate_swa)")
     hf = obj.hf_config(cfg)
     opts = obj.build_options(cfg, plat)
-    target = _target(cfg.target)
-    _warn_if_nothing_to_learn(target, cfg.data.seq_length)
-    n_calib = _student_api().targets.get_target(target.name).calibration_tokens(hf, target.options)
+    target = cfg.target
+    _warn_if_nothing_to_learn(target, cfg.data.seq_length, hf)
+    n_calib = get_target(target.name).calibration_tokens(hf, target.options)
     calib = None
     # A student that starts from a checkpoint (stage 2 after stage 1) is initialised only to be overwritten.
     if n_calib and cfg.data.data_path and not cfg.checkpoint.pretrained_checkpoint:
-        from megatron_attnedit.training.data import calibration_tokens
-
-        calib = calibration_tokens(list(cfg.data.data_path), n_calib, cfg.data.seq_length)
+        calib = read_calibration_tokens(list(cfg.data.data_path), n_calib, cfg.data.seq_length)
     return colocate(hf, target, opts, teacher_loader(cfg, hf, opts), trainable=trainable, calibration_tokens=calib)
 
 
@@ -300,49 +297,10 @@ def _params(items: Iterable) -> Iterable[torch.nn.Parameter]:
         yield x[1] if isinstance(x, tuple) else x
 
 
-# ----------------------------------------------------------------------------------------------
-# The attention-target API this module builds on (models/student.py, attention/targets.py)
-# ----------------------------------------------------------------------------------------------
-
-
-def _warn_if_nothing_to_learn(target, seq_length: int) -> None:
-    """GateSWA trained on sequences no longer than its window: every sliding-window layer then sees
-    the whole sequence and the student starts equal to the teacher (losses exactly 0). Allowed --
-    benchmarks time it -- but said once, on rank 0."""
-    if target.name != "gate_swa":
+def _warn_if_nothing_to_learn(target, seq_length: int, hf_cfg: dict) -> None:
+    """What the target says is worth knowing before training at ``seq_length`` (GateSWA on sequences
+    no longer than its window learns nothing: allowed -- benchmarks time it -- but said once, on rank 0)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
-    from megatron_attnedit.attention.gate_swa import GateSWATarget
-
-    window = int(target.options.get("window", GateSWATarget.DEFAULTS["window"]))
-    if window >= seq_length and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        print(f"warning: target.options.window={window} >= data.seq_length={seq_length}: every sliding-window layer sees the "
-              "whole sequence, so the student equals the teacher and has nothing to learn; train on sequences longer than "
-              "the window (the GateSWA recipes use twice it)", file=sys.stderr, flush=True)
-
-
-def _target(cfg_target):
-    """The targets module's TargetConfig for the run config's ``target`` section."""
-    from megatron_attnedit.attention.targets import TargetConfig
-
-    return TargetConfig(cfg_target.name, dict(cfg_target.options))
-
-
-class _StudentAPI:
-    def __init__(self):
-        from megatron_attnedit.attention import targets
-        from megatron_attnedit.models import student
-
-        self.targets, self.student = targets, student
-
-    def build_student(self, hf_cfg, target, opts, borrow_mlp_from=None):
-        return self.student.build_student(hf_cfg, target, opts, borrow_mlp_from=borrow_mlp_from)
-
-    def init_student_from_teacher(self, student, teacher, hf_cfg, target, calibration=None):
-        return self.student.init_student_from_teacher(student, teacher, hf_cfg, target, calibration=calibration)
-
-    def trainable_attention_params(self, target, layer):
-        return self.targets.get_target(target.name).trainable_attention_params(layer)
-
-
-def _student_api() -> _StudentAPI:
-    return _StudentAPI()
+    for line in get_target(target.name).run_warnings(hf_cfg, target.options, seq_length):
+        print(f"warning: {line}", file=sys.stderr, flush=True)

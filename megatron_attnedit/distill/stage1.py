@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_attnedit.attention import targets
-from megatron_attnedit.distill import losses, pipeline
+from megatron_attnedit.models import layers
+from megatron_attnedit.distill import pipeline
+from megatron_attnedit.training import losses
 from megatron_attnedit.distill.colocate import Colocated, _unwrap
 from megatron_attnedit.training.objective import Objective, check_options
 
@@ -70,7 +71,7 @@ class _Capture:
             out, bias = output
             target = out if bias is None else out + bias
             with torch.set_grad_enabled(self.stage.training):
-                pred = targets.attention_forward(self.stage.student.decoder.layers[i], hidden.detach(), self.stage.rotary)
+                pred = layers.attention_forward(self.stage.student.decoder.layers[i], hidden.detach(), self.stage.rotary)
                 self.losses[i] = losses.normalized_mse(pred, target, sp_group=self.stage.sp_group)
 
         return hook
@@ -118,7 +119,7 @@ class Stage1:
         input_tensor = self.student.decoder.input_tensor  # set by the schedule (None on stage 0)
         t = self.teacher
         seq_len = tokens.shape[1]
-        self.rotary = targets.rotary_pos_emb_for(self.student, seq_len)
+        self.rotary = layers.rotary_pos_emb_for(self.student, seq_len)
         self.training = torch.is_grad_enabled()  # False in the loop's evaluation (forward only)
         self.capture.losses = {}
         self.capture.active = True
@@ -130,7 +131,7 @@ class Stage1:
                 else:
                     hidden = None
                     t.decoder.set_input_tensor(input_tensor.detach())
-                rope = targets.rotary_pos_emb_for(t, seq_len)
+                rope = layers.rotary_pos_emb_for(t, seq_len)
                 hidden = t.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
         finally:
             self.capture.active = False

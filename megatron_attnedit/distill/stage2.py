@@ -28,7 +28,8 @@ from typing import Dict, List
 import torch
 from megatron.core import parallel_state
 
-from megatron_attnedit.distill import losses, pipeline
+from megatron_attnedit.distill import pipeline
+from megatron_attnedit.training import losses
 from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated, _unwrap
 from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.training.objective import Objective, check_loss_chunk_tokens, check_options

@@ -21,6 +21,7 @@ import torch
 
 from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.distill.colocate import _unwrap, build_teacher, teacher_loader
+from megatron_attnedit.models import layers
 from megatron_attnedit.training.objective import Objective, build_options, check_options, hf_config
 
 
@@ -48,8 +49,6 @@ class TeacherForwardObjective(Objective):
         return name == self.anchor_name
 
     def forward_step(self, data_iterator, model):
-        from megatron_attnedit.attention import targets
-
         batch = next(data_iterator)
         tokens, position_ids = batch["tokens"], batch["position_ids"]
         t = _unwrap(model)
@@ -59,7 +58,7 @@ class TeacherForwardObjective(Objective):
                 t(tokens, position_ids, None)
             else:
                 hidden = t.embedding(input_ids=tokens, position_ids=position_ids)
-                t.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=targets.rotary_pos_emb_for(t, tokens.shape[1]))
+                t.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=layers.rotary_pos_emb_for(t, tokens.shape[1]))
         anchor = t.get_parameter(self.anchor_name)
         loss = (anchor * 0.0).sum()
 

@@ -1,7 +1,7 @@
 """KV-cache bytes per token: the attention targets' formula, and the decode engine's allocated cache.
 
-Which attention a Hugging Face checkpoint has: ``inference.attention_of`` (an ``attnedit`` record,
-DeepSeek -> mla, sliding ``layer_types`` -> gate_swa, Qwen3 -> gqa). The formula is the target's
+Which attention a Hugging Face checkpoint has: ``inference.attention_of`` (the ``attnedit`` record
+of an export, else what the targets recognise in the config). The formula is the target's
 ``kv_bytes_per_layer`` on the teacher's config (head counts and dimensions the targets resolve
 against) with the student's layer count, at the cache element size of the evaluation dtype.
 
@@ -19,38 +19,27 @@ from typing import Dict
 import torch
 
 from megatron_attnedit.eval import CONTEXTS
-from megatron_attnedit.errors import EvalError
+from megatron_attnedit.errors import ConfigError, EvalError
 from megatron_attnedit.inference import attention_of as _attention_of
+from megatron_attnedit.inference import kv
+from megatron_attnedit.targets import TARGETS
 
 
 def attention_of(cfg: dict):
-    """(target name, target options) of an HF config (inference.attention_of), an EvalError if unknown."""
-    try:
-        return _attention_of(cfg)
-    except EvalError as e:
-        raise EvalError(str(e)) from None
+    """(target name, target options) of an HF config (``inference.attention_of``)."""
+    return _attention_of(cfg)
 
 
-def describe(name: str, options: dict) -> str:
-    if name == "mla":
-        q = options.get("q_lora_rank")
-        return f"MLA latent {options['kv_lora_rank']} + rope {options['qk_pos_emb_head_dim']}" + (f", q_lora {q}" if q else "")
-    if name == "gate_swa":
-        pattern = options.get("pattern")
-        kinds = "".join(pattern) if isinstance(pattern, list) else str(pattern)
-        return f"GateSWA W={options['window']} {kinds}"
-    return "GQA (teacher attention)" if name == "gqa" else name
+def describe(name: str, options: dict, teacher_cfg: dict = None) -> str:
+    return TARGETS[name].describe(teacher_cfg, options)
 
 
 def config_bytes_per_token(cfg: dict, teacher_cfg: dict, context: int, bytes_per_elem: int) -> float:
     """Whole-model KV bytes per token at ``context`` from the target's formula."""
-    from megatron_attnedit.attention.targets import get_target
-    from megatron_attnedit.errors import ConfigError
-
     name, options = attention_of(cfg)
     base = dict(teacher_cfg, num_hidden_layers=int(cfg["num_hidden_layers"]))
     try:
-        return float(get_target(name).kv_bytes_per_token(base, options, context, bytes_per_elem))
+        return float(TARGETS[name].kv_bytes_per_token(base, options, context, bytes_per_elem))
     except ConfigError as e:
         raise EvalError(f"the {name} attention recorded in the student's config does not fit the teacher's: {e}") from None
 
@@ -67,15 +56,13 @@ def element_size(dtype: torch.dtype) -> int:
 def kv_summary(cfg: dict, teacher_cfg: dict, engine, positions: int, dtype: torch.dtype) -> dict:
     """Formula vs the engine's allocated cache at the decode's ``positions``, per layer and in all;
     and per-sequence bytes at CONTEXTS (formula)."""
-    from megatron_attnedit.inference import kv
-
     bpe = element_size(dtype)
     name, options = attention_of(cfg)
     formula = kv.formula_per_layer(cfg, positions, bpe, base_cfg=teacher_cfg)
     m = kv.measure(engine, positions)
     return dict(
         attention=name,
-        description=describe(name, options),
+        description=describe(name, options, teacher_cfg),
         bytes_per_elem=bpe,
         positions=positions,
         config_bytes_per_token=float(sum(formula)),

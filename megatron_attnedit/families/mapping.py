@@ -151,3 +151,8 @@ class Table:
 
 def _int(x):
     return None if x is None else int(x)
+
+
+def hf_shapes_of(rule, shapes, megatron_shape: Tuple[int, ...]) -> List[Tuple[int, ...]]:
+    """HF tensor shapes a rule makes from a megatron tensor of this shape (meta device)."""
+    return [tuple(t.shape) for t in to_hf(rule, torch.empty(megatron_shape, device="meta"), shapes)]

@@ -28,7 +28,7 @@ import torch
 
 from megatron_attnedit.inference import attention_of, get_kind
 from megatron_attnedit.errors import EvalError
-from megatron_attnedit.inference.rope import RopeTable
+from megatron_attnedit.attention.rope_tables import RopeTable
 
 
 @dataclasses.dataclass

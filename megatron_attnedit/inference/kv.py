@@ -5,7 +5,7 @@ Measured: the bytes of every tensor each layer's cache holds (allocated for the 
 batch x slots), divided by the positions the decode cached and by the batch. The engine allocates
 exactly the positions a decode asks for, and a sliding layer min(W, positions) slots, so a cache
 that is what the formula says measures equal to it, layer by layer
-(``targets.get_target(name).kv_bytes_per_layer``); one that keeps more or fewer positions does not.
+(``targets.TARGETS[name].kv_bytes_per_layer``); one that keeps more or fewer positions does not.
 
 Checked: ``verify_against_stock`` runs the model's own forward (transformers' code, no cache) over
 each decoded sequence and compares the logits of every position the engine decoded from.
@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 
 from megatron_attnedit.inference import attention_of
+from megatron_attnedit.targets import TARGETS
 
 
 def measure(engine, positions: int) -> dict:
@@ -30,11 +31,9 @@ def measure(engine, positions: int) -> dict:
 def formula_per_layer(cfg: dict, context: int, bytes_per_elem: int, base_cfg: Optional[dict] = None) -> List[float]:
     """The attention target's KV bytes per token of each layer at ``context`` tokens. ``base_cfg``:
     the config the target's shapes resolve against (the teacher's; default ``cfg`` itself)."""
-    from megatron_attnedit.attention.targets import get_target  # needs megatron-core
-
     name, options = attention_of(cfg)
     base = dict(base_cfg or cfg, num_hidden_layers=int(cfg["num_hidden_layers"]))
-    return get_target(name).kv_bytes_per_layer(base, options, context, bytes_per_elem)
+    return TARGETS[name].kv_bytes_per_layer(base, options, context, bytes_per_elem)
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt import GPTModel
@@ -258,8 +259,6 @@ def block_spec(
         mlp = borrowed(borrow_mlp[i]) if i in borrow_mlp else mlp_spec(opts, bool(moe))
         specs.append(layer_spec(attention_for_layer(i), mlp, opts, bool(moe)))
     if pp_rank is None:
-        from megatron.core import parallel_state
-
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
     n_local = len(specs) // config.pipeline_model_parallel_size
@@ -272,26 +271,33 @@ def build_model(
     config: Optional[TransformerConfig] = None,
     attention_for_layer: Optional[AttentionSpecFn] = None,
     borrow_mlp: Optional[Dict[int, torch.nn.Module]] = None,
+    meta_vocab: Optional[int] = None,
 ) -> GPTModel:
     """A GPTModel for this rank (its pipeline stage and TP/EP shard) on the current device.
-    ``borrow_mlp`` as in ``block_spec``."""
-    from megatron.core import parallel_state
-
+    ``borrow_mlp`` as in ``block_spec``. ``meta_vocab``: instead, the whole model (every layer, one
+    stage) on the meta device with this padded vocabulary -- the converters' layout (names, shapes,
+    checkpoint keys) at no memory."""
     config = config or transformer_config(cfg, opts)
-    pre = parallel_state.is_pipeline_first_stage()
-    post = parallel_state.is_pipeline_last_stage()
-    model = GPTModel(
+    meta = meta_vocab is not None
+    model_kwargs = dict(
         config=config,
-        transformer_layer_spec=block_spec(cfg, config, opts, attention_for_layer, borrow_mlp=borrow_mlp),
-        vocab_size=padded_vocab_size(cfg["vocab_size"], opts.tensor_model_parallel_size),
+        transformer_layer_spec=block_spec(cfg, config, opts, attention_for_layer, pp_rank=0 if meta else None, borrow_mlp=borrow_mlp),
+        vocab_size=meta_vocab if meta else padded_vocab_size(cfg["vocab_size"], opts.tensor_model_parallel_size),
         max_sequence_length=int(cfg.get("max_position_embeddings", 4096)),
-        pre_process=pre,
-        post_process=post,
+        pre_process=meta or parallel_state.is_pipeline_first_stage(),
+        post_process=meta or parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=int(rope_theta(cfg)),
     )
+    if meta:
+        with torch.device("meta"):
+            model = GPTModel(**model_kwargs)
+        if getattr(model, "rotary_pos_emb", None) is not None:
+            scale_rope(model.rotary_pos_emb, cfg)
+        return model
+    model = GPTModel(**model_kwargs)
     if getattr(model, "rotary_pos_emb", None) is not None:
         scale_rope(model.rotary_pos_emb, cfg)
     # megatron's local norms (WrappedTorchNorm -> torch.nn.RMSNorm) are created in fp32 whatever

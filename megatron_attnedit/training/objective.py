@@ -51,6 +51,7 @@ import torch
 
 from megatron_attnedit.config import Config
 from megatron_attnedit.errors import ConfigError
+from megatron_attnedit.targets.student import build_student
 
 # name -> "module:Class" (imported on use, so a missing or broken objective fails only when asked for)
 OBJECTIVES: Dict[str, Union[str, Callable]] = {
@@ -237,10 +238,7 @@ class LMObjective(Objective):
         hf = hf_config(cfg)
         self.vocab_size = int(hf["vocab_size"])
         if cfg.target.name:
-            from megatron_attnedit.attention.targets import TargetConfig
-            from megatron_attnedit.models.student import build_student
-
-            return [build_student(hf, TargetConfig(cfg.target.name, dict(cfg.target.options)), build_options(cfg, plat))]
+            return [build_student(hf, cfg.target, build_options(cfg, plat))]
         model = build_gpt(cfg, plat, hf)
         if cfg.model.hf_dir and not cfg.model.random_init:
             load_hf_weights(model, cfg.model.hf_dir, hf)
@@ -249,7 +247,7 @@ class LMObjective(Objective):
     def forward_step(self, data_iterator, model):
         from megatron.core import parallel_state
 
-        from megatron_attnedit.distill import losses
+        from megatron_attnedit.training import losses
 
         batch = next(data_iterator)
         # Without labels, GPTModel returns logits [b, s, V/TP] on the last stage (hidden states elsewhere).

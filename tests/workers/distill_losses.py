@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from megatron_attnedit.distill import losses  # noqa: E402
+from megatron_attnedit.training import losses  # noqa: E402
 
 
 def case_tensors():

@@ -7,7 +7,6 @@ Writes to --out (rank 0): {"metrics": [per-step dict of averaged metrics], "stor
 import argparse
 import os
 import sys
-import types
 
 import torch
 
@@ -93,13 +92,14 @@ def main():
 
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
+    from megatron_attnedit.config import TargetConfig
     from megatron_attnedit.distill import colocate
     from megatron_attnedit.models import builder, forward
     from megatron_attnedit import families
 
     hf = families.load_hf_config(a.hf_dir)
     opts = builder.BuildOptions(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp)
-    target = colocate._target(types.SimpleNamespace(name=a.target, options=json.loads(a.target_options)))
+    target = TargetConfig(a.target, json.loads(a.target_options))
     trainable = json.loads(a.stage2_options).get("trainable", "attention") if a.stage == 2 else "attention"
     pair = colocate.colocate(hf, target, opts, colocate.hf_loader(a.hf_dir, hf, opts), trainable=trainable)
     student = pair.student

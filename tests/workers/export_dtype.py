@@ -36,11 +36,11 @@ SMALL = {
 
 
 def save(work, name, cfg, spec):
-    from megatron_attnedit.attention.targets import TargetConfig
+    from megatron_attnedit.config import TargetConfig
     from megatron_attnedit.convert.checkpoint import conversion_metadata, save_mcore_checkpoint
     from megatron_attnedit.models import builder
     from megatron_attnedit.families import table
-    from megatron_attnedit.models.student import build_student
+    from megatron_attnedit.targets.student import build_student
 
     opts = builder.BuildOptions(perform_initialization=False)
     tc = TargetConfig.from_dict(spec) if spec else None
@@ -73,7 +73,7 @@ def main():
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from convert_cli_cases import run_case
-    from megatron_attnedit.convert.cli import mcore_to_hf_main
+    from megatron_attnedit.cli.convert import mcore_to_hf_main
 
     jobs = {}
     cfg = families.config_for_preset("qwen3-debug")

@@ -3,7 +3,7 @@
     python export_students.py WORK
 
 For each case: a tiny teacher written by transformers, the megatron student built from it
-(models/student.py), its attention parameters perturbed (so that nothing is trivially equal to
+(targets/student.py), its attention parameters perturbed (so that nothing is trivially equal to
 the teacher or to an "open" gate), its logits on fixed tokens, then ``save_mcore_checkpoint`` with
 the metadata the training checkpointer writes (target name + target_options) and ``mcore_to_hf``.
 Then copies of some checkpoints with edited metadata (WORK/bad/<name>) go through the
@@ -62,7 +62,7 @@ def perturb(student, seed):
 
 
 def make_case(work, name, preset, overrides, target_spec, tokens):
-    from megatron_attnedit.attention.targets import TargetConfig
+    from megatron_attnedit.config import TargetConfig
     from megatron_attnedit.convert import hf_io
     from megatron_attnedit.convert.checkpoint import conversion_metadata, save_mcore_checkpoint
     from megatron_attnedit.convert.converters import mcore_to_hf
@@ -70,7 +70,7 @@ def make_case(work, name, preset, overrides, target_spec, tokens):
     from megatron_attnedit.models import builder, forward
     from megatron_attnedit import families
     from megatron_attnedit.families import table
-    from megatron_attnedit.models.student import build_student, init_student_from_teacher
+    from megatron_attnedit.targets.student import build_student, init_student_from_teacher
     from megatron_attnedit.testing import make_tiny_hf
 
     d = os.path.join(work, name)
@@ -150,7 +150,7 @@ def main():
         result[name] = make_case(work, name, preset, overrides, spec, tokens)
     # bad metadata through the command line, forked from here (megatron is imported once)
     from convert_cli_cases import run_case
-    from megatron_attnedit.convert.cli import mcore_to_hf_main
+    from megatron_attnedit.cli.convert import mcore_to_hf_main
 
     result["bad"] = {n: run_case(mcore_to_hf_main, ["--load-dir", os.path.join(work, "bad", n), "--save-dir", os.path.join(work, "out", n), "--no-progress"])
                      for n in make_bad(work)}

@@ -35,11 +35,11 @@ def main():
     import torch.distributed as dist
     from megatron.core import tensor_parallel
 
-    from megatron_attnedit.attention.targets import TargetConfig
+    from megatron_attnedit.config import TargetConfig
     from megatron_attnedit.kernels import fusions
     from megatron_attnedit.models import builder
     from megatron_attnedit import families
-    from megatron_attnedit.models.student import build_student
+    from megatron_attnedit.targets.student import build_student
 
     fusions.DEVICES = {"cpu", "cuda"}
     ran = set()

@@ -38,11 +38,11 @@ def perturb(model, seed):
 
 
 def save_student(work, name, cfg, teacher):
-    from megatron_attnedit.attention.targets import TargetConfig
+    from megatron_attnedit.config import TargetConfig
     from megatron_attnedit.convert.checkpoint import conversion_metadata, save_mcore_checkpoint
     from megatron_attnedit.models import builder
     from megatron_attnedit.families import table
-    from megatron_attnedit.models.student import build_student, init_student_from_teacher
+    from megatron_attnedit.targets.student import build_student, init_student_from_teacher
 
     tc = TargetConfig.from_dict(recipe_target(name))
     student = build_student(cfg, tc, builder.BuildOptions())
@@ -77,7 +77,7 @@ def main():
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from convert_cli_cases import run_case
-    from megatron_attnedit.convert.cli import mcore_to_hf_main
+    from megatron_attnedit.cli.convert import mcore_to_hf_main
 
     # a checkpoint that carries no HF files (so no tokenizer)
     from megatron_attnedit.convert.checkpoint import ASSETS

@@ -64,12 +64,12 @@ def main():
     import torch.distributed as dist
     from megatron.core import tensor_parallel
 
-    from megatron_attnedit.attention.targets import TargetConfig
+    from megatron_attnedit.config import TargetConfig
     from megatron_attnedit.convert import hf_io
     from megatron_attnedit.families.table import ModelTable
     from megatron_attnedit.models import builder, forward
     from megatron_attnedit import families
-    from megatron_attnedit.models.student import build_student, init_student_from_teacher, student_table
+    from megatron_attnedit.targets.student import build_student, init_student_from_teacher, student_table
 
     cfg = families.load_hf_config(a.hf_dir)
     tokens = torch.load(a.tokens)

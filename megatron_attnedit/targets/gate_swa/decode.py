@@ -1,6 +1,6 @@
 """Kind "gate_swa": GateSWA layers -- sliding (ring buffer of W positions) or full (every position).
 
-Per layer, as the exported model computes it (convert/hf_gateswa/modeling_gateswa.py): the
+Per layer, as the exported model computes it (targets/gate_swa/hf/modeling_gateswa.py): the
 teacher's projections, q/k-norms and RoPE; attention over the window (S layers: keys
 p - W < j <= p) or every earlier key (F layers), softmax with the per-head sink logit when the
 model has sinks; the attention output of each head times sigmoid(x W_g + b_g) -- one value per
@@ -9,15 +9,15 @@ gate or sinks (a stock Qwen3 config with ``layer_types``) runs here too, without
 
 Which layers slide: the S/F pattern of the attention options (inference.attention_of, read from
 the config's ``layer_types``). The cache of an S layer has min(W, max_len) slots: the W positions
-the formula counts (attention/kv_formula.py), never W - 1.
+the formula counts (GateSWATarget.kv_bytes_per_layer), never W - 1.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_attnedit.inference.base import per_layer
-from megatron_attnedit.inference.gqa import GQAAttention
+from megatron_attnedit.attention.decode_base import per_layer
+from megatron_attnedit.targets.gqa.decode import GQAAttention
 
 
 class GateSWAAttention(GQAAttention):
@@ -35,3 +35,6 @@ class GateSWAAttention(GQAAttention):
         if self.gate is not None:
             o = o * torch.sigmoid(self.gate(x)).view(*x.shape[:2], self.heads, -1)  # [.., heads, 1 or d]
         return self.attn.o_proj(o.reshape(*x.shape[:2], -1))
+
+
+ATTENTION = GateSWAAttention  # what the decode engine builds per layer

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_attnedit.inference.attend import cached_attention, causal_attention
-from megatron_attnedit.inference.base import CachedAttention
-from megatron_attnedit.inference.rope import LAYOUTS
+from megatron_attnedit.attention.decode_kernels import cached_attention, causal_attention
+from megatron_attnedit.attention.decode_base import CachedAttention
+from megatron_attnedit.attention.rope_tables import LAYOUTS
 
 
 class MLAAttention(CachedAttention):
@@ -78,3 +78,6 @@ class MLAAttention(CachedAttention):
         o_lat = cached_attention(q, self.kv, self.kv[..., : self.r], self._valid(pos), self.scale)  # [b, 1, h, r]
         o = torch.einsum("bhr,hvr->bhv", o_lat[:, 0], self.w_uv)  # W_UV after the attention
         return self.attn.o_proj(o.reshape(b, 1, self.heads * self.dv))
+
+
+ATTENTION = MLAAttention  # what the decode engine builds per layer

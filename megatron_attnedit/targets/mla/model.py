@@ -1,4 +1,4 @@
-"""MLA target: megatron-core's MLASelfAttention in the DeepSeek layout (DESIGN.md section 4).
+"""The MLA target on megatron-core: MLASelfAttention in the DeepSeek layout and the initializers.
 
 Per MLA layer ("M" in the pattern; "G" keeps the teacher's GQA attention, copied):
   latent  c = RMSNorm(x W_dkv)      kv_lora_rank wide, cached    k_pe = RoPE(x W_kpe)  shared by all heads, cached
@@ -46,6 +46,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.common.embeddings import RotaryEmbedding
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region, scatter_to_sequence_parallel_region
@@ -60,19 +61,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_attnedit.attention.core import FlashCoreAttention
-from megatron_attnedit.attention import kv_formula
-from megatron_attnedit.attention.targets import AttentionTarget, check_int, expand_pattern
 from megatron_attnedit.families import mapping
 from megatron_attnedit.families.mapping import Rule
 from megatron_attnedit.families.table import gqa_attention_rules, shapes
 from megatron_attnedit.families.base import INPUT_NORM, H, P
 from megatron_attnedit.kernels import fusions
 from megatron_attnedit.models.builder import LocalRMSNorm, gqa_attention_spec, scale_rope
-from megatron_attnedit.families import head_dim, rope_theta
 from megatron_attnedit.errors import ConfigError
-
-KINDS = {"M": "multi-head latent attention", "G": "the teacher's GQA attention"}
-
+from megatron_attnedit.families import head_dim, rope_theta
 
 class RotarySelfAttention(SelfAttention):
     """The teacher's GQA attention for mixed MLA/GQA students. GPTModel computes no rotary
@@ -151,193 +147,122 @@ class FusedMLASelfAttention(MLASelfAttention):
         return query, key, value, q_compressed, kv_compressed
 
 
-class MLATarget(AttentionTarget):
-    name = "mla"
-    DEFAULTS = {
-        "pattern": "M",  # M (MLA) / G (teacher GQA), tiled string or per-layer list
-        "init": "svd",  # svd | random
-        "q_lora_rank": None,  # None: full-rank query projection (DeepSeek-V2-Lite style)
-        "kv_lora_rank": 512,
-        "qk_head_dim": None,  # no-RoPE query/key width; None: the teacher's head_dim
-        "qk_pos_emb_head_dim": None,  # decoupled RoPE width; None: head_dim / 2
-        "v_head_dim": None,  # None: the teacher's head_dim
-        "rope_frequencies": "high",  # high | uniform: which teacher RoPE pairs the RoPE part keeps
-        "inherit_o_proj": True,
-        "calibration_tokens": 8192,  # svd: training tokens whose teacher activations weight the factorisation; 0 = weights only
-    }
+def validate_layout(target, hf_cfg, options, build_opts):
+    o = target.resolve(hf_cfg, options)
+    tp = build_opts.tensor_model_parallel_size
+    if build_opts.spec != "local":
+        raise ConfigError("mla needs the local spec (spec: local)")
+    width = o.kv_lora_rank + o.qk_pos_emb_head_dim
+    if width % tp:
+        raise ConfigError(f"TP={tp} must divide kv_lora_rank + qk_pos_emb_head_dim = {width} (the latent projection is split over TP)")
+    if o.q_lora_rank is not None and o.q_lora_rank % tp:
+        raise ConfigError(f"TP={tp} must divide q_lora_rank={o.q_lora_rank}")
 
-    # -- options -------------------------------------------------------------------------------
-    def resolve(self, hf_cfg, options):
-        o = super().resolve(hf_cfg, options)
-        hd, hidden = head_dim(hf_cfg), int(hf_cfg["hidden_size"])
-        o["qk_head_dim"] = hd if o["qk_head_dim"] is None else o["qk_head_dim"]
-        o["qk_pos_emb_head_dim"] = hd // 2 if o["qk_pos_emb_head_dim"] is None else o["qk_pos_emb_head_dim"]
-        o["v_head_dim"] = hd if o["v_head_dim"] is None else o["v_head_dim"]
-        expand_pattern(o["pattern"], hf_cfg["num_hidden_layers"], KINDS)
-        if o["init"] not in ("svd", "random"):
-            raise ConfigError(f"mla init {o['init']!r} is unknown; use svd or random")
-        if o["rope_frequencies"] not in ("high", "uniform"):
-            raise ConfigError(f"rope_frequencies {o['rope_frequencies']!r} is unknown; use high or uniform")
-        check_int(o, "kv_lora_rank", 1, hidden, why=f" (at most hidden_size={hidden}: a wider latent cannot hold more)")
-        if o["q_lora_rank"] is not None:
-            check_int(o, "q_lora_rank", 1, hidden, why=f" (at most hidden_size={hidden}), or null for a full query projection")
-        check_int(o, "qk_head_dim", 1)
-        check_int(o, "calibration_tokens", 0)
-        check_int(o, "v_head_dim", 1)
-        dr = check_int(o, "qk_pos_emb_head_dim", 2, hd, why=f" (RoPE pairs taken from the teacher's head_dim={hd})")
-        if dr % 2:
-            raise ConfigError(f"qk_pos_emb_head_dim={dr} must be even (RoPE rotates pairs)")
-        if o["rope_frequencies"] == "uniform" and hd % dr:
-            raise ConfigError(f"rope_frequencies uniform needs qk_pos_emb_head_dim dividing head_dim={hd}, got {dr}")
-        heads = int(hf_cfg["num_attention_heads"])
-        if o["inherit_o_proj"] or o["init"] == "svd":
-            if heads * o["v_head_dim"] != heads * hd:
-                raise ConfigError(
-                    f"heads x v_head_dim = {heads} x {o['v_head_dim']} = {heads * o['v_head_dim']} differs from the teacher's "
-                    f"o_proj input {heads * hd}; set v_head_dim={hd} or inherit_o_proj: false with init: random"
-                )
-        if o["init"] == "svd":
-            if hf_cfg.get("attention_bias"):
-                raise ConfigError("init svd does not factorise q/k/v biases (attention_bias: true); use init: random")
-            if not o["inherit_o_proj"]:
-                raise ConfigError("init svd reproduces the teacher's values, so it needs inherit_o_proj: true")
-            if o["qk_head_dim"] < hd - dr:
-                raise ConfigError(f"init svd needs qk_head_dim >= head_dim - qk_pos_emb_head_dim = {hd - dr} to hold the non-RoPE key part")
-        return o
 
-    def validate_layout(self, hf_cfg, options, build_opts):
-        o = self.resolve(hf_cfg, options)
-        tp = build_opts.tensor_model_parallel_size
-        if build_opts.spec != "local":
-            raise ConfigError("mla needs the local spec (spec: local)")
-        width = o["kv_lora_rank"] + o["qk_pos_emb_head_dim"]
-        if width % tp:
-            raise ConfigError(f"TP={tp} must divide kv_lora_rank + qk_pos_emb_head_dim = {width} (the latent projection is split over TP)")
-        if o["q_lora_rank"] is not None and o["q_lora_rank"] % tp:
-            raise ConfigError(f"TP={tp} must divide q_lora_rank={o['q_lora_rank']}")
+def config_overrides(target, hf_cfg, options):
+    o = target.resolve(hf_cfg, options)
+    return MLATransformerConfig, dict(
+        multi_latent_attention=True,
+        q_lora_rank=o.q_lora_rank,
+        kv_lora_rank=o.kv_lora_rank,
+        qk_head_dim=o.qk_head_dim,
+        qk_pos_emb_head_dim=o.qk_pos_emb_head_dim,
+        v_head_dim=o.v_head_dim,
+        rope_type="rope",
+        rotary_base=o.rotary_base,
+        rotary_percent=1.0,
+        rotary_scaling_factor=1.0,
+        mscale=1.0,
+        mscale_all_dim=0.0,
+    )
 
-    def calibration_tokens(self, hf_cfg, options) -> int:
-        o = self.resolve(hf_cfg, options)
-        return o["calibration_tokens"] if o["init"] == "svd" else 0
 
-    def layer_kinds(self, hf_cfg, options) -> List[str]:
-        return expand_pattern(self.resolve(hf_cfg, options)["pattern"], hf_cfg["num_hidden_layers"], KINDS)
-
-    def rotary_base(self, hf_cfg, o) -> float:
-        theta = rope_theta(hf_cfg)
-        if o["rope_frequencies"] == "high":
-            return theta ** (o["qk_pos_emb_head_dim"] / head_dim(hf_cfg))
-        return theta
-
-    # -- model ---------------------------------------------------------------------------------
-    def config_overrides(self, hf_cfg, options):
-        o = self.resolve(hf_cfg, options)
-        return MLATransformerConfig, dict(
-            multi_latent_attention=True,
-            q_lora_rank=o["q_lora_rank"],
-            kv_lora_rank=o["kv_lora_rank"],
-            qk_head_dim=o["qk_head_dim"],
-            qk_pos_emb_head_dim=o["qk_pos_emb_head_dim"],
-            v_head_dim=o["v_head_dim"],
-            rope_type="rope",
-            rotary_base=self.rotary_base(hf_cfg, o),
-            rotary_percent=1.0,
-            rotary_scaling_factor=1.0,
-            mscale=1.0,
-            mscale_all_dim=0.0,
-        )
-
-    def attention_spec(self, layer, hf_cfg, options, build_opts):
-        if self.layer_kinds(hf_cfg, options)[layer] == "G":
-            spec = gqa_attention_spec(build_opts, hf_cfg)
-            return ModuleSpec(
-                module=RotarySelfAttention,
-                params=dict(spec.params, hf_cfg=hf_cfg),
-                submodules=spec.submodules,
-            )
-        backend = LocalSpecProvider()
-        norm = LocalRMSNorm
-        col = backend.column_parallel_linear()
+def attention_spec(target, layer, hf_cfg, options, build_opts):
+    if target.resolve(hf_cfg, options).kinds[layer] == "G":
+        spec = gqa_attention_spec(build_opts, hf_cfg)
         return ModuleSpec(
-            module=FusedMLASelfAttention if build_opts.kernel_fusion else MLASelfAttention,
-            params={"attn_mask_type": AttnMaskType.causal},
-            submodules=MLASelfAttentionSubmodules(
-                linear_q_proj=col,
-                linear_q_down_proj=col,
-                linear_q_up_proj=col,
-                linear_kv_down_proj=col,
-                linear_kv_up_proj=col,
-                core_attention=FlashCoreAttention,
-                linear_proj=backend.row_parallel_linear(),
-                q_layernorm=norm,
-                kv_layernorm=norm,
-            ),
+            module=RotarySelfAttention,
+            params=dict(spec.params, hf_cfg=hf_cfg),
+            submodules=spec.submodules,
         )
+    backend = LocalSpecProvider()
+    norm = LocalRMSNorm
+    col = backend.column_parallel_linear()
+    return ModuleSpec(
+        module=FusedMLASelfAttention if build_opts.kernel_fusion else MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=col,
+            linear_q_down_proj=col,
+            linear_q_up_proj=col,
+            linear_kv_down_proj=col,
+            linear_kv_up_proj=col,
+            core_attention=FlashCoreAttention,
+            linear_proj=backend.row_parallel_linear(),
+            q_layernorm=norm,
+            kv_layernorm=norm,
+        ),
+    )
 
-    def attention_rules(self, layer, hf_cfg, options):
-        if self.layer_kinds(hf_cfg, options)[layer] == "G":
-            return gqa_attention_rules(hf_cfg)
-        o = self.resolve(hf_cfg, options)
-        a, h = P + "self_attention.", H + "self_attn."
-        rules = [INPUT_NORM]
-        if o["q_lora_rank"] is None:
-            rules.append(Rule(a + "linear_q_proj.weight", (h + "q_proj.weight",), "copy", 0))
-        else:
-            rules += [
-                Rule(a + "linear_q_down_proj.weight", (h + "q_a_proj.weight",), "copy", 0),
-                Rule(a + "q_layernorm.weight", (h + "q_a_layernorm.weight",)),
-                Rule(a + "linear_q_up_proj.weight", (h + "q_b_proj.weight",), "copy", 0),
-            ]
+
+def attention_rules(target, layer, hf_cfg, options):
+    o = target.resolve(hf_cfg, options)
+    if o.kinds[layer] == "G":
+        return gqa_attention_rules(hf_cfg)
+    a, h = P + "self_attention.", H + "self_attn."
+    rules = [INPUT_NORM]
+    if o.q_lora_rank is None:
+        rules.append(Rule(a + "linear_q_proj.weight", (h + "q_proj.weight",), "copy", 0))
+    else:
         rules += [
-            Rule(a + "linear_kv_down_proj.weight", (h + "kv_a_proj_with_mqa.weight",), "copy", 0),
-            Rule(a + "kv_layernorm.weight", (h + "kv_a_layernorm.weight",)),
-            Rule(a + "linear_kv_up_proj.weight", (h + "kv_b_proj.weight",), "copy", 0),
-            Rule(a + "linear_proj.weight", (h + "o_proj.weight",), "copy", 1),
+            Rule(a + "linear_q_down_proj.weight", (h + "q_a_proj.weight",), "copy", 0),
+            Rule(a + "q_layernorm.weight", (h + "q_a_layernorm.weight",)),
+            Rule(a + "linear_q_up_proj.weight", (h + "q_b_proj.weight",), "copy", 0),
         ]
-        return rules
+    rules += [
+        Rule(a + "linear_kv_down_proj.weight", (h + "kv_a_proj_with_mqa.weight",), "copy", 0),
+        Rule(a + "kv_layernorm.weight", (h + "kv_a_layernorm.weight",)),
+        Rule(a + "linear_kv_up_proj.weight", (h + "kv_b_proj.weight",), "copy", 0),
+        Rule(a + "linear_proj.weight", (h + "o_proj.weight",), "copy", 1),
+    ]
+    return rules
 
-    def trainable_attention_params(self, layer_module):
-        attn = layer_module.self_attention
-        return list(attn.parameters()) if isinstance(attn, MultiLatentAttention) else []
 
-    def kv_bytes_per_layer(self, hf_cfg, options, context, bytes_per_elem=2):
-        o = self.resolve(hf_cfg, options)
-        kinds = self.layer_kinds(hf_cfg, options)
-        return kv_formula.mla_layers(hf_cfg, kinds, o["kv_lora_rank"], o["qk_pos_emb_head_dim"], bytes_per_elem)
+def trainable_attention_params(target, layer_module):
+    attn = layer_module.self_attention
+    return list(attn.parameters()) if isinstance(attn, MultiLatentAttention) else []
 
-    # -- init ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def init_from_teacher(self, student_attn, teacher_attn, layer, hf_cfg, options, input_norm_weight=None, calibration=None, **extra):
-        """``input_norm_weight``: the layer's input_layernorm weight (gamma; ones if None).
-        ``calibration``: the teacher's normalised inputs of this layer, [..., hidden] (optional;
-        used for the qk-norm scales, the latent norm weight and the shared RoPE key)."""
-        o = self.resolve(hf_cfg, options)
-        if not isinstance(student_attn, MultiLatentAttention):  # a G layer: the teacher's attention
-            student_attn.load_state_dict(teacher_attn.state_dict())
-            return
-        if o["inherit_o_proj"]:
-            student_attn.linear_proj.weight.copy_(teacher_attn.linear_proj.weight)
-        if o["init"] == "random":
-            return
-        from megatron.core import parallel_state
 
-        group = parallel_state.get_tensor_model_parallel_group()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        qkv = _gather_rows(teacher_attn.linear_qkv.weight, group, tp)
-        wq, wk, wv = mapping.to_hf(Rule("", (), "qkv", 0), qkv, shapes(hf_cfg))
-        eps = float(hf_cfg.get("rms_norm_eps", 1e-6))
-        full = svd_student_weights(
-            wq, wk, wv, getattr(teacher_attn.q_layernorm, "weight", None), getattr(teacher_attn.k_layernorm, "weight", None),
-            input_norm_weight, calibration, hf_cfg, o, eps,
-        )
-        for name, w in full.items():
-            param = student_attn.get_parameter(name)
-            w = _broadcast_from_tp0(w.to(param.device, torch.float32).contiguous(), group, tp)
-            shard = torch.chunk(w, tp, dim=0)[rank] if name.startswith("linear_") else w
-            if tuple(shard.shape) != tuple(param.shape):
-                raise RuntimeError(f"mla svd init: {name} computed {tuple(shard.shape)}, module has {tuple(param.shape)}")
-            param.copy_(shard.to(param.dtype))
+@torch.no_grad()
+def init_from_teacher(target, student_attn, teacher_attn, layer, hf_cfg, options, input_norm_weight=None, calibration=None, **extra):
+    """``input_norm_weight``: the layer's input_layernorm weight (gamma; ones if None).
+    ``calibration``: the teacher's normalised inputs of this layer, [..., hidden] (optional;
+    used for the qk-norm scales, the latent norm weight and the shared RoPE key)."""
+    o = target.resolve(hf_cfg, options)
+    if not isinstance(student_attn, MultiLatentAttention):  # a G layer: the teacher's attention
+        student_attn.load_state_dict(teacher_attn.state_dict())
+        return
+    if o.inherit_o_proj:
+        student_attn.linear_proj.weight.copy_(teacher_attn.linear_proj.weight)
+    if o.init == "random":
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    qkv = _gather_rows(teacher_attn.linear_qkv.weight, group, tp)
+    wq, wk, wv = mapping.to_hf(Rule("", (), "qkv", 0), qkv, shapes(hf_cfg))
+    eps = float(hf_cfg.get("rms_norm_eps", 1e-6))
+    full = svd_student_weights(
+        wq, wk, wv, getattr(teacher_attn.q_layernorm, "weight", None), getattr(teacher_attn.k_layernorm, "weight", None),
+        input_norm_weight, calibration, hf_cfg, o, eps,
+    )
+    for name, w in full.items():
+        param = student_attn.get_parameter(name)
+        w = _broadcast_from_tp0(w.to(param.device, torch.float32).contiguous(), group, tp)
+        shard = torch.chunk(w, tp, dim=0)[rank] if name.startswith("linear_") else w
+        if tuple(shard.shape) != tuple(param.shape):
+            raise RuntimeError(f"mla svd init: {name} computed {tuple(shard.shape)}, module has {tuple(param.shape)}")
+        param.copy_(shard.to(param.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +343,7 @@ def svd_student_weights(wq, wk, wv, q_norm_w, k_norm_w, gamma, calib, hf_cfg, o,
     wq, wk, wv, q_norm_w, k_norm_w = map(f, (wq, wk, wv, q_norm_w, k_norm_w))
     heads, groups, hd, d = int(hf_cfg["num_attention_heads"]), int(hf_cfg["num_key_value_heads"]), head_dim(hf_cfg), int(hf_cfg["hidden_size"])
     per = heads // groups
-    dn, dr, dv, r = o["qk_head_dim"], o["qk_pos_emb_head_dim"], o["v_head_dim"], o["kv_lora_rank"]
+    dn, dr, dv, r = o.qk_head_dim, o.qk_pos_emb_head_dim, o.v_head_dim, o.kv_lora_rank
     gamma = torch.ones(d, dtype=torch.float64, device=dev) if gamma is None else f(gamma)
     tiny = 1e-6 * gamma.abs().max()
     gamma = torch.where(gamma.abs() < tiny, torch.where(gamma < 0, -tiny, tiny), gamma)
@@ -436,7 +361,7 @@ def svd_student_weights(wq, wk, wv, q_norm_w, k_norm_w, gamma, calib, hf_cfg, o,
     q_t = q_t * math.sqrt(dn + dr) / math.sqrt(hd)
     v_g = wv.view(groups, hd, d)
 
-    pairs = selected_pairs(hd, dr, o["rope_frequencies"])
+    pairs = selected_pairs(hd, dr, o.rope_frequencies)
     rest = [j for j in range(hd // 2) if j not in set(pairs)]
     rest_dims = rest + [j + hd // 2 for j in rest]
 
@@ -477,10 +402,10 @@ def svd_student_weights(wq, wk, wv, q_norm_w, k_norm_w, gamma, calib, hf_cfg, o,
         "kv_layernorm.weight": _latent_norm_weight(down, x, eps),
         "linear_kv_up_proj.weight": kv_up.reshape(heads * (dn + dv), r),
     }
-    if o["q_lora_rank"] is None:
+    if o.q_lora_rank is None:
         out["linear_q_proj.weight"] = q_full
     else:
-        q_down, q_up = _low_rank(q_full, gamma, o["q_lora_rank"], x)
+        q_down, q_up = _low_rank(q_full, gamma, o.q_lora_rank, x)
         out["linear_q_down_proj.weight"] = q_down
         out["q_layernorm.weight"] = _latent_norm_weight(q_down, x, eps)
         out["linear_q_up_proj.weight"] = q_up

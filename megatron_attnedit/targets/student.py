@@ -13,8 +13,12 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-from megatron_attnedit.attention.targets import TargetConfig, get_target, global_layer_index, local_layers
+from megatron_attnedit.config import TargetConfig
+from megatron_attnedit.models.forward import forward_logits
+from megatron_attnedit.models.layers import global_layer_index, local_layers
+from megatron_attnedit.targets import get_target
 from megatron_attnedit.families.table import ModelTable
 from megatron_attnedit.models import builder
 
@@ -28,13 +32,13 @@ def student_config(hf_cfg: dict, target: TargetConfig, opts: builder.BuildOption
     return builder.transformer_config(hf_cfg, opts, config_class=config_class, **overrides)
 
 
-def build_student(hf_cfg: dict, target: TargetConfig, opts: builder.BuildOptions, borrow_mlp_from=None):
+def build_student(hf_cfg: dict, target: TargetConfig, opts: builder.BuildOptions, borrow_mlp_from=None, meta_vocab=None):
     """This rank's student GPTModel (its pipeline stage, its TP shard), same layout as the teacher.
 
     ``borrow_mlp_from``: a teacher built from the same config and layout whose MLP/MoE modules the
     student's layers take as their own -- the student's MLPs are then never allocated, which is
     what keeps a frozen-MLP student (stage 1, stage 2 with attention-only training) from holding
-    the largest part of the model twice while it is built."""
+    the largest part of the model twice while it is built. ``meta_vocab``: as in ``builder.build_model``."""
     t = get_target(target.name)
     config = student_config(hf_cfg, target, opts)
     borrow = None
@@ -46,6 +50,7 @@ def build_student(hf_cfg: dict, target: TargetConfig, opts: builder.BuildOptions
         config=config,
         attention_for_layer=lambda i: t.attention_spec(i, hf_cfg, target.options, opts),
         borrow_mlp=borrow,
+        meta_vocab=meta_vocab,
     )
 
 
@@ -62,10 +67,6 @@ def capture_attention_inputs(teacher, tokens: torch.Tensor, max_tokens: int = 81
     rank's layers, at most ``max_tokens`` rows each. Calibration for initialisers that want input
     statistics (mla svd). Under sequence parallelism each rank holds a shard of the sequence; it is
     gathered, so every TP rank initialises its shard of the student from the same statistics."""
-    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
-    from megatron_attnedit.models.forward import forward_logits
-
     out: Dict[int, torch.Tensor] = {}
     handles = []
     sp = _unwrap(teacher).config.sequence_parallel

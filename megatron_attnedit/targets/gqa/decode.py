@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from megatron_attnedit.inference.attend import cached_attention, causal_attention
-from megatron_attnedit.inference.base import CachedAttention
-from megatron_attnedit.inference.rope import rotate_half
+from megatron_attnedit.attention.decode_kernels import cached_attention, causal_attention
+from megatron_attnedit.attention.decode_base import CachedAttention
+from megatron_attnedit.attention.rope_tables import rotate_half
 
 
 def _identity(x):
@@ -83,3 +83,6 @@ class GQAAttention(CachedAttention):
         grouped = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # query heads of one KV head together
         o = cached_attention(grouped, self.k, self.v, self._valid(pos), self.scale, self.sinks)
         return self._output(o.reshape(b, self.heads, 1, self.head_dim), x)
+
+
+ATTENTION = GQAAttention  # what the decode engine builds per layer

@@ -1,4 +1,4 @@
-"""GateSWA: gated sliding-window attention with a hybrid layer pattern (DESIGN.md section 4).
+"""The GateSWA target on megatron-core: the gated attention module, its spec and initializer, auto:K.
 
 Per layer, on top of the teacher's attention (Q/K/V/O, q/k-norm, RoPE inherited unchanged):
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import List, Optional, Union
+from typing import List, Union
 
 import torch
 import torch.distributed as dist
@@ -42,21 +42,15 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_attnedit.attention import kv_formula
-from megatron_attnedit.attention.targets import (
-    AttentionTarget,
-    check_int,
-    expand_pattern,
-    global_layer_index,
-    local_layers,
-)
+from megatron_attnedit.config import TargetConfig
+from megatron_attnedit.errors import ConfigError
+from megatron_attnedit.families.base import H, P
 from megatron_attnedit.families.mapping import Rule
 from megatron_attnedit.families.table import gqa_attention_rules
-from megatron_attnedit.families.base import H, P
 from megatron_attnedit.models.builder import gqa_attention_spec
-from megatron_attnedit.errors import ConfigError
-
-KINDS = {"S": "sliding window", "F": "full attention"}
+from megatron_attnedit.models.forward import forward_logits
+from megatron_attnedit.models.layers import global_layer_index, local_layers
+from megatron_attnedit.targets.gate_swa import GateSWATarget, is_auto
 
 
 @dataclasses.dataclass
@@ -108,99 +102,66 @@ class GatedSelfAttention(SelfAttention):
         return out.to(x.dtype).view(s, b, -1)
 
 
-def _check_window(options) -> int:
-    return check_int(options, "window", 1, why=" (the number of keys a query sees, itself included)")
+def attention_spec(target, layer, hf_cfg, options, build_opts):
+    o = target.resolve(hf_cfg, options)
+    teacher = gqa_attention_spec(build_opts, hf_cfg)
+    sub = teacher.submodules
+    return ModuleSpec(
+        module=GatedSelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal, "gate": o.gate},
+        submodules=GatedSelfAttentionSubmodules(
+            linear_qkv=sub.linear_qkv,
+            core_attention=sub.core_attention,
+            linear_proj=sub.linear_proj,
+            q_layernorm=sub.q_layernorm,
+            k_layernorm=sub.k_layernorm,
+            linear_gate=LocalSpecProvider().column_parallel_linear(),
+        ),
+    )
 
 
-class GateSWATarget(AttentionTarget):
-    name = "gate_swa"
-    DEFAULTS = {
-        "window": 4096,  # keys per query in S layers (itself included)
-        "pattern": "SSSSSF",  # tiled string, per-layer list, or auto:K
-        "gate": "head",  # head | channel
-        "sinks": False,  # learnable per-head sink logits
-        "sink_init": -20.0,  # start value of the sink logits (-20: no effect at start)
-    }
+def config_overrides(target, hf_cfg, options):
+    o = target.resolve(hf_cfg, options)
+    kinds = target.layer_kinds(hf_cfg, options)
+    return TransformerConfig, dict(
+        window_size=(o.window - 1, 0),  # (keys before the query, keys after it)
+        window_attn_skip_freq=[1 if k == "S" else 0 for k in kinds],
+        softmax_type="learnable" if o.sinks else "vanilla",
+        attention_output_gate=True,
+    )
 
-    def resolve(self, hf_cfg, options):
-        o = super().resolve(hf_cfg, options)
-        _check_window(o)
-        if o["gate"] not in ("head", "channel"):
-            raise ConfigError(f"gate {o['gate']!r} is unknown; use head or channel")
-        if not isinstance(o["sinks"], bool):
-            raise ConfigError(f"sinks must be true or false, got {o['sinks']!r}")
-        if isinstance(o["pattern"], str) and o["pattern"].startswith("auto:"):
-            k = o["pattern"][5:]
-            if not k.isdigit() or not (0 <= int(k) <= hf_cfg["num_hidden_layers"]):
-                raise ConfigError(f"pattern {o['pattern']!r}: K in auto:K must be an integer in [0, {hf_cfg['num_hidden_layers']}]")
-        else:
-            expand_pattern(o["pattern"], hf_cfg["num_hidden_layers"], KINDS)
-        return o
 
-    def layer_kinds(self, hf_cfg, options) -> List[str]:
-        o = self.resolve(hf_cfg, options)
-        if isinstance(o["pattern"], str) and o["pattern"].startswith("auto:"):
-            raise ConfigError(
-                f"pattern {o['pattern']} is chosen from calibration data: resolve it with "
-                "gate_swa.resolve_auto_pattern(teacher, tokens, target) before building the student"
-            )
-        return expand_pattern(o["pattern"], hf_cfg["num_hidden_layers"], KINDS)
+def attention_rules(target, layer, hf_cfg, options):
+    o = target.resolve(hf_cfg, options)
+    rules = list(gqa_attention_rules(hf_cfg)) + [
+        Rule(P + "self_attention.linear_gate.weight", (H + "self_attn.output_gate.weight",), "copy", 0),
+        Rule(P + "self_attention.linear_gate.bias", (H + "self_attn.output_gate.bias",), "copy", 0),
+    ]
+    if o.sinks:
+        rules.append(Rule(P + "self_attention.core_attention.softmax_offset", (H + "self_attn.sinks",), "copy", 0))
+    return rules
 
-    def attention_spec(self, layer, hf_cfg, options, build_opts):
-        o = self.resolve(hf_cfg, options)
-        if build_opts.spec != "local":
-            raise ConfigError("gate_swa needs the local spec (spec: local); its gate and window live in our modules")
-        teacher = gqa_attention_spec(build_opts, hf_cfg)
-        sub = teacher.submodules
-        return ModuleSpec(
-            module=GatedSelfAttention,
-            params={"attn_mask_type": AttnMaskType.causal, "gate": o["gate"]},
-            submodules=GatedSelfAttentionSubmodules(
-                linear_qkv=sub.linear_qkv,
-                core_attention=sub.core_attention,
-                linear_proj=sub.linear_proj,
-                q_layernorm=sub.q_layernorm,
-                k_layernorm=sub.k_layernorm,
-                linear_gate=LocalSpecProvider().column_parallel_linear(),
-            ),
-        )
 
-    def config_overrides(self, hf_cfg, options):
-        o = self.resolve(hf_cfg, options)
-        kinds = self.layer_kinds(hf_cfg, options)
-        return TransformerConfig, dict(
-            window_size=(o["window"] - 1, 0),  # (keys before the query, keys after it)
-            window_attn_skip_freq=[1 if k == "S" else 0 for k in kinds],
-            softmax_type="learnable" if o["sinks"] else "vanilla",
-            attention_output_gate=True,
-        )
+@torch.no_grad()
+def init_from_teacher(target, student_attn, teacher_attn, layer, hf_cfg, options, **extra):
+    o = target.resolve(hf_cfg, options)
+    own = dict(student_attn.named_parameters())
+    for name, p in teacher_attn.named_parameters():
+        own[name].copy_(p)  # Q/K/V/O and q/k-norm, unchanged
+    student_attn.linear_gate.weight.zero_()
+    student_attn.linear_gate.bias.zero_()  # 2 sigmoid(0) = 1: the gate starts exactly open
+    sink = getattr(student_attn.core_attention, "softmax_offset", None)
+    if sink is not None:
+        sink.fill_(float(o.sink_init))
 
-    def attention_rules(self, layer, hf_cfg, options):
-        o = self.resolve(hf_cfg, options)
-        rules = list(gqa_attention_rules(hf_cfg)) + [
-            Rule(P + "self_attention.linear_gate.weight", (H + "self_attn.output_gate.weight",), "copy", 0),
-            Rule(P + "self_attention.linear_gate.bias", (H + "self_attn.output_gate.bias",), "copy", 0),
-        ]
-        if o["sinks"]:
-            rules.append(Rule(P + "self_attention.core_attention.softmax_offset", (H + "self_attn.sinks",), "copy", 0))
-        return rules
 
-    @torch.no_grad()
-    def init_from_teacher(self, student_attn, teacher_attn, layer, hf_cfg, options, **extra):
-        o = self.resolve(hf_cfg, options)
-        own = dict(student_attn.named_parameters())
-        for name, p in teacher_attn.named_parameters():
-            own[name].copy_(p)  # Q/K/V/O and q/k-norm, unchanged
-        student_attn.linear_gate.weight.zero_()
-        student_attn.linear_gate.bias.zero_()  # 2 sigmoid(0) = 1: the gate starts exactly open
-        sink = getattr(student_attn.core_attention, "softmax_offset", None)
-        if sink is not None:
-            sink.fill_(float(o["sink_init"]))
+def validate_layout(target, hf_cfg, options, build_opts):
+    if build_opts.spec != "local":
+        raise ConfigError("gate_swa needs the local spec (spec: local); its gate and window live in our modules")
 
-    def kv_bytes_per_layer(self, hf_cfg, options, context, bytes_per_elem=2):
-        # A sliding layer caches the last W tokens only: averaged over a context of C tokens.
-        o = self.resolve(hf_cfg, options)
-        return kv_formula.gate_swa_layers(hf_cfg, self.layer_kinds(hf_cfg, options), o["window"], context, bytes_per_elem)
+
+def trainable_attention_params(target, layer_module):
+    return list(layer_module.self_attention.parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,8 +195,6 @@ def attention_mass_beyond_window(teacher, tokens: torch.Tensor, window: int, num
     """Per layer (global index), the teacher's mean attention probability on keys more than
     ``window`` - 1 positions back, over the queries that have such keys. Works at any TP/PP layout
     (every rank gets the full list); ``tokens`` [b, s] with s > window."""
-    from megatron_attnedit.models.forward import forward_logits
-
     sums = torch.zeros(num_layers, dtype=torch.float64)
     rows = torch.zeros(num_layers, dtype=torch.float64)
     handles = []
@@ -274,16 +233,13 @@ def resolve_auto_pattern(teacher, tokens: torch.Tensor, target, hf_cfg: dict):
     """A TargetConfig whose ``auto:K`` pattern is replaced by the explicit per-layer list chosen on
     ``tokens`` (calibration text, [b, s] with s > window); other configs are returned unchanged.
     The explicit list is what the run directory records, so the choice is reproducible."""
-    from megatron_attnedit.attention.targets import TargetConfig
-
-    t = GateSWATarget()
-    o = t.resolve(hf_cfg, target.options)
-    pat = o["pattern"]
-    if not (isinstance(pat, str) and pat.startswith("auto:")):
+    o = GateSWATarget().resolve(hf_cfg, target.options)
+    pat = o.pattern
+    if not is_auto(pat):
         return target
-    if tokens.shape[1] <= o["window"]:
-        raise ConfigError(f"calibration sequences of {tokens.shape[1]} tokens cannot measure mass beyond a window of {o['window']}; use longer ones")
-    masses = attention_mass_beyond_window(teacher, tokens, o["window"], hf_cfg["num_hidden_layers"])
+    if tokens.shape[1] <= o.window:
+        raise ConfigError(f"calibration sequences of {tokens.shape[1]} tokens cannot measure mass beyond a window of {o.window}; use longer ones")
+    masses = attention_mass_beyond_window(teacher, tokens, o.window, hf_cfg["num_hidden_layers"])
     options = dict(target.options)
     options["pattern"] = choose_full_layers(masses, int(pat[5:]))
     return TargetConfig(name=target.name, options=options)

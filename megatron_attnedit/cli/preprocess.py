@@ -1,0 +1,143 @@
+"""Text -> megatron indexed dataset (PREFIX.bin / PREFIX.idx) with the model's tokenizer.
+
+    attnedit preprocess --input 'corpus/*.jsonl' --tokenizer-dir HF_DIR \\
+        --output-prefix data/corpus [--json-key text] [--workers 4]
+    (same as: python checkpoints_tools/preprocess_data.py ...)
+
+Inputs (``--input`` repeats; globs, ``**`` recursive): ``.jsonl`` / ``.json`` files hold one JSON
+document per line with the text under ``--json-key``; any other file is one plain-text document.
+Every document gets the tokenizer's end-of-document token appended. The tokenizer is a directory
+of Hugging Face tokenizer files or a SentencePiece ``.model``. Output is written to temporary
+files and renamed at the end, so an interrupted run never leaves a dataset that looks valid; a
+PREFIX.meta.json sidecar records the tokenizer, documents and tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from typing import Iterator, List
+
+from megatron_attnedit.cli import args
+
+_TOKENIZER = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _TOKENIZER
+    from megatron_attnedit.training.data import Tokenizer
+
+    _TOKENIZER = Tokenizer(tokenizer_dir)
+
+
+def _encode(text: str) -> List[int]:
+    ids = _TOKENIZER.tokenize(text)
+    ids.append(_TOKENIZER.eod)
+    return ids
+
+
+def expand_inputs(patterns: List[str]) -> List[str]:
+    files = []
+    for pat in patterns:
+        hits = sorted(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
+        if not hits:
+            raise SystemExit(f"error: --input {pat!r} matches no file")
+        files += hits
+    return list(dict.fromkeys(files))
+
+
+def documents(files: List[str], json_key: str) -> Iterator[str]:
+    for path in files:
+        if path.endswith((".jsonl", ".json")):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        raise SystemExit(f"error: {path}:{n} is not valid JSON (jsonl wants one JSON object per line)") from None
+                    if not isinstance(obj, dict) or json_key not in obj:
+                        raise SystemExit(f"error: {path}:{n} has no {json_key!r} key; set --json-key")
+                    if obj[json_key]:
+                        yield str(obj[json_key])
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            if text.strip():
+                yield text
+
+
+def main(argv=None) -> int:
+    ap = args.parser("attnedit preprocess", __doc__.split("\n\n")[0],
+                     "  attnedit preprocess --input 'corpus/*.jsonl' --input 'books/**/*.txt' --tokenizer-dir /models/Qwen3-8B \\\n"
+                     "      --output-prefix data/qwen3/pretrain --workers 8")
+    ap.add_argument("--input", action="append", required=True, help="file or glob; repeat for more")
+    ap.add_argument("--tokenizer-dir", required=True, help="HF tokenizer directory or SentencePiece .model")
+    ap.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json")
+    ap.add_argument("--json-key", default="text")
+    ap.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    a = ap.parse_args(argv)
+
+    from megatron_attnedit.training.data import Tokenizer
+    from megatron_attnedit.errors import DataError
+
+    files = expand_inputs(a.input)
+    try:
+        tok = Tokenizer(a.tokenizer_dir)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    import numpy
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    out_dir = os.path.dirname(os.path.abspath(a.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{a.output_prefix}.tmp{os.getpid()}"
+    dtype = DType.optimal_dtype(tok.vocab_size)
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+    n_docs = n_tokens = 0
+    start = time.time()
+    pool = None
+    if a.workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(a.workers, initializer=_init_worker, initargs=(a.tokenizer_dir,))
+        encoded = pool.imap(_encode, documents(files, a.json_key), chunksize=16)
+    else:
+        _init_worker(a.tokenizer_dir)
+        encoded = map(_encode, documents(files, a.json_key))
+    try:
+        bar = tqdm(encoded, unit="doc", desc=os.path.basename(a.output_prefix), mininterval=1.0)
+        for ids in bar:
+            builder.add_document(numpy.asarray(ids, dtype=dtype), [len(ids)])
+            n_docs += 1
+            n_tokens += len(ids)
+            if n_docs % 256 == 0:
+                bar.set_postfix(docs_per_s=f"{n_docs / (time.time() - start):.0f}", tokens=n_tokens)
+        bar.close()
+        if n_docs == 0:
+            raise SystemExit(f"error: no documents found in {len(files)} input file(s); nothing written")
+        builder.finalize(tmp + ".idx")
+        os.replace(tmp + ".bin", a.output_prefix + ".bin")
+        os.replace(tmp + ".idx", a.output_prefix + ".idx")
+    finally:
+        if pool is not None:
+            pool.terminate()
+        for ext in (".bin", ".idx"):
+            if os.path.exists(tmp + ext):
+                os.remove(tmp + ext)
+    dt = time.time() - start
+    meta = dict(documents=n_docs, tokens=n_tokens, vocab_size=tok.vocab_size, eod=tok.eod, tokenizer=os.path.abspath(a.tokenizer_dir),
+                dtype=numpy.dtype(dtype).name, inputs=len(files))
+    with open(a.output_prefix + ".meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {a.output_prefix}.bin/.idx: {n_docs} documents, {n_tokens} tokens in {dt:.1f}s ({n_docs / max(dt, 1e-9):.0f} documents/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
