@@ -19,10 +19,11 @@ pins="requirements.txt"
 [ -n "$extras" ] && pins="$pins requirements-test.txt"
 if "$PY" - $pins >/dev/null 2>&1 <<'PY'
 import os, sys
-from importlib.metadata import requires, version
+from importlib.metadata import distribution, requires, version
 import megatron_attnedit
 assert os.path.dirname(os.path.dirname(os.path.abspath(megatron_attnedit.__file__))) == os.getcwd()
 declared = {r.split(";")[0].replace(" ", "") for r in requires("megatron-attnedit") or []}
+assert any(e.name == "attnedit" for e in distribution("megatron-attnedit").entry_points)  # the console command (setup.py)
 for path in sys.argv[1:]:
     for line in open(path):
         line = line.split("#")[0].strip()

@@ -17,6 +17,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_attnedit.kernels import fusions, wgrad
+from megatron_attnedit.kernels.wgrad import WgradAccumulation
+
 ALL = ("cpu", "cuda", "npu")
 
 
@@ -111,8 +114,6 @@ def _recompute_without_grad() -> None:
 def _wgrad_accumulation() -> None:
     from megatron.core.tensor_parallel import layers
 
-    from megatron_attnedit.kernels.wgrad import WgradAccumulation
-
     if getattr(layers, "_grad_accum_fusion_available", False) and getattr(layers, "fused_weight_gradient_mlp_cuda", None) is not None:
         return  # a real apex install stays
     layers.fused_weight_gradient_mlp_cuda = WgradAccumulation
@@ -120,9 +121,9 @@ def _wgrad_accumulation() -> None:
 
 
 def _dgrad_skip() -> None:
-    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as F
-
-    from megatron_attnedit.kernels import wgrad
+    from megatron.core.tensor_parallel.layers import (
+        LinearWithGradAccumulationAndAsyncCommunication as F,
+    )
 
     if wgrad.MEGATRON_BACKWARD.get("linear") is None:
         wgrad.MEGATRON_BACKWARD["linear"] = F.backward
@@ -131,8 +132,6 @@ def _dgrad_skip() -> None:
 
 def _rope_fusion() -> None:
     from megatron.core.models.common.embeddings import rope_utils
-
-    from megatron_attnedit.kernels import fusions
 
     # One graph per variant that a run meets: dtype x grad mode (the teacher's no_grad forward,
     # the student's training one, evaluation) x layout (GQA q and k, MLA's strided RoPE part and

@@ -32,7 +32,11 @@ import sys
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from megatron_attnedit.convert.outdir import add_to_manifest
+from megatron_attnedit.data import corpus, tokenizer
+from megatron_attnedit.data import tokenizer as tok_lib
 from megatron_attnedit.errors import DataError, run_cli, strip_debug
+from megatron_attnedit.families import moe_layer_pattern, num_experts
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teachers")
 NAMES = {"dense": "qwen3-tiny-stdlib", "moe": "qwen3-moe-tiny-stdlib"}
@@ -74,7 +78,6 @@ def bundled_teacher(kind: str = "dense") -> Optional[str]:
 def prepare_data(out_dir: str, vocab_size: int = 4096, valid_fraction: Optional[float] = None) -> Tuple[str, str]:
     """(corpus dir, tokenizer dir) under ``out_dir``; the tokenizer is kept when it was trained on
     exactly this train split with this vocabulary size."""
-    from megatron_attnedit.data import corpus, tokenizer
 
     cdir, tdir = os.path.join(out_dir, "corpus"), os.path.join(out_dir, "tokenizer")
     manifest = corpus.build_corpus(cdir, valid_fraction=valid_fraction or corpus.VALID_FRACTION)
@@ -114,7 +117,6 @@ def prepare_datasets(corpus_dir: str, tokenizer_dir: str, out_dir: str, workers:
     (train files, then valid files; ``split`` is the ``data.split`` string that puts exactly the
     train files in megatron's train split and the valid files in its validation split). Reused
     when corpus and tokenizer are unchanged. Returns (and writes) ``out_dir/datasets.json``."""
-    from megatron_attnedit.data import corpus
 
     manifest = corpus.load_manifest(corpus_dir)
     tok_file = os.path.join(tokenizer_dir, "tokenizer.json")
@@ -149,7 +151,10 @@ def prepare_datasets(corpus_dir: str, tokenizer_dir: str, out_dir: str, workers:
 
 def _concatenate(parts: List[str], out: str) -> None:
     """One dataset holding ``parts`` in order (megatron's builder appends .bin/.idx; no re-tokenizing)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, _IndexReader
+    from megatron.core.datasets.indexed_dataset import (
+        IndexedDatasetBuilder,
+        _IndexReader,
+    )
 
     dtype = _IndexReader(parts[0] + ".idx", multimodal=False).dtype
     tmp = f"{out}.tmp{os.getpid()}"
@@ -200,8 +205,6 @@ def hf_config(kind: str, vocab_size: int, special_ids: Dict[str, int], overrides
 
 def write_init_dir(kind: str, tokenizer_dir: str, out_dir: str, overrides: Optional[dict] = None) -> dict:
     import shutil
-
-    from megatron_attnedit.data import tokenizer as tok_lib
 
     meta = tok_lib.load_meta(tokenizer_dir)
     if meta is None:
@@ -261,8 +264,6 @@ def load_model(hf_dir: str, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_attnedit.data import tokenizer as tok_lib
-
     for name in ("config.json", "tokenizer.json"):
         if not os.path.isfile(os.path.join(hf_dir, name)):
             raise DataError(f"{hf_dir} has no {name}; give an HF model directory with its tokenizer (e.g. a teacher exported by train_teacher.sh)")
@@ -272,7 +273,6 @@ def load_model(hf_dir: str, device: str = "cpu"):
 
 def evaluate_dir(hf_dir: str, protocol: dict, files: Optional[List[Tuple[str, str]]] = None, device: str = "cpu") -> dict:
     """Held-out loss of the HF model in ``hf_dir`` on ``files`` (default: this interpreter's valid split)."""
-    from megatron_attnedit.data import corpus
 
     files = corpus.split_files("valid") if files is None else files
     model, tok = load_model(hf_dir, device)
@@ -309,7 +309,6 @@ def parameter_counts(hf_dir: str, cfg: dict) -> Dict[str, int]:
                 for k in f.keys():
                     shape = f.get_slice(k).get_shape()
                     total += math.prod(shape)
-    from megatron_attnedit.families import moe_layer_pattern, num_experts
 
     moe_layers = sum(moe_layer_pattern(cfg))
     inactive = 0
@@ -349,8 +348,6 @@ def write_card(hf_dir: str, kind: str, corpus_dir: str, datasets_dir: str, run_d
     import torch
     import transformers
     import yaml
-
-    from megatron_attnedit.data import corpus
 
     manifest = corpus.load_manifest(corpus_dir)
     tokens = json.load(open(os.path.join(datasets_dir, "datasets.json")))["tokens"]
@@ -398,7 +395,6 @@ def write_card(hf_dir: str, kind: str, corpus_dir: str, datasets_dir: str, run_d
         f.write("\n")
     with open(os.path.join(hf_dir, "README.md"), "w") as f:
         f.write(render_card(card, cfg))
-    from megatron_attnedit.convert.outdir import add_to_manifest
 
     # part of the export now: mcore_to_hf --overwrite (OVERWRITE=1 train_teacher.sh) replaces them with it
     add_to_manifest(hf_dir, [CARD_JSON, "README.md"], "teacher card")
@@ -534,8 +530,6 @@ def main(argv=None) -> int:
         elif a.cmd == "datasets":
             corpus_dir = a.corpus
             if corpus_dir is None:
-                from megatron_attnedit.data import corpus
-
                 corpus_dir = os.path.join(a.out, "corpus")
                 corpus.build_corpus(corpus_dir)
             info = prepare_datasets(corpus_dir, a.tokenizer_dir, a.out, a.workers)

@@ -51,8 +51,8 @@ def cases(tiny_hf, tmp_path_factory):
     st = os.path.join(d["truncated"], "model.safetensors")
     with open(st, "r+b") as f:
         f.truncate(os.path.getsize(st) * 6 // 10)
-    d["llama"] = _copy(dense, w / "llama")
-    _edit_config(d["llama"], model_type="llama")
+    d["gpt2"] = _copy(dense, w / "gpt2")
+    _edit_config(d["gpt2"], model_type="gpt2")
     d["pickle"] = str(w / "pickle")
     os.makedirs(d["pickle"])
     shutil.copy(os.path.join(dense, "config.json"), d["pickle"])
@@ -71,7 +71,7 @@ def cases(tiny_hf, tmp_path_factory):
     plan = [
         h2m("missing-shard", d["missing_shard"]),
         h2m("truncated", d["truncated"]),
-        h2m("model-type", d["llama"]),
+        h2m("model-type", d["gpt2"]),
         h2m("tp-not-dividing-kv-heads", dense, "--tensor-model-parallel-size", "4"),
         h2m("ep-not-dividing-experts", moe, "--expert-model-parallel-size", "3"),
         h2m("pp-not-dividing-layers", dense, "--pipeline-model-parallel-size", "3"),
@@ -104,14 +104,14 @@ BAD = {
     # case: a piece of the message that tells the user what is wrong
     "missing-shard": "model-00003-of-00026.safetensors",
     "truncated": "truncated",
-    "model-type": "unsupported model_type 'llama'",
+    "model-type": "unsupported model_type 'gpt2'",
     "tp-not-dividing-kv-heads": "num_key_value_heads",
     "ep-not-dividing-experts": "num_experts",
     "pp-not-dividing-layers": "num_hidden_layers",
     "pickle": "--allow-pickle",
     "extra-hf-tensor": "model.layers.0.mlp.extra_proj.weight",
     "missing-hf-tensor": "model.layers.2.self_attn.k_proj.weight",
-    "ep-on-dense": "expert parallelism needs qwen3_moe",
+    "ep-on-dense": "expert parallelism needs routed experts (e.g. qwen3_moe)",
     "save-dir-not-a-checkpoint": "does not look like a checkpoint",
     "load-dir-not-a-checkpoint": "latest_checkpointed_iteration.txt",
     "exists": "--overwrite",
@@ -178,7 +178,7 @@ def test_thin_cli_script_error_line(tmp_path, tiny_hf):
     proc = subprocess.run([sys.executable, os.path.join(TOOLS, "hf_to_mcore.py"), "--hf-dir", bad, "--save-dir", str(tmp_path / "out")],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["error: unsupported model_type 'gpt2'; supported: qwen3, qwen3_moe"]
+    assert proc.stderr.splitlines() == ["error: unsupported model_type 'gpt2'; supported: qwen3, qwen3_moe, llama"]
     assert not (tmp_path / "out").exists()
 
 

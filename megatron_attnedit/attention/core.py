@@ -37,6 +37,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 
 from megatron_attnedit import platform
+from megatron_attnedit.attention import band, cudnn_window
+from megatron_attnedit.attention.band import band_attention
+from megatron_attnedit.attention.cudnn_window import window_attention
+from megatron_attnedit.attention.flex import flex_window_attention
+from megatron_attnedit.attention.masks import attention_with_sink, window_mask  # noqa: F401  (core.window_mask: the tests' reference)
+from megatron_attnedit.attention.npu import npu_attention
 
 
 def layer_window(config, layer_number: int) -> Optional[int]:
@@ -46,16 +52,6 @@ def layer_window(config, layer_number: int) -> Optional[int]:
     left = config.window_size[0]
     # megatron / flash-attn convention: (left, right) with left = W - 1 keys before the query.
     return None if left is None or left < 0 else int(left) + 1
-
-
-def window_mask(sq: int, sk: int, window: Optional[int], device) -> torch.Tensor:
-    """Boolean [sq, sk] mask, True where attention is allowed (bottom-right aligned causal)."""
-    q = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
-    k = torch.arange(sk, device=device).unsqueeze(0)
-    allowed = k <= q
-    if window is not None:
-        allowed &= k > q - window
-    return allowed
 
 
 def reference_attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch.Tensor] = None):
@@ -87,8 +83,6 @@ def attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch
     if window is not None and window >= sk:
         window = None  # the window covers every key: plain causal attention
     if plat == "npu":
-        from megatron_attnedit.attention.npu import npu_attention
-
         return npu_attention(q, k, v, scale, window, sink)
     gqa = k.shape[1] != q.shape[1]
     if sink is None and window is None and sq == sk:
@@ -96,20 +90,14 @@ def attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch
     if plat == "cuda":
         kernel = window_kernel(q, v.shape[-1], window) if sq == sk else "flex"
         if kernel == "cudnn_window":
-            from megatron_attnedit.attention.cudnn_window import window_attention
-
             return window_attention(q, k, v, scale, window, sink)
         if kernel != "flex":
-            from megatron_attnedit.attention.band import band_attention
-
             return band_attention(q, k, v, scale, window, sink, kernel=kernel)
-        from megatron_attnedit.attention.flex import flex_window_attention
-
         return flex_window_attention(q, k, v, scale, window, sink)
     allowed = window_mask(sq, sk, window, q.device)
     if sink is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
-    return _attention_with_sink(q, k, v, scale, allowed, sink, gqa)
+    return attention_with_sink(q, k, v, scale, allowed, sink, gqa)
 
 
 def window_kernel(q: torch.Tensor, dv: int, window: Optional[int]) -> str:
@@ -125,8 +113,6 @@ def window_kernel(q: torch.Tensor, dv: int, window: Optional[int]) -> str:
     * cudnn / flash: the band decomposition (``band.py``) on that causal kernel for every layer.
     * flex: FlexAttention for every layer.
     """
-    from megatron_attnedit.attention import band, cudnn_window
-
     choice = os.environ.get("ATTNEDIT_WINDOW_KERNEL", "auto")
     if choice not in ("auto", "cudnn_window", "cudnn", "flash", "flex"):
         raise ValueError(f"ATTNEDIT_WINDOW_KERNEL={choice!r}: use auto, cudnn_window, cudnn, flash or flex")
@@ -146,22 +132,6 @@ def window_kernel(q: torch.Tensor, dv: int, window: Optional[int]) -> str:
     if choice != "auto":
         raise RuntimeError(f"ATTNEDIT_WINDOW_KERNEL={choice}: that kernel does not run for {q.dtype} head size {q.shape[-1]} here; use flex")
     return "flex"
-
-
-def _attention_with_sink(q, k, v, scale, allowed, sink, gqa):
-    # One extra key per head: zero key and zero value, score = sink logit (as an additive bias).
-    b, h, sq, d = q.shape
-    bias = torch.zeros(sq, allowed.shape[1], dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-    bias = bias.view(1, 1, sq, -1).expand(b, h, sq, -1)
-    sink_col = sink.to(q.dtype).view(1, h, 1, 1).expand(b, h, sq, 1)
-    bias = torch.cat([bias, sink_col], dim=-1)
-    hk = k.shape[1]
-    if gqa:
-        k = k.repeat_interleave(h // hk, dim=1)
-        v = v.repeat_interleave(h // hk, dim=1)
-    k = torch.cat([k, k.new_zeros(b, h, 1, k.shape[-1])], dim=2)
-    v = torch.cat([v, v.new_zeros(b, h, 1, v.shape[-1])], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 class FlashCoreAttention(MegatronModule):

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from megatron_attnedit.attention.masks import attention_with_sink, window_mask
+
 COMPRESSED_MASK_SIZE = 2048
 _MASKS = {}
 
@@ -56,10 +58,8 @@ def fusion_attention_args(sq: int, sk: int, heads: int, scale: float, window: Op
 def npu_attention(q, k, v, scale: float, window: Optional[int], sink: Optional[torch.Tensor] = None):
     """Causal (optionally windowed) attention on [b, h, s, d] tensors on an Ascend NPU."""
     if sink is not None:
-        from megatron_attnedit.attention.core import _attention_with_sink, window_mask
-
         allowed = window_mask(q.shape[2], k.shape[2], window, q.device)
-        return _attention_with_sink(q, k, v, scale, allowed, sink, k.shape[1] != q.shape[1])
+        return attention_with_sink(q, k, v, scale, allowed, sink, k.shape[1] != q.shape[1])
     import torch_npu
 
     kw = fusion_attention_args(q.shape[2], k.shape[2], q.shape[1], scale, window)

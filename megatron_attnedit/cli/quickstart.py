@@ -40,7 +40,7 @@ from typing import Dict, List, Optional
 from megatron_attnedit.cli import args
 from megatron_attnedit.errors import StepFailed, run_cli, strip_debug
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 TARGETS = {"mla": "quickstart_mla", "gateswa": "quickstart_gateswa"}
 QUICK = dict(stage1_iters=6, stage2_iters=6, warmup=2, max_tokens=2048, decode_tokens=16, probe_trials=2, probe_context=256,
              sets=["data.seq_length=128", "data.micro_batch_size=2", "data.global_batch_size=4"])

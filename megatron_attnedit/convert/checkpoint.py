@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from megatron_attnedit import families
 from megatron_attnedit.convert.hf_io import reason
 from megatron_attnedit.errors import CheckpointError
 
@@ -58,8 +59,6 @@ def legacy_rank_dir(tp_rank: int, pp_rank: int, ep_rank: int, pp: int, ep: int) 
 
 
 def conversion_metadata(cfg: dict, tp: int, pp: int, ep: int, padded_vocab: int, ckpt_format: str, dtype: torch.dtype, target=None) -> dict:
-    from megatron_attnedit import families
-
     families.check_hf_config(cfg)
     return {
         "format_version": FORMAT_VERSION,
@@ -77,7 +76,6 @@ def conversion_metadata(cfg: dict, tp: int, pp: int, ep: int, padded_vocab: int,
 
 def megatron_args(meta: dict) -> argparse.Namespace:
     """The ``args`` Megatron-LM stores in a checkpoint (and reads with --use-checkpoint-args)."""
-    from megatron_attnedit import families
 
     cfg = meta["hf_config"]
     dtype = getattr(torch, meta["dtype"])

@@ -26,14 +26,26 @@ from typing import Optional
 
 import torch
 
+from megatron_attnedit import families, platform, targets
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
-from megatron_attnedit.convert import checks
-from megatron_attnedit.families import mapping
+from megatron_attnedit.convert import checks, dist_ckpt, legacy, students
+from megatron_attnedit.convert.dist_ckpt import ChunkReader
+from megatron_attnedit.convert.gguf_export import GGUF_NAME, check_gguf_supported, hf_to_gguf
 from megatron_attnedit.convert.hf_io import HFCheckpoint, check_hf_inputs
-from megatron_attnedit.errors import CheckpointError, ConfigError
-from megatron_attnedit.convert.hf_writer import declared_dtype, parse_dtype  # noqa: F401  (parse_dtype: used by cli)
+from megatron_attnedit.convert.hf_writer import (  # noqa: F401  (parse_dtype: used by cli)
+    ShardedSafetensorsWriter,
+    declared_dtype,
+    parse_dtype,
+    parse_size,
+    write_hf_config_files,
+)
 from megatron_attnedit.convert.layout import check_table_covers, model_layout, ordered_params
+from megatron_attnedit.convert.legacy import LegacyReader
 from megatron_attnedit.convert.outdir import atomic_output_dir, check_output_dir, dir_bytes, sweep_stale
+from megatron_attnedit.errors import CheckpointError, ConfigError
+from megatron_attnedit.families import mapping
+from megatron_attnedit.families.table import ModelTable, padded_vocab_size
+from megatron_attnedit.models import builder
 
 CKPT_FORMATS = ("torch_dist", "torch")
 # HF entries a Qwen3 checkpoint may carry that hold no weights of their own
@@ -76,7 +88,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def ensure_megatron_single_process() -> None:
     """CPU platform and megatron parallel state at TP=PP=EP=1, unless already set up so."""
-    from megatron_attnedit import platform
 
     plat = platform._ACTIVE or platform.init_platform("cpu")  # a caller's platform choice stands
     from megatron.core import parallel_state
@@ -112,8 +123,6 @@ def check_hf_keys(ckpt: HFCheckpoint, table) -> None:
 
 
 def _table(cfg: dict, tp: int, padded_vocab: Optional[int] = None):
-    from megatron_attnedit.families.table import ModelTable
-
     table = ModelTable(cfg, tp=tp)
     if padded_vocab is not None:
         table.shapes = dataclasses.replace(table.shapes, padded_vocab_size=int(padded_vocab))
@@ -158,8 +167,6 @@ def hf_to_mcore(
     """Convert an HF Qwen3 / Qwen3-MoE checkpoint into a megatron checkpoint (see checkpoint.py for
     the layout). torch_dist is layout-free (TP/PP/EP are validated and recorded; TP also sets the
     vocabulary padding); torch writes one file per TP/PP/EP rank."""
-    from megatron_attnedit.models import builder
-    from megatron_attnedit import families
 
     t0 = time.time()
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
@@ -199,12 +206,8 @@ def hf_to_mcore(
         if ckpt_format == "torch_dist":
             total = sum(torch.Size(layout.params[n]).numel() * dtype_of[n].itemsize for n, _, _ in entries)
             with _progress(total, "hf_to_mcore", progress) as bar:
-                from megatron_attnedit.convert import dist_ckpt
-
                 dist_ckpt.write(iter_dir, layout, [n for n, _, _ in entries], dtype_of.__getitem__, materialize, header, bar.update)
         else:
-            from megatron_attnedit.convert import legacy
-
             rank_map = legacy.RankMap(cfg, tp, pp, ep, families.num_experts(cfg))
             with _progress(legacy.total_bytes(layout, table, rank_map, dtype_of), "hf_to_mcore", progress) as bar:
                 legacy.write(iter_dir, layout, table, rank_map, materialize, header, bar.update)
@@ -237,7 +240,6 @@ def mcore_to_hf(
     the dtype the stored (teacher's) config declares -- a student trained in float32 from a
     bfloat16 teacher exports in bfloat16, as the teacher was published -- else the stored dtype of
     the embedding."""
-    from megatron_attnedit.convert.hf_writer import ShardedSafetensorsWriter, parse_size, write_hf_config_files
 
     t0 = time.time()
     max_bytes = parse_size(max_shard_size)
@@ -247,12 +249,9 @@ def mcore_to_hf(
     check_family_metadata(meta, load_dir)
     check_vocab_metadata(meta, load_dir)
     # A student (the metadata names an attention target) exports in its target's HF format.
-    from megatron_attnedit.convert import students
 
     student = students.student_export(meta, load_dir)
     if gguf:
-        from megatron_attnedit.convert.gguf_export import check_gguf_supported
-
         # the tokenizer comes from the HF files the checkpoint carries ("": it carries none)
         check_gguf_supported(cfg if student is None else student.hf_config, load_dir, tokenizer_dir=meta["hf_assets_dir"] or "")
     if student is None:
@@ -266,8 +265,6 @@ def mcore_to_hf(
     check_table_covers(layout, table)
     entries = ordered_params(layout, table)
     if meta["format"] == "torch_dist":
-        from megatron_attnedit.convert.dist_ckpt import ChunkReader
-
         dist_reader = ChunkReader(meta["iter_dir"])
         stored = list(dist_reader.metadata.state_dict_metadata)
         checks_of_layout = (dist_reader.check, dist_reader.check_no_leftovers)
@@ -276,8 +273,6 @@ def mcore_to_hf(
         file_of = lambda n: dist_reader.file_of(layout.chunks[n])  # noqa: E731
         reader = None
     else:
-        from megatron_attnedit.convert.legacy import LegacyReader
-
         reader = LegacyReader(meta["iter_dir"], meta, table, allow_pickle)
         stored = [k for sd in reader.states.values() for k in sd]
         checks_of_layout = (reader.check,)
@@ -325,7 +320,6 @@ def mcore_to_hf(
         for path in student.code_files if student else ():
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
         if gguf:  # inside the export's directory: renamed into place with it, listed in its manifest
-            from megatron_attnedit.convert.gguf_export import GGUF_NAME, hf_to_gguf
 
             hf_to_gguf(tmp, os.path.join(tmp, GGUF_NAME), dtype=dtype, progress=progress, inside_export=save_dir)
         written = dir_bytes(tmp)
@@ -339,7 +333,6 @@ _EMBEDDING = "embedding.word_embeddings.weight"
 def check_family_metadata(meta: dict, load_dir: str) -> None:
     """The metadata's model family is the stored config's (checkpoints written before families were
     recorded by model_type say "qwen3" for Qwen3-MoE too)."""
-    from megatron_attnedit import families
 
     cfg, recorded = meta["hf_config"], meta.get("model_family")
     families.check_hf_config(cfg)
@@ -352,7 +345,6 @@ def check_family_metadata(meta: dict, load_dir: str) -> None:
 
 def check_vocab_metadata(meta: dict, load_dir: str) -> None:
     """The stored config's vocab_size pads to the embedding rows the checkpoint records."""
-    from megatron_attnedit.families.table import padded_vocab_size
 
     vocab, rows, tp = meta["hf_config"].get("vocab_size"), meta.get("padded_vocab_size"), meta.get("tensor_model_parallel_size", 1)
     if not isinstance(vocab, int) or not isinstance(rows, int) or not isinstance(tp, int) or vocab <= 0 or tp <= 0:
@@ -379,7 +371,8 @@ def check_vocab_padding(embedding: torch.Tensor, vocab: int, name: str, where: s
         )
 
 
-_STUDENT_NAMES = {"mla": "an MLA", "gate_swa": "a GateSWA"}
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].upper() in "AEFHILMNORSX" else "a ") + noun  # by sound: an MLA, a GateSWA
 
 
 def _explain_mismatch(err: CheckpointError, load_dir: str, student, hint) -> CheckpointError:
@@ -388,7 +381,7 @@ def _explain_mismatch(err: CheckpointError, load_dir: str, student, hint) -> Che
     target options that do not fit the student's tensors)."""
     if student is None and hint:
         return CheckpointError(
-            f"{load_dir} holds the attention weights of {_STUDENT_NAMES.get(hint, hint)} student but its metadata names no attention target "
+            f"{load_dir} holds the attention weights of {_a(targets.TARGETS[hint].title if hint in targets.TARGETS else hint)} student but its metadata names no attention target "
             "(target: null); the target metadata is missing, so the student cannot be exported: save it with the training "
             "checkpointer, which records target and target_options"
         )

@@ -32,11 +32,14 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
+from megatron_attnedit.convert import gguf_layouts, gguf_vocab, outdir
+from megatron_attnedit.convert.gguf_layouts import Planned
 from megatron_attnedit.convert.hf_io import HFCheckpoint
+from megatron_attnedit.convert.hf_writer import declared_dtype
 from megatron_attnedit.errors import CheckpointError
 
 TOOL = "hf_to_gguf"
@@ -47,16 +50,6 @@ GATESWA_REFUSAL = (
     "and a per-layer sliding-window pattern (gpt-oss has sinks and alternating windows but no output gate or qk-norm; "
     "Gemma 3 has the window pattern but neither gate nor sinks); serve them with transformers (trust_remote_code=True)"
 )
-
-
-@dataclasses.dataclass
-class Planned:
-    """One GGUF tensor: its name, torch shape (GGUF stores it reversed), dtype and how to make it."""
-
-    name: str
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
-    make: Callable[[], torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -97,7 +90,6 @@ def load_config(hf_dir: str) -> dict:
 def check_gguf_supported(cfg: dict, where: str, tokenizer_dir: Optional[str] = None) -> None:
     """One line for what llama.cpp cannot run, before anything is read or written; with
     ``tokenizer_dir``, also that it holds a tokenizer to put in the GGUF."""
-    from megatron_attnedit.convert import gguf_layouts, gguf_vocab
 
     mt = cfg.get("model_type")
     if mt in GATESWA_TYPES:
@@ -116,8 +108,6 @@ def hf_to_gguf(hf_dir: str, out: str, dtype: Optional[torch.dtype] = None, overw
     config.json declares (the stored one when it declares none). ``inside_export``: the final path
     of the export being written into ``hf_dir`` (``mcore_to_hf --gguf``: the GGUF goes into the
     export, atomic with it)."""
-    from megatron_attnedit.convert import gguf_layouts, outdir
-    from megatron_attnedit.convert.hf_writer import declared_dtype
 
     t0 = time.time()
     cfg = load_config(hf_dir)
@@ -151,8 +141,6 @@ def hf_to_gguf(hf_dir: str, out: str, dtype: Optional[torch.dtype] = None, overw
 def _write(path: str, layout, cfg: dict, plan: List[Planned], hf_dir: str, model_name: str, dtype: torch.dtype, progress: bool) -> str:
     import gguf
     from tqdm import tqdm
-
-    from megatron_attnedit.convert import gguf_vocab
 
     w = gguf.GGUFWriter(path, layout.arch_name)
     w.add_name(model_name)

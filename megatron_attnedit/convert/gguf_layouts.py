@@ -13,13 +13,25 @@ from the ``gguf`` package's tables. Transforms beyond renaming:
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import dataclasses
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from megatron_attnedit import families
 from megatron_attnedit.convert import checks
-from megatron_attnedit.convert.gguf_export import Planned
 from megatron_attnedit.errors import CheckpointError
+
+
+@dataclasses.dataclass
+class Planned:
+    """One GGUF tensor: its name, torch shape (GGUF stores it reversed), dtype and how to make it."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
 
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -185,8 +197,6 @@ class Qwen3Moe(Qwen3):
 
     @classmethod
     def check(cls, cfg: dict, where: str) -> None:
-        from megatron_attnedit import families
-
         super().check(cfg, where)
         dense = [i for i, m in enumerate(families.moe_layer_pattern(cfg)) if not m]
         if dense:
@@ -196,8 +206,6 @@ class Qwen3Moe(Qwen3):
 
     @classmethod
     def add_hparams(cls, w, cfg: dict) -> None:
-        from megatron_attnedit import families
-
         super().add_hparams(w, cfg)
         w.add_expert_count(families.num_experts(cfg))
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
@@ -205,8 +213,6 @@ class Qwen3Moe(Qwen3):
 
     @classmethod
     def mlp(cls, p: _Planner, i: int) -> None:
-        from megatron_attnedit import families
-
         h, e = int(p.cfg["hidden_size"]), families.num_experts(p.cfg)
         p.copy(f"model.layers.{i}.mlp.gate.weight", (e, h))
         p.stack_experts(i, e, int(p.cfg["moe_intermediate_size"]), h)

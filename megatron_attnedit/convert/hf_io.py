@@ -17,9 +17,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from megatron_attnedit.families import mapping
+from megatron_attnedit.convert import checks
+from megatron_attnedit.convert.checks import check_finite
 from megatron_attnedit.errors import CheckpointError
-
+from megatron_attnedit.families import mapping
 
 INDEX = "model.safetensors.index.json"
 
@@ -79,7 +80,6 @@ class HFCheckpoint:
     def get(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The tensor ``name``; read straight into ``out`` (contiguous, same dtype and shape) if given.
         NaN / Inf values are refused here, where every tensor is read (``checks.check_finite``)."""
-        from megatron_attnedit.convert.checks import check_finite
 
         t = self._get(name, out)
         check_finite(t, name, os.path.join(self.dir, self.weight_map[name]) if self._pickle is None else self.dir)
@@ -311,7 +311,6 @@ def check_hf_inputs(ckpt: HFCheckpoint, table, rule, hf_names, megatron_shape: T
     """The HF tensors have a weight dtype and the shapes the model's config implies, before they
     are read: a vocab_size that is not the embedding's rows, or a transposed tensor with the right
     number of elements, would otherwise load without a word."""
-    from megatron_attnedit.convert import checks
     for h, want in zip(hf_names, mapping.hf_shapes_of(rule, table.shapes, megatron_shape)):
         dtype, got = ckpt.info(h)
         where = os.path.join(ckpt.dir, ckpt.weight_map[h]) if ckpt._pickle is None else ckpt.dir

@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_attnedit.convert.checkpoint import HF_ASSET_FILES
 from megatron_attnedit.convert.hf_io import INDEX, SAFETENSORS_DTYPES
-from megatron_attnedit.errors import CheckpointError
-from megatron_attnedit.errors import UserError
+from megatron_attnedit.errors import CheckpointError, UserError
 
 _DTYPE_CODE = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 DEFAULT_MAX_SHARD = "5GB"
@@ -153,8 +153,6 @@ def write_hf_config_files(out_dir: str, hf_config: dict, assets_dir: Optional[st
     """config.json (from the checkpoint's metadata), generation_config.json and tokenizer files
     (carried from the source HF directory when the checkpoint has them)."""
     import shutil
-
-    from megatron_attnedit.convert.checkpoint import HF_ASSET_FILES
 
     cfg = dict(hf_config)
     if dtype is not None:

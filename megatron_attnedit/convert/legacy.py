@@ -21,12 +21,13 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from megatron_attnedit.families import mapping
-from megatron_attnedit.convert.checks import check_dtype, check_shape
+from megatron_attnedit import families
 from megatron_attnedit.convert.checkpoint import ATTNEDIT_KEY, legacy_rank_dir, legacy_rank_files, safe_load
-from megatron_attnedit.errors import CheckpointError
+from megatron_attnedit.convert.checks import check_dtype, check_shape
 from megatron_attnedit.convert.layout import ModelLayout
 from megatron_attnedit.convert.outdir import torch_save
+from megatron_attnedit.errors import CheckpointError
+from megatron_attnedit.families import mapping
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
@@ -123,8 +124,6 @@ class LegacyReader:
     """Assembles full TP=1 parameters from the rank files of a legacy checkpoint."""
 
     def __init__(self, iter_dir: str, meta: dict, table, allow_pickle: bool = False):
-        from megatron_attnedit import families
-
         cfg = meta["hf_config"]
         self.map = RankMap(cfg, meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"],
                            meta["expert_model_parallel_size"], families.num_experts(cfg))

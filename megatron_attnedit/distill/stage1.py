@@ -24,16 +24,16 @@ scale through the schedule's backward, and ``step_metrics`` reports every stage'
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_attnedit.models import layers
 from megatron_attnedit.distill import pipeline
+from megatron_attnedit.distill.colocate import Colocated, _unwrap, build_pair
+from megatron_attnedit.models import layers
 from megatron_attnedit.training import losses
-from megatron_attnedit.distill.colocate import Colocated, _unwrap
 from megatron_attnedit.training.objective import Objective, check_options
 
 
@@ -86,7 +86,9 @@ class Stage1:
         self.student = _unwrap(pair.student)
         cfg = self.student.config
         self.device = next(self.teacher.parameters()).device
-        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+        from megatron.core.transformer.transformer_layer import (
+            get_transformer_layer_offset,
+        )
 
         self.layer_offset = get_transformer_layer_offset(cfg)
         self.sp_group = parallel_state.get_tensor_model_parallel_group() if cfg.sequence_parallel else None
@@ -188,8 +190,6 @@ class Stage1Objective(Objective):
         self.options = check_options(options, self.DEFAULTS, self.name)
 
     def build(self, cfg, plat):
-        from megatron_attnedit.distill.colocate import build_pair
-
         self.pair = build_pair(cfg, plat, trainable="attention")
         self.stage = Stage1(self.pair)
         self.teacher = self.pair.teacher

@@ -29,9 +29,9 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_attnedit.distill import pipeline
-from megatron_attnedit.training import losses
-from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated, _unwrap
+from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated, _unwrap, build_pair
 from megatron_attnedit.errors import ConfigError
+from megatron_attnedit.training import losses
 from megatron_attnedit.training.objective import Objective, check_loss_chunk_tokens, check_options
 
 DEFAULTS: Dict[str, object] = {
@@ -131,7 +131,9 @@ class Stage2:
         if bad:
             raise ConfigError(f"objective.options.feature_layers has {bad} outside the model's {n} layers")
         self.num_feature_layers = len(chosen) if self.feature_weight > 0 else 0
-        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+        from megatron.core.transformer.transformer_layer import (
+            get_transformer_layer_offset,
+        )
 
         off, n_local = get_transformer_layer_offset(cfg), len(self.student.decoder.layers)
         local = [i - off for i in chosen if off <= i < off + n_local] if self.num_feature_layers else []
@@ -228,8 +230,6 @@ class Stage2Objective(Objective):
         self.options = check_stage2_options(options)
 
     def build(self, cfg, plat):
-        from megatron_attnedit.distill.colocate import build_pair
-
         o = self.options
         if cfg.model.recompute_granularity == "full" and o["feature_layers"] and float(o["feature_weight"]) > 0:
             raise ConfigError("objective.options.feature_layers needs layer outputs with their gradient, which "

@@ -38,7 +38,8 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_attnedit.errors import EvalError
+from megatron_attnedit.errors import DataError, EvalError
+from megatron_attnedit.training.data import Tokenizer, check_prefixes
 
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt")
 
@@ -91,8 +92,6 @@ def load_tokenizer(model_dir: str):
     """The project's tokenizer wrapper (HF files or SentencePiece), or None if the dir has none."""
     if not tokenizer_files(model_dir) and not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
         return None
-    from megatron_attnedit.training.data import Tokenizer
-    from megatron_attnedit.errors import DataError
 
     try:
         return Tokenizer(model_dir)
@@ -138,9 +137,6 @@ def _check_meta(prefix: str, tok, teacher_dir: str, checks: List[str]) -> None:
 
 
 def _read_indexed(prefix: str, need: Optional[int]) -> np.ndarray:
-    from megatron_attnedit.training.data import check_prefixes
-    from megatron_attnedit.errors import DataError
-
     try:
         check_prefixes([prefix])
     except DataError as e:

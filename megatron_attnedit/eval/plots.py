@@ -18,6 +18,7 @@ import os
 from typing import Dict, List
 
 from megatron_attnedit.errors import EvalError
+from megatron_attnedit.training import monitor
 
 CONTEXT_GRID = [2**k for k in range(8, 18)]  # 256 .. 131072
 
@@ -48,7 +49,6 @@ class Run:
 
 def find_runs(root: str, label: str = "") -> List[Run]:
     """Every run under ``root`` (itself or up to three levels down)."""
-    from megatron_attnedit.training import monitor
 
     if not os.path.isdir(root):
         raise EvalError(f"--run-dir {root} is not a directory")

@@ -33,11 +33,11 @@ import sys
 import time
 from typing import List, Optional
 
-from megatron_attnedit.errors import run_cli, strip_debug
+from megatron_attnedit.data import corpus
+from megatron_attnedit.errors import UserError, run_cli, strip_debug
 from megatron_attnedit.scale_study import plan as plan_lib
 from megatron_attnedit.scale_study import study, summary
 from megatron_attnedit.scale_study.runner import Runner
-from megatron_attnedit.errors import UserError
 
 
 def parse_args(argv: Optional[List[str]]):
@@ -188,7 +188,6 @@ def finish(out, sizes, data, results, times, est, device_name, command, wall_s, 
 
 def load_finished(out: str):
     """(data record, phases.json) of a study that ran in ``out``."""
-    from megatron_attnedit.data import corpus
 
     paths = [os.path.join(out, "phases.json"), os.path.join(out, "datasets", "datasets.json")]
     missing = [p for p in paths if not os.path.isfile(p)]

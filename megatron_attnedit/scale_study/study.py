@@ -20,9 +20,12 @@ import sys
 import time
 from typing import Dict, List
 
+from megatron_attnedit import teacher
+from megatron_attnedit.data import packages
+from megatron_attnedit.data import tokenizer as tok_lib
+from megatron_attnedit.errors import StepFailed
 from megatron_attnedit.scale_study import plan as plan_lib
 from megatron_attnedit.scale_study.runner import ROOT, Runner
-from megatron_attnedit.errors import StepFailed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 TOKENIZER_WHY = ("the bundled teacher's SentencePiece BPE (vocab 4096, trained on the stdlib): the packages are Python too, "
@@ -34,9 +37,6 @@ TOKENIZER_WHY = ("the bundled teacher's SentencePiece BPE (vocab 4096, trained o
 def prepare_tokenizer(out: str) -> str:
     """The bundled teacher's tokenizer files + the tokenizer_meta.json ``teacher init`` reads."""
     import sentencepiece as spm
-
-    from megatron_attnedit import teacher
-    from megatron_attnedit.data import tokenizer as tok_lib
 
     src = teacher.bundled_teacher("dense")
     if src is None:
@@ -54,9 +54,6 @@ def prepare_tokenizer(out: str) -> str:
 
 
 def data_phase(out: str, sizes: plan_lib.Sizes, workers: int) -> dict:
-    from megatron_attnedit import teacher
-    from megatron_attnedit.data import packages
-
     corpus_dir, tok_dir, ds_dir = (os.path.join(out, d) for d in ("corpus", "tokenizer", "datasets"))
     t = time.time()
     manifest = packages.build_package_corpus(corpus_dir, max_bytes=sizes.corpus_max_bytes, valid_fraction=sizes.valid_fraction)
@@ -86,8 +83,6 @@ def export_cmd(run_dir: str, hf_dir: str, dtype: str = "") -> List[str]:
 
 
 def teacher_phase(out: str, data: dict, sizes: plan_lib.Sizes, platform: str, steps: Runner, env: Dict[str, str], extra: List[str]) -> str:
-    from megatron_attnedit import teacher
-
     run_dir = os.path.join(out, "teacher")
     shutil.rmtree(run_dir, ignore_errors=True)
     init = os.path.join(run_dir, "init")
@@ -144,21 +139,6 @@ def conversion_phase(out: str, data: dict, teacher_hf: str, sizes: plan_lib.Size
     return {name: os.path.join(out, "hf", name) for name in plan_lib.STUDENTS}
 
 
-def evaluate_accepts(args: List[str]) -> bool:
-    """Whether this checkout's ``evaluate`` takes these options (the probe options came later)."""
-    import contextlib
-    import io
-
-    from megatron_attnedit import evaluate
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            evaluate.parse_args(["--teacher", "t", "--data", "d", "--report-dir", "r", *args])
-        return True
-    except SystemExit:
-        return False
-
-
 def evaluate_phase(out: str, data: dict, teacher_hf: str, students: Dict[str, str], sizes: plan_lib.Sizes, device: str, steps: Runner) -> dict:
     """Perplexity at ``sizes.seq``-token windows, loss by distance, the probe; the KV cache measured
     after a decode that fills the whole context (prompt = seq - decode tokens), where GateSWA's
@@ -168,8 +148,7 @@ def evaluate_phase(out: str, data: dict, teacher_hf: str, students: Dict[str, st
            "--report-dir", report, "--device", device, "--seq-length", str(sizes.seq), "--max-tokens", str(sizes.eval_max_tokens),
            "--batch-size", str(sizes.eval_batch), "--decode-tokens", str(sizes.decode_tokens),
            "--prompt-tokens", str(sizes.seq - sizes.decode_tokens)]
-    if sizes.probe_args and evaluate_accepts(sizes.probe_args):
-        cmd += sizes.probe_args
+    cmd += sizes.probe_args
     for name, hf in students.items():
         cmd += ["--student", f"{name}={hf}"]
     for target in ("mla", "gateswa"):

@@ -33,14 +33,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_attnedit import errors
-from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.convert import checkpoint as ckpt_dirs
-from megatron_attnedit.errors import RunFault
-from megatron_attnedit.training import manifest
-from megatron_attnedit.training import resume
+from megatron_attnedit.errors import (
+    CheckpointError,  # noqa: F401  (re-exported)
+    ConfigError,
+    RunFault,
+)
+from megatron_attnedit.families.table import padded_vocab_size
+from megatron_attnedit.training import manifest, resume
 from megatron_attnedit.training.optim import torch_optimizers
 from megatron_attnedit.training.resume import LATEST, ResumePoint, iter_dir, read_latest
-from megatron_attnedit.errors import CheckpointError  # noqa: F401  (re-exported)
 
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # Megatron-LM default; optimizer reshardable over DP
 
@@ -183,8 +185,12 @@ def _save_strategy():
     """torch_dist, with the writing of replicated tensors spread over the data-parallel ranks
     (otherwise data-parallel rank 0 of every model shard writes it all)."""
     from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
 
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group(with_context_parallel=True))
 
@@ -324,8 +330,6 @@ class Checkpointer:
         return next((g for g in gathered if g is not None), None)
 
     def _conversion_metadata(self) -> dict:
-        from megatron_attnedit.families.table import padded_vocab_size
-
         lay = self._layout()
         tp, pp, ep = (lay[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
         dtype = next(p for m in self.models for p in _unwrap(m).parameters()).dtype

@@ -49,9 +49,15 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
+from megatron_attnedit import families
 from megatron_attnedit.config import Config
+from megatron_attnedit.convert import hf_io
 from megatron_attnedit.errors import ConfigError
+from megatron_attnedit.families.table import ModelTable
+from megatron_attnedit.kernels import wgrad
+from megatron_attnedit.models import builder
 from megatron_attnedit.targets.student import build_student
+from megatron_attnedit.training import losses
 
 # name -> "module:Class" (imported on use, so a missing or broken objective fails only when asked for)
 OBJECTIVES: Dict[str, Union[str, Callable]] = {
@@ -129,7 +135,6 @@ class Objective:
 
 def hf_config(cfg: Config) -> dict:
     """The HF config dict of ``cfg.model`` (hf_dir's config.json or a preset, plus overrides)."""
-    from megatron_attnedit import families
 
     hf = families.load_hf_config(cfg.model.hf_dir) if cfg.model.hf_dir else families.config_for_preset(cfg.model.preset)
     hf.update(cfg.model.overrides)
@@ -144,7 +149,6 @@ def use_bf16(cfg: Config, plat) -> bool:
 def gradient_accumulation_fusion(cfg: Config, plat) -> bool:
     """``model.gradient_accumulation_fusion``, None resolved: on for CUDA with the local spec where
     the fp32-accumulating GEMM runs (TE's layers fuse it themselves)."""
-    from megatron_attnedit.kernels import wgrad
 
     m = cfg.model
     if m.gradient_accumulation_fusion is not None:
@@ -162,7 +166,6 @@ def kernel_fusion(cfg: Config, plat) -> bool:
 
 
 def build_options(cfg: Config, plat) -> "builder.BuildOptions":  # noqa: F821
-    from megatron_attnedit.models import builder
 
     p, m = cfg.parallel, cfg.model
     bf16 = use_bf16(cfg, plat)
@@ -188,7 +191,6 @@ def build_options(cfg: Config, plat) -> "builder.BuildOptions":  # noqa: F821
 
 def build_gpt(cfg: Config, plat, hf: Optional[dict] = None, attention_for_layer=None):
     """This rank's GPTModel for ``cfg.model`` (random init; see load_hf_weights)."""
-    from megatron_attnedit.models import builder
 
     return builder.build_model(hf or hf_config(cfg), build_options(cfg, plat), attention_for_layer=attention_for_layer)
 
@@ -196,9 +198,6 @@ def build_gpt(cfg: Config, plat, hf: Optional[dict] = None, attention_for_layer=
 def load_hf_weights(model, hf_dir: str, hf: dict) -> None:
     """Fill this rank's shard of ``model`` from an HF checkpoint directory."""
     from megatron.core import parallel_state
-
-    from megatron_attnedit.convert import hf_io
-    from megatron_attnedit.families.table import ModelTable
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     hf_io.load_into_model(model, hf_io.HFCheckpoint(hf_dir), ModelTable(hf, tp=tp))
@@ -246,8 +245,6 @@ class LMObjective(Objective):
 
     def forward_step(self, data_iterator, model):
         from megatron.core import parallel_state
-
-        from megatron_attnedit.training import losses
 
         batch = next(data_iterator)
         # Without labels, GPTModel returns logits [b, s, V/TP] on the last stage (hidden states elsewhere).

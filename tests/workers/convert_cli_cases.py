@@ -48,7 +48,8 @@ def run_case(main, argv, fsize_limit=None):
 
 def main():
     cases, result_path = json.load(open(sys.argv[1])), sys.argv[2]
-    from megatron_attnedit.convert import cli, converters  # noqa: F401  (import once, before forking)
+    from megatron_attnedit.cli import convert as cli
+    from megatron_attnedit.convert import converters  # noqa: F401  (import once, before forking)
 
     tools = {"hf_to_mcore": cli.hf_to_mcore_main, "mcore_to_hf": cli.mcore_to_hf_main}
     result = {c["name"]: run_case(tools[c["tool"]], c["argv"], c.get("fsize_limit")) for c in cases}
