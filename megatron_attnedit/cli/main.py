@@ -10,10 +10,11 @@
   attnedit kv-report   KV-cache bytes of a target against the teacher's, from the shapes
   attnedit bench       the training benchmark (launch/bench.py; a checkout's launch/ is needed)
   attnedit quickstart  the main job on the bundled teacher
-  attnedit teacher     the bundled teachers: data sets, training, held-out loss
+  attnedit teacher     the bundled teachers: corpus, data sets, a random-init config, held-out loss, model card
 
 ``attnedit <command> --help`` shows each command's flags and examples. Several processes:
-``torchrun ... -m megatron_attnedit.cli train ...`` (launch/pretrain.sh and distill.sh do that).
+``torchrun ... -m megatron_attnedit.cli train ...`` (launch/pretrain.sh and distill.sh run the same
+entry through its shim, ``-m megatron_attnedit.train``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "kv-report": ("megatron_attnedit.cli.kv_report:main", "KV-cache bytes of a target against the teacher's"),
     "bench": ("megatron_attnedit.cli.main:bench_main", "the training benchmark: tokens/s, TFLOP/s, memory per stage (launch/bench.py)"),
     "quickstart": ("megatron_attnedit.cli.quickstart:main", "the main job on the bundled teacher (--quick: a few steps each)"),
-    "teacher": ("megatron_attnedit.teacher:main", "the bundled teachers: datasets | train | eval | card"),
+    "teacher": ("megatron_attnedit.teacher:main", "the bundled teachers: data | datasets | init | card | eval"),
 }
 
 

@@ -132,7 +132,6 @@ class Family:
     rope_types: Tuple[str, ...] = ("default",)
     presets: Dict[str, dict] = dataclasses.field(default_factory=dict)
     refused: Tuple[Tuple[str, str], ...] = ()  # (config key, why) that must be false / absent
-    gguf_arch: Optional[str] = None  # llama.cpp's architecture name, when the GGUF export knows it
 
     # -- config ----------------------------------------------------------------------------------
     def check(self, cfg: dict) -> None:

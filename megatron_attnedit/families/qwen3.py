@@ -48,10 +48,10 @@ PRESETS: Dict[str, dict] = {
 
 
 QWEN3 = Family(
-    model_type="qwen3", architecture="Qwen3ForCausalLM", qk_norm=True, moe=False, gguf_arch="qwen3",
+    model_type="qwen3", architecture="Qwen3ForCausalLM", qk_norm=True, moe=False,
     presets={k: v for k, v in PRESETS.items() if v["model_type"] == "qwen3"},
 )
 QWEN3_MOE = Family(
-    model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", qk_norm=True, moe=True, gguf_arch="qwen3moe",
+    model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", qk_norm=True, moe=True,
     presets={k: v for k, v in PRESETS.items() if v["model_type"] == "qwen3_moe"},
 )
