@@ -31,10 +31,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_attnedit.distill import pipeline
-from megatron_attnedit.distill.colocate import Colocated, _unwrap, build_pair
+from megatron_attnedit.distill.colocate import Colocated
+from megatron_attnedit.distill.pair_step import PairObjective, PairStep
 from megatron_attnedit.models import layers
 from megatron_attnedit.training import losses
-from megatron_attnedit.training.objective import Objective, check_options
+from megatron_attnedit.training.objective import check_options
 
 
 def layer_metric_name(layer: int, num_layers: int) -> str:
@@ -77,13 +78,11 @@ class _Capture:
         return hook
 
 
-class Stage1:
+class Stage1(PairStep):
     """Stage-1 forward step over a co-located pair; megatron ``forward_step`` signature."""
 
     def __init__(self, pair: Colocated):
-        self.pair = pair
-        self.teacher = _unwrap(pair.teacher)
-        self.student = _unwrap(pair.student)
+        super().__init__(pair)
         cfg = self.student.config
         self.device = next(self.teacher.parameters()).device
         from megatron.core.transformer.transformer_layer import (
@@ -105,7 +104,6 @@ class Stage1:
         self.rotary = None
         self.training = True
         self.capture = _Capture(self)
-        self._checked = False
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -113,12 +111,7 @@ class Stage1:
         self._micro_batches = 0
 
     def forward_step(self, data_iterator, model):
-        if not self._checked:  # checkpoints are loaded after build(), before the first step
-            self.pair.check_shared_unchanged()
-            self._checked = True
-        batch = next(data_iterator)
-        tokens, position_ids = batch["tokens"], batch["position_ids"]
-        input_tensor = self.student.decoder.input_tensor  # set by the schedule (None on stage 0)
+        _, tokens, position_ids, input_tensor = self.begin(data_iterator)
         t = self.teacher
         seq_len = tokens.shape[1]
         self.rotary = layers.rotary_pos_emb_for(self.student, seq_len)
@@ -179,7 +172,7 @@ class Stage1:
         return out
 
 
-class Stage1Objective(Objective):
+class Stage1Objective(PairObjective):
     """``objective.name: stage1``. The teacher is ``model`` (hf_dir), the student ``target``; only
     the target's attention parameters train. No options."""
 
@@ -190,13 +183,4 @@ class Stage1Objective(Objective):
         self.options = check_options(options, self.DEFAULTS, self.name)
 
     def build(self, cfg, plat):
-        self.pair = build_pair(cfg, plat, trainable="attention")
-        self.stage = Stage1(self.pair)
-        self.teacher = self.pair.teacher
-        return [self.pair.student]
-
-    def forward_step(self, data_iterator, model):
-        return self.stage.forward_step(data_iterator, model)
-
-    def step_metrics(self):
-        return self.stage.step_metrics()
+        return self.build_pair_step(cfg, plat, "attention", Stage1)

@@ -29,10 +29,11 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_attnedit.distill import pipeline
-from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated, _unwrap, build_pair
+from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated
+from megatron_attnedit.distill.pair_step import PairObjective, PairStep
 from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.training import losses
-from megatron_attnedit.training.objective import Objective, check_loss_chunk_tokens, check_options
+from megatron_attnedit.training.objective import check_loss_chunk_tokens, check_options
 
 DEFAULTS: Dict[str, object] = {
     "trainable": "attention",  # attention | all
@@ -114,13 +115,12 @@ class _LayerOutputs:
         return out
 
 
-class Stage2:
+class Stage2(PairStep):
     """Stage-2 forward step over a co-located pair; megatron ``forward_step`` signature."""
 
     def __init__(self, pair: Colocated, trainable="attention", temperature=1.0, topk=0, kl_weight=1.0,
                  feature_layers=(), feature_weight=0.05, ce_weight=0.0, loss_chunk_tokens=None):
-        self.pair = pair
-        self.teacher, self.student = _unwrap(pair.teacher), _unwrap(pair.student)
+        super().__init__(pair)
         cfg = self.student.config
         self.temperature, self.topk = float(temperature), int(topk)
         self.kl_weight, self.feature_weight, self.ce_weight = float(kl_weight), float(feature_weight), float(ce_weight)
@@ -146,7 +146,6 @@ class Stage2:
         if self.pp > 1:
             cfg.variable_seq_lengths = True  # the pipeline tensor is [s, 2b, h] (teacher + student)
         self.device = next(self.teacher.parameters()).device
-        self._checked = False
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -154,12 +153,7 @@ class Stage2:
         self._micro_batches = 0
 
     def forward_step(self, data_iterator, model):
-        if not self._checked:  # checkpoints are loaded after build(), before the first step
-            self.pair.check_shared_unchanged()
-            self._checked = True
-        batch = next(data_iterator)
-        tokens, position_ids = batch["tokens"], batch["position_ids"]
-        input_tensor = self.student.decoder.input_tensor  # set by the schedule (None on stage 0)
+        batch, tokens, position_ids, input_tensor = self.begin(data_iterator)
         t_in = s_in = None
         if input_tensor is not None:
             t_in, s_in = input_tensor.chunk(2, dim=1)
@@ -221,7 +215,7 @@ class Stage2:
         return out
 
 
-class Stage2Objective(Objective):
+class Stage2Objective(PairObjective):
     """``objective.name: stage2``; options: see ``DEFAULTS`` in this module."""
 
     name = "stage2"
@@ -235,13 +229,4 @@ class Stage2Objective(Objective):
             raise ConfigError("objective.options.feature_layers needs layer outputs with their gradient, which "
                                "model.recompute_granularity=full does not keep (it recomputes them in the backward); "
                                "use selective recompute, or feature_weight: 0")
-        self.pair = build_pair(cfg, plat, trainable=o["trainable"])
-        self.stage = Stage2(self.pair, **self.options)
-        self.teacher = self.pair.teacher
-        return [self.pair.student]
-
-    def forward_step(self, data_iterator, model):
-        return self.stage.forward_step(data_iterator, model)
-
-    def step_metrics(self):
-        return self.stage.step_metrics()
+        return self.build_pair_step(cfg, plat, o["trainable"], lambda pair: Stage2(pair, **o))
