@@ -14,7 +14,6 @@ PREFIX.meta.json sidecar records the tokenizer, documents and tokens.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ import time
 from typing import Iterator, List
 
 from megatron_attnedit.cli import args
+from megatron_attnedit.training import file_patterns
 
 _TOKENIZER = None
 
@@ -40,13 +40,7 @@ def _encode(text: str) -> List[int]:
 
 
 def expand_inputs(patterns: List[str]) -> List[str]:
-    files = []
-    for pat in patterns:
-        hits = sorted(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
-        if not hits:
-            raise SystemExit(f"error: --input {pat!r} matches no file")
-        files += hits
-    return list(dict.fromkeys(files))
+    return file_patterns.expand(patterns, lambda pat: SystemExit(f"error: --input {pat!r} matches no file"))
 
 
 def documents(files: List[str], json_key: str) -> Iterator[str]:

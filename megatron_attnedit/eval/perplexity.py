@@ -39,6 +39,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from megatron_attnedit.errors import DataError, EvalError
+from megatron_attnedit.training import file_patterns
 from megatron_attnedit.training.data import Tokenizer, check_prefixes
 
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt")
@@ -154,14 +155,10 @@ def _read_indexed(prefix: str, need: Optional[int]) -> np.ndarray:
 
 
 def _read_text(data: List[str], tok, need: Optional[int]) -> Tuple[np.ndarray, int]:
-    files = []
-    for pat in data:
-        hits = sorted(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
-        if not hits:
-            raise EvalError(f"--data {pat!r} is neither a dataset prefix (PREFIX.bin/.idx) nor matches any text file")
-        files += hits
+    files = file_patterns.expand(
+        data, lambda pat: EvalError(f"--data {pat!r} is neither a dataset prefix (PREFIX.bin/.idx) nor matches any text file"))
     parts, n = [], 0
-    for f in dict.fromkeys(files):
+    for f in files:
         text = open(f, encoding="utf-8", errors="replace").read()
         if not text.strip():
             continue
