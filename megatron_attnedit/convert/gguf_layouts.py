@@ -117,14 +117,19 @@ class _Planner:
 # --------------------------------------------------------------------------------------------
 
 
-class Qwen3:
-    arch_name = "qwen3"
+class _Layout:
+    arch_name: str  # llama.cpp's architecture name (general.architecture)
 
     @classmethod
     def arch(cls):
+        """The ``gguf`` package's MODEL_ARCH of ``arch_name`` (its tensor-name tables are keyed by it)."""
         import gguf
 
-        return gguf.MODEL_ARCH.QWEN3
+        return next(arch for arch, name in gguf.MODEL_ARCH_NAMES.items() if name == cls.arch_name)
+
+
+class Qwen3(_Layout):
+    arch_name = "qwen3"
 
     @classmethod
     def check(cls, cfg: dict, where: str) -> None:
@@ -190,12 +195,6 @@ class Qwen3Moe(Qwen3):
     arch_name = "qwen3moe"
 
     @classmethod
-    def arch(cls):
-        import gguf
-
-        return gguf.MODEL_ARCH.QWEN3MOE
-
-    @classmethod
     def check(cls, cfg: dict, where: str) -> None:
         super().check(cfg, where)
         dense = [i for i, m in enumerate(families.moe_layer_pattern(cfg)) if not m]
@@ -223,14 +222,8 @@ class Qwen3Moe(Qwen3):
 # --------------------------------------------------------------------------------------------
 
 
-class DeepseekV2:
+class DeepseekV2(_Layout):
     arch_name = "deepseek2"
-
-    @classmethod
-    def arch(cls):
-        import gguf
-
-        return gguf.MODEL_ARCH.DEEPSEEK2
 
     @staticmethod
     def moe(cfg: dict) -> bool:
