@@ -104,19 +104,12 @@ class GatedSelfAttention(SelfAttention):
 
 def attention_spec(target, layer, hf_cfg, options, build_opts):
     o = target.resolve(hf_cfg, options)
-    teacher = gqa_attention_spec(build_opts, hf_cfg)
-    sub = teacher.submodules
+    teacher = gqa_attention_spec(build_opts, hf_cfg).submodules
+    same_as_teacher = {f.name: getattr(teacher, f.name) for f in dataclasses.fields(teacher)}
     return ModuleSpec(
         module=GatedSelfAttention,
         params={"attn_mask_type": AttnMaskType.causal, "gate": o.gate},
-        submodules=GatedSelfAttentionSubmodules(
-            linear_qkv=sub.linear_qkv,
-            core_attention=sub.core_attention,
-            linear_proj=sub.linear_proj,
-            q_layernorm=sub.q_layernorm,
-            k_layernorm=sub.k_layernorm,
-            linear_gate=LocalSpecProvider().column_parallel_linear(),
-        ),
+        submodules=GatedSelfAttentionSubmodules(**same_as_teacher, linear_gate=LocalSpecProvider().column_parallel_linear()),
     )
 
 
