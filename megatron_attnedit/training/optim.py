@@ -58,6 +58,11 @@ def synced_params(models: List[torch.nn.Module]):
             m.enable_forward_pre_hook()
 
 
+# Fields of our optimizer config that megatron's OptimizerConfig takes as they are, under the same name.
+_SAME_NAME_IN_MEGATRON = ("optimizer", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
+                          "use_distributed_optimizer")
+
+
 def build_optimizer(cfg, models: List[torch.nn.Module], bf16: bool, device_type: str = "cuda"):
     """megatron's (distributed) mixed-precision optimizer; torch's fused AdamW kernel inside it where
     megatron falls back to torch's optimizer and ``optimizer.fused_adam`` allows."""
@@ -66,17 +71,9 @@ def build_optimizer(cfg, models: List[torch.nn.Module], bf16: bool, device_type:
 
     o = cfg.optimizer
     config = OptimizerConfig(
-        optimizer=o.optimizer,
-        lr=o.lr,
-        min_lr=o.min_lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps,
-        clip_grad=o.clip_grad,
+        **{name: getattr(o, name) for name in _SAME_NAME_IN_MEGATRON},
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=o.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, models)
     fused = o.fused_adam if o.fused_adam is not None else device_type == "cuda"
