@@ -404,11 +404,9 @@ def kl_divergence(
     for a single shard); ``vocab_size`` is the real vocabulary size (padded ids are ignored).
     ``chunk_tokens``: tokens per chunk (None: by ``CHUNK_BYTES``; 0: all at once).
     """
-    _check_logits(student_logits, teacher_logits)
-    _, valid = vocab_range(student_logits.shape[-1], tp_group, vocab_size)
-    layout = _Rows(student_logits)
-    t_rows, T = layout.rows(teacher_logits.detach()), float(temperature)
-    step = layout.rows_per_chunk(t_rows, chunk_tokens, fused=_fuses(student_logits))
+    _, valid, layout, t_rows, step = _teacher_rows(student_logits, teacher_logits, vocab_size, tp_group, chunk_tokens,
+                                                   fused=_fuses(student_logits))
+    T = float(temperature)
     kl = _per_token(student_logits, lambda rows, grad: _dense_kl_rows(rows, t_rows, T, valid, tp_group, step, grad), valid, T, step)
     return temperature**2 * token_mean(kl, loss_mask)
 
@@ -458,11 +456,8 @@ def topk_kl_divergence(
     the student's full-vocabulary log-probabilities at those ids; T^2-scaled, token-averaged.
     ``chunk_tokens`` as in ``kl_divergence``.
     """
-    _check_logits(student_logits, teacher_logits)
-    start, valid = vocab_range(student_logits.shape[-1], tp_group, vocab_size)
-    layout = _Rows(student_logits)
-    t_rows, T = layout.rows(teacher_logits.detach()), float(temperature)
-    step = layout.rows_per_chunk(t_rows, chunk_tokens)
+    start, valid, layout, t_rows, step = _teacher_rows(student_logits, teacher_logits, vocab_size, tp_group, chunk_tokens)
+    T = float(temperature)
     ids, p, neg_entropy = _teacher_topk(t_rows, k, T, start, valid, tp_group, step)
     ce = _per_token(student_logits, lambda rows, grad: _sparse_ce_rows(rows, ids, p, T, start, valid, tp_group, step, grad), valid, T, step)
     return temperature**2 * token_mean(layout.logical(neg_entropy) + ce, loss_mask)
@@ -509,9 +504,16 @@ def feature_cosine(
     return weight * token_mean(1.0 - cos, loss_mask, sp_group)
 
 
-def _check_logits(s: torch.Tensor, t: torch.Tensor) -> None:
+def _teacher_rows(s: torch.Tensor, t: torch.Tensor, vocab_size: Optional[int], tp_group, chunk_tokens: Optional[int],
+                  fused: bool = False) -> Tuple[int, int, _Rows, torch.Tensor, int]:
+    """What both KL losses start from: (first global id of this shard, its real ids, the rows layout of
+    the student's logits, the teacher's logits as rows without a gradient, rows per chunk)."""
     if s.shape != t.shape:
         raise ValueError(
             f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ; "
             "teacher and student must share the vocabulary and the parallel layout"
         )
+    start, valid = vocab_range(s.shape[-1], tp_group, vocab_size)
+    layout = _Rows(s)
+    t_rows = layout.rows(t.detach())
+    return start, valid, layout, t_rows, layout.rows_per_chunk(t_rows, chunk_tokens, fused=fused)
