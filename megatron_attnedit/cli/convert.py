@@ -8,6 +8,7 @@ exit status 2, no traceback, nothing written (``errors.run_cli``; ``--debug`` sh
 
 from __future__ import annotations
 
+import argparse
 from typing import Callable, List, Optional
 
 from megatron_attnedit.cli import args
@@ -40,13 +41,21 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _run(fn: Callable, argv: Optional[List[str]]) -> int:
+def _run(ap: argparse.ArgumentParser, argv: Optional[List[str]], convert: Callable[[argparse.Namespace], object],
+         allow_pickle: bool = True) -> int:
+    """Add the flags every converter has, parse, run ``convert(args)`` under ``run_cli`` and print
+    the line of the report it returns."""
+    if allow_pickle:
+        args.allow_pickle(ap)
+    args.progress(ap)
+    args.debug(ap)
+    a = ap.parse_args(argv)
     _free_memory_promptly()
     _interrupt_on_sigterm()
     out = {}
 
     def body():
-        out["report"] = fn()
+        out["report"] = convert(a)
 
     rc = run_cli(body, argv, interrupt_message="interrupted; nothing was written")
     if rc == 0:
@@ -67,12 +76,8 @@ def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
     args.parallel(ap)
     ap.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist",
                     help="torch_dist: distributed checkpoint, loads at any TP/PP/EP (default); torch: legacy per-rank files")
-    args.allow_pickle(ap)
-    args.progress(ap)
-    args.debug(ap)
-    a = ap.parse_args(argv)
 
-    def go():
+    def go(a):
         from megatron_attnedit.convert.converters import hf_to_mcore  # megatron-core: not for --help
 
         return hf_to_mcore(
@@ -80,7 +85,7 @@ def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
             ckpt_format=a.ckpt_format, overwrite=a.overwrite, allow_pickle=a.allow_pickle, progress=not a.no_progress,
         )
 
-    return _run(go, argv)
+    return _run(ap, argv, go)
 
 
 def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
@@ -100,18 +105,14 @@ def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
                    "as stored when it declares none), bfloat16, float16 or float32")
     ap.add_argument("--gguf", action="store_true",
                     help="also write SAVE_DIR/model.gguf for llama.cpp (teacher and MLA students; same dtype as the export)")
-    args.allow_pickle(ap)
-    args.progress(ap)
-    args.debug(ap)
-    a = ap.parse_args(argv)
 
-    def go():
+    def go(a):
         from megatron_attnedit.convert.converters import mcore_to_hf, parse_dtype  # megatron-core: not for --help
 
         return mcore_to_hf(a.load_dir, a.save_dir, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
                            dtype=parse_dtype(a.dtype), allow_pickle=a.allow_pickle, progress=not a.no_progress, gguf=a.gguf)
 
-    return _run(go, argv)
+    return _run(ap, argv, go)
 
 
 def hf_to_gguf_main(argv: Optional[List[str]] = None) -> int:
@@ -126,14 +127,11 @@ def hf_to_gguf_main(argv: Optional[List[str]] = None) -> int:
     args.output(ap, "the .gguf file to write", flag="--out")
     args.dtype(ap, "dtype of the weight matrices (norms stay float32, as llama.cpp expects): auto (default: the dtype "
                    "config.json declares), bfloat16, float16 or float32")
-    args.progress(ap)
-    args.debug(ap)
-    a = ap.parse_args(argv)
 
-    def go():
+    def go(a):
         from megatron_attnedit.convert.gguf_export import hf_to_gguf  # the gguf package: not for --help
         from megatron_attnedit.convert.hf_writer import parse_dtype
 
         return hf_to_gguf(a.hf_dir, a.out, dtype=parse_dtype(a.dtype), overwrite=a.overwrite, progress=not a.no_progress)
 
-    return _run(go, argv)
+    return _run(ap, argv, go, allow_pickle=False)
