@@ -180,52 +180,57 @@ class GateSWAForCausalLM(Qwen3ForCausalLM):
         self.post_init()
 
 
-class GateSWAMoeModel(Qwen3MoeModel):
-    """Qwen3-MoE base; its forward is Qwen3MoeModel's with one mask per layer type (Qwen3-MoE
-    itself applies one window to all layers or none)."""
+class _OneMaskPerLayerType:
+    """For a base whose model applies one mask to every layer (Qwen3-MoE: one window for all layers
+    or none; Llama: no window): GateSWA attention in every layer, and the base's forward with one
+    mask per layer type. Goes first among the bases; a subclass names ``output_class`` and, where
+    the family's attention is not Qwen3's, ``attention_class``."""
 
-    config_class = GateSWAMoeConfig
+    output_class = BaseModelOutputWithPast
+    attention_class = GateSWAAttention
 
     def __init__(self, config):
         super().__init__(config)
-        _use_gateswa_attention(self.layers, config)
+        _use_gateswa_attention(self.layers, config, self.attention_class)
         self.post_init()
 
     @merge_with_config_defaults
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, **kwargs):
-        return _forward_by_layer_type(self, MoeModelOutputWithPast, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, **kwargs)
+        return _forward_by_layer_type(self, self.output_class, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, **kwargs)
 
 
-class GateSWAMoeForCausalLM(Qwen3MoeForCausalLM):
+class _GateSWABody:
+    """A causal LM of the base family whose stock body is replaced by ``body_class`` (the weights
+    come from the checkpoint). Goes first among the bases."""
+
+    body_class = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.body_class(config)
+        self.post_init()
+
+
+class GateSWAMoeModel(_OneMaskPerLayerType, Qwen3MoeModel):
+    """Qwen3-MoE base."""
+
     config_class = GateSWAMoeConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = GateSWAMoeModel(config)  # replaces the stock body; weights come from the checkpoint
-        self.post_init()
+    output_class = MoeModelOutputWithPast
 
 
-class GateSWALlamaModel(LlamaModel):
-    """Llama base; its forward is LlamaModel's with one mask per layer type (Llama's has one mask)."""
+class GateSWAMoeForCausalLM(_GateSWABody, Qwen3MoeForCausalLM):
+    config_class = GateSWAMoeConfig
+    body_class = GateSWAMoeModel
+
+
+class GateSWALlamaModel(_OneMaskPerLayerType, LlamaModel):
+    """Llama base (no q/k-norm)."""
 
     config_class = GateSWALlamaConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        _use_gateswa_attention(self.layers, config, GateSWALlamaAttention)
-        self.post_init()
-
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, **kwargs):
-        return _forward_by_layer_type(self, BaseModelOutputWithPast, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, **kwargs)
+    attention_class = GateSWALlamaAttention
 
 
-class GateSWALlamaForCausalLM(LlamaForCausalLM):
+class GateSWALlamaForCausalLM(_GateSWABody, LlamaForCausalLM):
     config_class = GateSWALlamaConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = GateSWALlamaModel(config)  # replaces the stock body; weights come from the checkpoint
-        self.post_init()
+    body_class = GateSWALlamaModel
