@@ -52,18 +52,22 @@ def test_jsonl_and_plain_text_round_trip(tokenizer, tmp_path):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tokenizer, tmp_path):
+    """Each bad input: exit 2 and one 'error: ...' line on stderr (the real script), nothing written."""
     out = str(tmp_path / "ds")
 
     def fails(*args):
-        with pytest.raises(SystemExit) as e:
-            preprocess_data.main(["--tokenizer-dir", tokenizer, "--output-prefix", out, *args])
-        return str(e.value.code)
+        proc = subprocess.run([sys.executable, TOOL, "--output-prefix", out, "--no-progress", *args], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        lines = proc.stderr.splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (proc.returncode, proc.stderr)
+        return lines[0]
 
-    assert "matches no file" in fails("--input", str(tmp_path / "nothing*.jsonl"))
+    assert "matches no file" in fails("--tokenizer-dir", tokenizer, "--input", str(tmp_path / "nothing*.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
-    assert "bad.jsonl:2 has no 'text' key" in fails("--input", str(tmp_path / "bad.jsonl"))
+    assert "bad.jsonl:2 has no 'text' key" in fails("--tokenizer-dir", tokenizer, "--input", str(tmp_path / "bad.jsonl"))
+    (tmp_path / "notjson.jsonl").write_text('{"text": "fine"}\n{text: unquoted}\n')
+    assert "notjson.jsonl:2 is not valid JSON" in fails("--tokenizer-dir", tokenizer, "--input", str(tmp_path / "notjson.jsonl"))
     (tmp_path / "blank.txt").write_text("   \n")
-    assert "no documents found" in fails("--input", str(tmp_path / "blank.txt"))
-    assert "no tokenizer at" in str(pytest.raises(SystemExit, preprocess_data.main,
-                                                  ["--input", str(tmp_path / "blank.txt"), "--tokenizer-dir", str(tmp_path), "--output-prefix", out]).value.code)
+    assert "no documents found" in fails("--tokenizer-dir", tokenizer, "--input", str(tmp_path / "blank.txt"))
+    assert "no tokenizer at" in fails("--tokenizer-dir", str(tmp_path), "--input", str(tmp_path / "blank.txt"))
     assert not any(f.startswith("ds") for f in os.listdir(tmp_path))

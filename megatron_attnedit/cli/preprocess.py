@@ -21,6 +21,7 @@ import time
 from typing import Iterator, List
 
 from megatron_attnedit.cli import args
+from megatron_attnedit.errors import DataError, run_cli
 from megatron_attnedit.training import file_patterns
 
 _TOKENIZER = None
@@ -40,7 +41,7 @@ def _encode(text: str) -> List[int]:
 
 
 def expand_inputs(patterns: List[str]) -> List[str]:
-    return file_patterns.expand(patterns, lambda pat: SystemExit(f"error: --input {pat!r} matches no file"))
+    return file_patterns.expand(patterns, lambda pat: DataError(f"--input {pat!r} matches no file"))
 
 
 def documents(files: List[str], json_key: str) -> Iterator[str]:
@@ -53,9 +54,9 @@ def documents(files: List[str], json_key: str) -> Iterator[str]:
                     try:
                         obj = json.loads(line)
                     except ValueError:
-                        raise SystemExit(f"error: {path}:{n} is not valid JSON (jsonl wants one JSON object per line)") from None
+                        raise DataError(f"{path}:{n} is not valid JSON (jsonl wants one JSON object per line)") from None
                     if not isinstance(obj, dict) or json_key not in obj:
-                        raise SystemExit(f"error: {path}:{n} has no {json_key!r} key; set --json-key")
+                        raise DataError(f"{path}:{n} has no {json_key!r} key; set --json-key")
                     if obj[json_key]:
                         yield str(obj[json_key])
         else:
@@ -74,16 +75,17 @@ def main(argv=None) -> int:
     ap.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json")
     ap.add_argument("--json-key", default="text")
     ap.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    args.progress(ap)
+    args.debug(ap)
     a = ap.parse_args(argv)
+    return run_cli(lambda: _preprocess(a), argv)
 
+
+def _preprocess(a) -> int:
     from megatron_attnedit.training.data import Tokenizer
-    from megatron_attnedit.errors import DataError
 
     files = expand_inputs(a.input)
-    try:
-        tok = Tokenizer(a.tokenizer_dir)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    tok = Tokenizer(a.tokenizer_dir)  # DataError: one line
     import numpy
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         _init_worker(a.tokenizer_dir)
         encoded = map(_encode, documents(files, a.json_key))
     try:
-        bar = tqdm(encoded, unit="doc", desc=os.path.basename(a.output_prefix), mininterval=1.0)
+        bar = tqdm(encoded, unit="doc", desc=os.path.basename(a.output_prefix), mininterval=1.0, disable=a.no_progress)
         for ids in bar:
             builder.add_document(numpy.asarray(ids, dtype=dtype), [len(ids)])
             n_docs += 1
@@ -114,21 +116,21 @@ def main(argv=None) -> int:
                 bar.set_postfix(docs_per_s=f"{n_docs / (time.time() - start):.0f}", tokens=n_tokens)
         bar.close()
         if n_docs == 0:
-            raise SystemExit(f"error: no documents found in {len(files)} input file(s); nothing written")
+            raise DataError(f"no documents found in {len(files)} input file(s); nothing written")
         builder.finalize(tmp + ".idx")
-        os.replace(tmp + ".bin", a.output_prefix + ".bin")
-        os.replace(tmp + ".idx", a.output_prefix + ".idx")
+        meta = dict(documents=n_docs, tokens=n_tokens, vocab_size=tok.vocab_size, eod=tok.eod, tokenizer=os.path.abspath(a.tokenizer_dir),
+                    dtype=numpy.dtype(dtype).name, inputs=len(files))
+        with open(tmp + ".meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+        for ext in (".bin", ".idx", ".meta.json"):  # the data first: a .meta.json means the pair beside it is whole
+            os.replace(tmp + ext, a.output_prefix + ext)
     finally:
         if pool is not None:
             pool.terminate()
-        for ext in (".bin", ".idx"):
+        for ext in (".bin", ".idx", ".meta.json"):
             if os.path.exists(tmp + ext):
                 os.remove(tmp + ext)
     dt = time.time() - start
-    meta = dict(documents=n_docs, tokens=n_tokens, vocab_size=tok.vocab_size, eod=tok.eod, tokenizer=os.path.abspath(a.tokenizer_dir),
-                dtype=numpy.dtype(dtype).name, inputs=len(files))
-    with open(a.output_prefix + ".meta.json", "w") as f:
-        json.dump(meta, f, indent=1)
     print(f"wrote {a.output_prefix}.bin/.idx: {n_docs} documents, {n_tokens} tokens in {dt:.1f}s ({n_docs / max(dt, 1e-9):.0f} documents/s)")
     return 0
 
