@@ -16,6 +16,8 @@ What differs between the two without being a change to megatron-core:
   ``DeepSeekNorms`` builds the norms as the spec names them, as 0.16 did: the KV latent norm
   always, the Q latent norm only with ``q_lora_rank`` (tests/test_fixes.py checks that megatron's
   resolver still refuses the layout, so this goes when megatron accepts it).
+* 0.17+ describes an MLP / MoE by a ``functools.partial`` over the module (an "MlpBuilder") where
+  0.16 had a ``ModuleSpec``; ``mlp_submodules`` reaches the submodules of either.
 * 0.17+ saves the non-tensor state of a torch_dist checkpoint as a ``common_state`` object inside
   the checkpoint instead of ``common.pt``; both versions load ``common.pt``, so the converter keeps
   writing it, and ``convert/checkpoint.py`` reads either.
@@ -23,6 +25,7 @@ What differs between the two without being a change to megatron-core:
 
 from __future__ import annotations
 
+import functools
 import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Optional, Tuple
@@ -66,3 +69,11 @@ class DeepSeekNorms:
             q_layernorm=submodules.q_layernorm or IdentityOp,
             kv_layernorm=submodules.kv_layernorm or IdentityOp,
         )
+
+
+def mlp_submodules(spec):
+    """The submodules (``MLPSubmodules`` / ``MoESubmodules``) of an MLP or MoE spec of megatron's
+    ``get_mlp_module_spec_for_backend``: a ModuleSpec in 0.16, a functools.partial from 0.17 on."""
+    if isinstance(spec, functools.partial):
+        return spec.keywords["submodules"]
+    return spec.submodules
