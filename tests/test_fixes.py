@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -33,6 +34,7 @@ EXPECTED = {  # name: (platforms, megatron-core versions that need it)
     "dgrad_skip": (("cpu", "cuda", "npu"), ANY),
     "wgrad_accumulation": (("cpu", "cuda"), ANY),
     "rope_fusion": (("cuda",), ANY),
+    "gpt_model_notice": (("cpu", "cuda", "npu"), ("0.19.0", None)),
 }
 
 
@@ -136,7 +138,8 @@ def _library_state():
 
     owners = [torch.cuda, torch.cuda.random, rope_utils, layers, mrandom, multi_latent_attention, moe_utils,
               layers.LinearWithGradAccumulationAndAsyncCommunication, mrandom.CheckpointWithoutOutput, BackwardCFunction]
-    return {(i, k): id(v) for i, o in enumerate(owners) for k, v in vars(o).items()}, torch._dynamo.config.recompile_limit
+    gpt_log_filters = [id(f) for f in logging.getLogger("megatron.core.models.gpt.gpt_model").filters]
+    return {(i, k): id(v) for i, o in enumerate(owners) for k, v in vars(o).items()}, torch._dynamo.config.recompile_limit, gpt_log_filters
 
 
 def test_building_a_config_and_a_model_patches_nothing():
