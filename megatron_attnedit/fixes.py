@@ -1,22 +1,28 @@
 """Every change this project makes to torch and megatron-core, in one place.
 
-Each fix is named, says which version and which bug (or missing piece) it answers, and names the
-platforms it is applied on. ``platform.init_platform`` applies the fixes of its platform once, at
-start-up; nothing else in the project reassigns an attribute of torch or megatron-core, and
-building a config or a model patches nothing. ``tests/test_fixes.py`` lists them.
+Each fix is named, says which megatron-core versions have the bug (or lack the piece) it answers
+and what that bug is, and names the platforms it is applied on. ``platform.init_platform`` applies
+the fixes of its platform that the installed megatron-core needs, once, at start-up; nothing else
+in the project reassigns an attribute of torch or megatron-core, and building a config or a model
+patches nothing. Each fix carries a probe -- does the library, with the fixes listed before it
+applied, still show the bug? -- and ``tests/test_fixes.py`` checks on every supported stack that
+the probe agrees with the version range (a fix whose bug megatron-core fixed fails that test) and
+that the fix removes what the probe sees.
 
-Pinned: megatron-core 0.16.1 and torch 2.13 (requirements.txt). A fix whose condition no longer
-holds (transformer-engine installed, apex installed) leaves the library as it is.
+Supported: megatron-core 0.16.1 and 0.19.x (compat.py), torch 2.13. A fix whose condition no
+longer holds (transformer-engine installed, apex installed) leaves the library as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_attnedit import compat
 from megatron_attnedit.kernels import fusions, wgrad
 from megatron_attnedit.kernels.wgrad import WgradAccumulation
 
@@ -27,8 +33,15 @@ ALL = ("cpu", "cuda", "npu")
 class Fix:
     name: str
     platforms: Tuple[str, ...]
-    why: str  # the version and the bug, or what is missing
+    mcore: Tuple[Optional[str], Optional[str]]  # [since, before): the megatron-core versions that need it (None: open)
+    why: str  # the versions checked and the bug, or what is missing
     apply: Callable[[], None]
+    # True while the library (with the fixes listed before this one applied) shows the bug; False
+    # once this fix is applied, or where megatron-core no longer has the bug. CPU, no GPU visible.
+    probe: Callable[[], bool]
+
+    def needed(self, version: compat.Version = compat.MCORE) -> bool:
+        return compat.mcore_in(*self.mcore, v=version)
 
 
 def _have_te() -> bool:
@@ -255,64 +268,220 @@ def _cuda_devices_on_cpu() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# The list
+# megatron-core 0.19: the GPTModel deprecation notice
 # ------------------------------------------------------------------------------------------------
 
+_GPT_LOGGER = "megatron.core.models.gpt.gpt_model"
+_GPT_NOTICE = "GPTModel IS DEPRECATED"
+
+
+class _DropGPTModelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_GPT_NOTICE)
+
+
+def _gpt_model_notice() -> None:
+    log = logging.getLogger(_GPT_LOGGER)
+    if not any(isinstance(f, _DropGPTModelNotice) for f in log.filters):
+        log.addFilter(_DropGPTModelNotice())
+
+
+# ------------------------------------------------------------------------------------------------
+# Probes: does the library (as patched so far) still show the bug? Behaviour where it is cheap to
+# run, the broken module state otherwise.
+# ------------------------------------------------------------------------------------------------
+
+
+def _raises(fn, *errors) -> bool:
+    try:
+        fn()
+    except errors or (Exception,):
+        return True
+    return False
+
+
+def _probe_cuda_functions() -> bool:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # megatron's RNG bookkeeping reads the state through torch.cuda.random.get_rng_state
+    return _raises(mrandom._get_cuda_rng_state, RuntimeError, AssertionError)
+
+
+def _probe_megatron_cuda_rng() -> bool:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.manual_seed(5)
+    state = torch.cuda.get_rng_state()
+    torch.cuda.manual_seed(6)
+
+    def restore():
+        mrandom._set_cuda_rng_state(state)
+        mrandom._get_cuda_rng_state(graph_safe=True)
+
+    return _raises(restore) or not torch.equal(torch.cuda.get_rng_state(), state)
+
+
+def _probe_cuda_devices() -> bool:
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+
+    return _raises(lambda: ConstantGradScaler(1.0), RuntimeError, AssertionError)  # a device='cuda' tensor
+
+
+def _probe_mla_have_te() -> bool:
+    from megatron.core.transformer import multi_latent_attention as mla_mod
+
+    return not _have_te() and bool(mla_mod.HAVE_TE) and not isinstance(mla_mod.TELinear, type)
+
+
+def _probe_moe_te_general_gemm() -> bool:
+    from megatron.core.transformer.moe import moe_utils
+
+    return not _have_te() and not hasattr(moe_utils, "te_general_gemm")
+
+
+def _probe_checkpoint_fp8() -> bool:
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    return _raises(lambda: CheckpointWithoutOutput().checkpoint(torch.nn.functional.silu, torch.ones(2, requires_grad=True)), NameError)
+
+
+def _probe_recompute_without_grad() -> bool:
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    # a frozen norm on an input that needs no gradient, recomputed for a trainable linear after it
+    # (TransformerLayer's layernorm recompute in distillation's first layer)
+    gen = torch.Generator().manual_seed(0)
+    norm, lin, x = torch.nn.RMSNorm(4), torch.nn.Linear(4, 4), torch.randn(3, 4, generator=gen)
+    norm.weight.requires_grad_(False)
+    lin(norm(x)).sum().backward()
+    want, lin.weight.grad = lin.weight.grad.clone(), None
+    ckpt = CheckpointWithoutOutput()
+    out = lin(ckpt.checkpoint(norm, x))
+    ckpt.discard_output_and_register_recompute(out)
+    return _raises(lambda: out.sum().backward()) or not torch.equal(lin.weight.grad, want)
+
+
+def _probe_dgrad() -> bool:
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountMatmuls.count += func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "matmul")
+            return func(*args, **(kwargs or {}))
+
+    w = torch.randn(4, 4, requires_grad=True)
+    y = linear_with_grad_accumulation_and_async_allreduce(
+        torch.randn(2, 3, 4), w, None, gradient_accumulation_fusion=False, allreduce_dgrad=False, sequence_parallel=False)
+    with CountMatmuls():
+        y.sum().backward()
+    return CountMatmuls.count > 1  # an input gradient was computed for an input that needs none
+
+
+def _probe_wgrad_accumulation() -> bool:
+    from megatron.core.tensor_parallel import layers
+
+    return not getattr(layers, "_grad_accum_fusion_available", False)
+
+
+def _probe_rope_fusion() -> bool:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is None and rope_utils._apply_rotary_pos_emb_bshd is not fusions.rope_dispatch
+
+
+def _probe_gpt_model_notice() -> bool:
+    from megatron.core.models.gpt import GPTModel
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # reached only past the logger's filters
+    log = logging.getLogger(_GPT_LOGGER)
+    log.addHandler(handler)
+    try:
+        GPTModel.__init__(GPTModel.__new__(GPTModel), config=None, transformer_layer_spec=None, vocab_size=1, max_sequence_length=1)
+    except Exception:
+        pass  # the notice comes first; the rest of __init__ fails on the missing config
+    finally:
+        log.removeHandler(handler)
+    return any(m.startswith(_GPT_NOTICE) for m in seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# The list (in the order they are applied and probed)
+# ------------------------------------------------------------------------------------------------
+
+ANY_VERSION = (None, None)  # the bug is in every supported version (0.16.1 and 0.19.2 checked)
+BEFORE_019 = (None, "0.19.0")  # the bug is in 0.16.1 and gone in 0.19.2 (0.17 and 0.18 not checked)
+SINCE_019 = ("0.19.0", None)  # new in 0.19 (0.16.1 has it not, 0.19.2 has; 0.17 and 0.18 not checked)
+
 FIXES: List[Fix] = [
-    Fix("cuda_functions_on_cpu", ("cpu",),
-        "megatron-core 0.16.1 calls torch.cuda.current_device (rotary embedding, MoE router and experts), "
+    Fix("cuda_functions_on_cpu", ("cpu",), ANY_VERSION,
+        "megatron-core 0.16.1 and 0.19.2 call torch.cuda.current_device (rotary embedding, MoE router and experts), "
         "torch.cuda.Stream (alltoall dispatcher) and the CUDA RNG functions unconditionally: CPU stand-ins",
-        _cuda_functions_on_cpu),
-    Fix("megatron_cuda_rng_on_cpu", ("cpu",),
-        "megatron-core 0.16.1's CUDA RNG tracker (local DotProductAttention, tensor_parallel.random) reads and sets "
-        "the CUDA generator's state: a CPU generator stands in", _megatron_cuda_rng_on_cpu),
-    Fix("cuda_devices_on_cpu", ("cpu",),
-        "megatron-core 0.16.1 creates tensors with device='cuda' (optimizer wrappers, grad clipping, pipeline p2p) "
-        "and checks param.type() == 'torch.cuda.FloatTensor' (distributed optimizer, clip_grads): a TorchFunctionMode "
-        "sends them to the CPU and reports CPU tensors' types in their CUDA form", _cuda_devices_on_cpu),
-    Fix("mla_have_te", ALL,
-        "megatron-core 0.16.1 without transformer-engine: multi_latent_attention.HAVE_TE stays True while TELinear is "
-        "None or a MagicMock stand-in, so building MLASelfAttention raises TypeError from isinstance", _mla_have_te),
-    Fix("moe_te_general_gemm", ALL,
-        "megatron-core 0.16.1 without transformer-engine: moe_utils.te_general_gemm is never defined, and the router "
-        "raises NameError where it tests it for None", _moe_te_general_gemm),
-    Fix("checkpoint_without_output_fp8", ALL,
-        "megatron-core 0.16.1 without transformer-engine: CheckpointWithoutOutput (selective recompute of layernorm, "
-        "mla_up_proj) sets fp8 from `fp8 is not None`, True for its default False, then reads TE's "
-        "FP8GlobalStateManager (NameError); without TE there is no fp8", _checkpoint_without_output_fp8),
-    Fix("recompute_without_grad", ALL,
-        "megatron-core 0.16.1: CheckpointWithoutOutput on inputs that need no gradient (distillation's first layer, "
-        "the shared norms) records no backward node yet frees its output and 'recomputes' it from missing inputs "
-        "(TypeError in the backward); there the output is kept instead", _recompute_without_grad),
-    Fix("dgrad_skip", ALL,
-        "megatron-core 0.16.1's linear backward computes grad_output @ weight whether or not the input needs a "
-        "gradient (TE's linears check): stage 1 threw away 13% of the student's FLOPs at Qwen3-8B MLA shape; "
-        "kernels/wgrad.weight_grads_only skips it", _dgrad_skip),
-    Fix("wgrad_accumulation", ("cpu", "cuda"),
-        "megatron-core 0.16.1's gradient_accumulation_fusion needs apex's fused_weight_gradient_mlp_cuda; "
+        _cuda_functions_on_cpu, _probe_cuda_functions),
+    Fix("megatron_cuda_rng_on_cpu", ("cpu",), ANY_VERSION,
+        "megatron-core 0.16.1 and 0.19.2: the CUDA RNG tracker (local DotProductAttention, tensor_parallel.random) "
+        "reads and sets the CUDA generator's state through torch.cuda.default_generators and lazy CUDA calls: a CPU "
+        "generator stands in", _megatron_cuda_rng_on_cpu, _probe_megatron_cuda_rng),
+    Fix("cuda_devices_on_cpu", ("cpu",), ANY_VERSION,
+        "megatron-core 0.16.1 and 0.19.2 create tensors with device='cuda' (optimizer wrappers, grad scaler, grad "
+        "clipping, pipeline p2p) and check param.type() == 'torch.cuda.FloatTensor' (distributed optimizer, "
+        "clip_grads): a TorchFunctionMode sends them to the CPU and reports CPU tensors' types in their CUDA form",
+        _cuda_devices_on_cpu, _probe_cuda_devices),
+    Fix("mla_have_te", ALL, BEFORE_019,
+        "megatron-core 0.16.1 without transformer-engine (gone in 0.19.2): multi_latent_attention.HAVE_TE stays True "
+        "while TELinear is None or a MagicMock stand-in, so building MLASelfAttention raises TypeError from isinstance",
+        _mla_have_te, _probe_mla_have_te),
+    Fix("moe_te_general_gemm", ALL, BEFORE_019,
+        "megatron-core 0.16.1 without transformer-engine (gone in 0.19.2): moe_utils.te_general_gemm is never "
+        "defined, and the router raises NameError where it tests it for None", _moe_te_general_gemm, _probe_moe_te_general_gemm),
+    Fix("checkpoint_without_output_fp8", ALL, ANY_VERSION,
+        "megatron-core 0.16.1 and 0.19.2 without transformer-engine: CheckpointWithoutOutput (selective recompute of "
+        "layernorm, mla_up_proj) sets fp8 from `fp8 is not None`, True for its default False, then reads TE's "
+        "FP8GlobalStateManager (NameError); without TE there is no fp8", _checkpoint_without_output_fp8, _probe_checkpoint_fp8),
+    Fix("recompute_without_grad", ALL, ANY_VERSION,
+        "megatron-core 0.16.1 and 0.19.2: CheckpointWithoutOutput on inputs that need no gradient (distillation's "
+        "first layer, the shared norms) records no backward node yet frees its output and 'recomputes' it from "
+        "missing inputs (TypeError in the backward); there the output is kept instead",
+        _recompute_without_grad, _probe_recompute_without_grad),
+    Fix("dgrad_skip", ALL, ANY_VERSION,
+        "megatron-core 0.16.1 and 0.19.2: the linear backward computes grad_output @ weight whether or not the input "
+        "needs a gradient (TE's linears check): stage 1 threw away 13% of the student's FLOPs at Qwen3-8B MLA shape; "
+        "kernels/wgrad.weight_grads_only skips it", _dgrad_skip, _probe_dgrad),
+    Fix("wgrad_accumulation", ("cpu", "cuda"), ANY_VERSION,
+        "megatron-core 0.16.1 and 0.19.2: gradient_accumulation_fusion needs apex's fused_weight_gradient_mlp_cuda; "
         "kernels/wgrad.WgradAccumulation is that interface on torch ops (used only with "
-        "model.gradient_accumulation_fusion; a real apex stays)", _wgrad_accumulation),
-    Fix("rope_fusion", ("cuda",),
-        "megatron-core 0.16.1 without TE runs RoPE op by op (_apply_rotary_pos_emb_bshd, 8.5% of a stage-1 step's "
-        "kernel time on an H100): CUDA tensors take kernels/fusions.rope_bshd compiled into one kernel each way, "
-        "other tensors megatron's own code", _rope_fusion),
+        "model.gradient_accumulation_fusion; a real apex stays)", _wgrad_accumulation, _probe_wgrad_accumulation),
+    Fix("rope_fusion", ("cuda",), ANY_VERSION,
+        "megatron-core 0.16.1 and 0.19.2 without TE run RoPE op by op (_apply_rotary_pos_emb_bshd, 8.5% of a stage-1 "
+        "step's kernel time on an H100 with 0.16.1): CUDA tensors take kernels/fusions.rope_bshd compiled into one "
+        "kernel each way, other tensors megatron's own code", _rope_fusion, _probe_rope_fusion),
+    Fix("gpt_model_notice", ALL, SINCE_019,
+        "megatron-core 0.19.2 (not 0.16.1) logs 'GPTModel IS DEPRECATED ... use HybridModel' for every model built: "
+        "we build GPTModel on purpose (its checkpoint keys; the HybridModel plan is in issue 21), and the notice "
+        "would reach every command's stderr, where a failure is one line; that one message is dropped",
+        _gpt_model_notice, _probe_gpt_model_notice),
 ]
 
 _APPLIED: Dict[str, bool] = {}
 
 
 def apply(platform_name: str) -> List[str]:
-    """Apply the fixes of ``platform_name`` (idempotent); the names of those applied so far."""
+    """Apply the fixes of ``platform_name`` that the installed megatron-core needs (idempotent);
+    the names of those applied so far."""
     for fix in FIXES:
-        if platform_name in fix.platforms and fix.name not in _APPLIED:
+        if platform_name in fix.platforms and fix.needed() and fix.name not in _APPLIED:
             fix.apply()
             _APPLIED[fix.name] = True
     return applied()
 
 
 def apply_one(name: str) -> None:
-    """One fix by name, on any platform: for tests that exercise a fix where it is not applied
-    by default (the RoPE fusion on the CPU)."""
+    """One fix by name, on any platform and version: for tests that exercise a fix where it is not
+    applied by default (the RoPE fusion on the CPU) and for the probes."""
     fix = {f.name: f for f in FIXES}[name]
     if name not in _APPLIED:
         fix.apply()

@@ -247,7 +247,7 @@ def test_megatron_linear_accumulates_through_wgrad():
     the weight gradient lands in main_grad (added to what was there, as over micro-batches), the
     input gradient is unchanged, and the layer flags the weight so the DDP hook adds nothing more."""
     from megatron_attnedit import fixes, platform
-    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Linear
+    from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce as linear
 
     platform.init_platform("cpu")
     assert "wgrad_accumulation" in fixes.applied()
@@ -257,7 +257,7 @@ def test_megatron_linear_accumulates_through_wgrad():
     before = w.main_grad.clone()
     x = torch.randn(3, 5, 8, generator=g, requires_grad=True)
     dy = torch.randn(3, 5, 6, generator=g)
-    Linear.apply(x, w, None, True, False, False, None, 0, None).backward(dy)
+    linear(x, w, None, gradient_accumulation_fusion=True, allreduce_dgrad=False, sequence_parallel=False).backward(dy)
     want = before + dy.reshape(-1, 6).t() @ x.detach().reshape(-1, 8)
     assert torch.allclose(w.main_grad, want, atol=1e-5) and w.grad_added_to_main_grad
     assert torch.allclose(x.grad, dy @ w.detach(), atol=1e-6)
@@ -271,7 +271,7 @@ def test_megatron_linear_skips_the_unneeded_input_gradient(fusion):
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_attnedit import fixes, platform
-    from megatron.core.tensor_parallel.layers import LinearWithGradAccumulationAndAsyncCommunication as Linear
+    from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce as linear
 
     platform.init_platform("cpu")
     assert {"wgrad_accumulation", "dgrad_skip"} <= set(fixes.applied())
@@ -284,7 +284,7 @@ def test_megatron_linear_skips_the_unneeded_input_gradient(fusion):
         if fusion:
             w.main_grad, w.grad_added_to_main_grad = torch.zeros(6, 8), False
         x = x0.clone().requires_grad_(needs_input_grad)
-        y = Linear.apply(x, w, b, fusion, False, False, None, 0, None)
+        y = linear(x, w, b, gradient_accumulation_fusion=fusion, allreduce_dgrad=False, sequence_parallel=False)
         with FlopCounterMode(display=False) as flops:
             y.backward(dy)
         return (w.main_grad if fusion else w.grad), b.grad, x.grad, flops.get_total_flops()

@@ -4,10 +4,12 @@ A save directory is laid out as Megatron-LM does::
 
     SAVE/latest_checkpointed_iteration.txt      "0" (written last)
     SAVE/iter_0000000/                          torch_dist: metadata.json common.pt .metadata *.distcp
+                                                (megatron-core >= 0.17's own save: no common.pt, the
+                                                same state as a common_state entry in the .distcp)
                                                 torch:      mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt
     SAVE/iter_0000000/hf_assets/                config.json, generation_config.json, tokenizer files
 
-Our metadata (``ATTNEDIT_KEY``) travels inside the checkpoint -- in ``common.pt`` for torch_dist,
+Our metadata (``ATTNEDIT_KEY``) travels inside the checkpoint -- in the common state for torch_dist,
 in every rank file for the legacy format -- so a checkpoint converts back to HF with no other
 input: the HF config, the model family, the attention ``target`` (None for the teacher), the
 padded vocabulary and the parallel layout it was written for.
@@ -182,8 +184,10 @@ def detect_format(iter_dir: str) -> str:
     raise CheckpointError(f"{iter_dir} is neither a torch_dist nor a legacy (mp_rank_*) megatron checkpoint")
 
 
-def safe_load(path: str, allow_pickle: bool = False, mmap: bool = False):
-    """torch.load that unpickles only tensors, containers and argparse.Namespace unless allowed."""
+def safe_load(path, allow_pickle: bool = False, mmap: bool = False, label: Optional[str] = None):
+    """torch.load that unpickles only tensors, containers and argparse.Namespace unless allowed.
+    ``path``: a file name, or a binary file object named by ``label`` in messages."""
+    label = label or path
     try:
         if allow_pickle:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
@@ -192,14 +196,50 @@ def safe_load(path: str, allow_pickle: bool = False, mmap: bool = False):
     except __import__("pickle").UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path} holds Python objects beyond tensors ({first[:120]}); pass --allow-pickle if you trust the source"
+            f"{label} holds Python objects beyond tensors ({first[:120]}); pass --allow-pickle if you trust the source"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         # a truncated or damaged archive (zip reader, unpickling errors); a missing file is checked by callers
         raise CheckpointError(
-            f"cannot read {path} ({reason(e)}); "
+            f"cannot read {label} ({reason(e)}); "
             "the file is damaged or truncated: re-copy the checkpoint or save it again"
         ) from None
+
+
+# megatron-core >= 0.17 saves the non-tensor state as this object inside the torch_dist checkpoint
+# (ShardedObject("common_state", ..., (1,), (0,)).unique_key), no longer as common.pt.
+COMMON_STATE_KEY = "common_state/shard_0_1"
+
+
+def read_common_state(iter_dir: str, allow_pickle: bool = False) -> dict:
+    """The non-tensor state of a torch_dist checkpoint: ``common.pt`` (megatron-core 0.16's save and
+    this project's converter, loadable by every supported megatron-core) or, failing that, the
+    ``common_state`` object that megatron-core >= 0.17's save stores among the tensors. Unpickled
+    as ``safe_load`` does (never through DCP's own loader, which unpickles anything)."""
+    common = os.path.join(iter_dir, "common.pt")
+    if os.path.isfile(common):
+        return safe_load(common, allow_pickle)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.utils import _create_file_view
+
+    incomplete = f"{iter_dir} has neither common.pt nor a common_state entry; the checkpoint is incomplete"
+    if not os.path.isfile(os.path.join(iter_dir, ".metadata")):
+        raise CheckpointError(incomplete)
+    try:
+        storage = FileSystemReader(iter_dir).read_metadata().storage_data
+    except Exception as e:  # a truncated or overwritten pickle: EOFError, UnpicklingError, ...
+        raise CheckpointError(f"cannot read {iter_dir}/.metadata ({reason(e)}); the file is damaged: re-copy the checkpoint or save it again") from None
+    info = next((v for k, v in storage.items() if k.fqn == COMMON_STATE_KEY), None)
+    if info is None:
+        raise CheckpointError(incomplete)
+    path = os.path.join(iter_dir, info.relative_path)
+    if not os.path.isfile(path) or os.path.getsize(path) < info.offset + info.length:
+        raise CheckpointError(f"{path} is missing or truncated (it holds the checkpoint's common state); re-copy the checkpoint or save it again")
+    with open(path, "rb") as f:
+        state = safe_load(_create_file_view(f, info.offset, info.length), allow_pickle, label=f"the common state in {path}")
+    if not (isinstance(state, list) and len(state) == 1):
+        raise CheckpointError(f"the common state in {path} is not one object; the file is damaged: re-copy the checkpoint or save it again")
+    return state[0]
 
 
 def legacy_rank_files(iter_dir: str) -> dict:
@@ -214,10 +254,7 @@ def read_checkpoint_metadata(load_dir: str, allow_pickle: bool = False) -> dict:
     iter_dir, it = resolve_iter_dir(load_dir)
     fmt = detect_format(iter_dir)
     if fmt == "torch_dist":
-        common = os.path.join(iter_dir, "common.pt")
-        if not os.path.isfile(common):
-            raise CheckpointError(f"{iter_dir} has no common.pt; the checkpoint is incomplete")
-        state = safe_load(common, allow_pickle)
+        state = read_common_state(iter_dir, allow_pickle)
     else:
         files = legacy_rank_files(iter_dir)
         first = files[sorted(files)[0]]

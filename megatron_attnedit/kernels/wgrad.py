@@ -83,7 +83,9 @@ def weight_grads_only(ctx, grad_output):
 
     original = MEGATRON_BACKWARD["linear"]
     input, weight = ctx.saved_tensors
-    if ctx.needs_input_grad[0] or ctx.sequence_parallel or ctx.grad_output_buffer is not None or hasattr(weight, "__fsdp_param__"):
+    # (megatron-core >= 0.17's weight sharding for recompute, gtp_remat_size, takes megatron's path too)
+    if (ctx.needs_input_grad[0] or ctx.sequence_parallel or ctx.grad_output_buffer is not None or hasattr(weight, "__fsdp_param__")
+            or getattr(ctx, "gtp_remat_size", 1) > 1):
         return original(ctx, grad_output)
     x = input.reshape(-1, input.shape[-1])
     dy = grad_output.reshape(-1, grad_output.shape[-1])
@@ -101,4 +103,5 @@ def weight_grads_only(ctx, grad_output):
     else:
         grad_weight = dy.t().matmul(x)
     grad_bias = dy.sum(dim=0) if ctx.use_bias else None
-    return (None, grad_weight, grad_bias) + (None,) * 6
+    # one gradient per forward input: 9 in megatron-core 0.16.1, 10 in 0.19.2 (ctx.needs_input_grad has one per input)
+    return (None, grad_weight, grad_bias) + (None,) * (len(ctx.needs_input_grad) - 3)

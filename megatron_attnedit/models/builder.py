@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules, get_transformer_layer_offset
 
-from megatron_attnedit import platform
+from megatron_attnedit import compat, platform
 from megatron_attnedit.attention.core import FlashCoreAttention
 from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.families import check_hf_config, family_of, head_dim, rope_inv_freq, rope_theta, rope_type
@@ -197,7 +197,7 @@ def mlp_spec(opts: BuildOptions, moe: bool) -> ModuleSpec:
     spec = get_mlp_module_spec_for_backend(LocalSpecProvider(), num_experts=1 if moe else None)
     if moe and opts.grouped_gemm:
         # Stacked experts, torch._grouped_mm on GPU; checkpoints and state-dict names as SequentialMLP's.
-        spec.submodules.experts = ModuleSpec(module=GroupedExperts)
+        compat.mlp_submodules(spec).experts = ModuleSpec(module=GroupedExperts)
     return spec
 
 

@@ -92,7 +92,8 @@ def _cuda_capability(index: int) -> Tuple[int, int]:
 class GroupedExperts(MegatronModule):
     """Routed experts as two grouped GEMMs over stacked weights (see the module docstring)."""
 
-    def __init__(self, num_local_experts: int, config: TransformerConfig, submodules=None, pg_collection=None, impl: str = "auto"):
+    def __init__(self, num_local_experts: int, config: TransformerConfig, submodules=None, pg_collection=None, impl: str = "auto", name=None):
+        # name: the module path megatron-core >= 0.17 hands its submodules (unused here)
         super().__init__(config=config)
         if impl not in IMPLS:
             raise ValueError(f"GroupedExperts impl {impl!r} unknown; use one of {', '.join(IMPLS)}")

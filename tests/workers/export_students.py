@@ -97,12 +97,16 @@ def make_case(work, name, preset, overrides, target_spec, tokens):
 
 
 def edit_metadata(src, dst, edit):
-    """A copy of checkpoint ``src`` whose common.pt metadata went through ``edit(meta)``."""
+    """A copy of checkpoint ``src`` whose metadata went through ``edit(meta)``, written as common.pt
+    (megatron-core >= 0.17's save keeps it inside the checkpoint instead; every version, and our
+    reader, take common.pt first)."""
+    from megatron_attnedit.convert.checkpoint import read_common_state
+
     shutil.copytree(src, dst)
-    path = os.path.join(dst, "iter_0000000", "common.pt")
-    state = torch.load(path, weights_only=True)
+    iter_dir = os.path.join(dst, "iter_0000000")
+    state = read_common_state(iter_dir)
     edit(state["attnedit"])
-    torch.save(state, path)
+    torch.save(state, os.path.join(iter_dir, "common.pt"))
 
 
 def make_bad(work):

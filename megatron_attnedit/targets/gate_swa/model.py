@@ -65,11 +65,12 @@ def _zeros(w):
 class GatedSelfAttention(SelfAttention):
     """megatron SelfAttention with a separate output-gate projection (per head or per channel)."""
 
-    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None, gate: str = "head"):
+    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, gate: str = "head", **kwargs):
+        # kwargs: cp_comm_type, pg_collection (and from megatron-core 0.17 on name, pp_layer_offset)
         # Build Q/K/V/O exactly as the teacher's: linear_qkv must not grow gate rows.
         base = copy.copy(config)
         base.attention_output_gate = False
-        super().__init__(base, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        super().__init__(base, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
         # With the flag on, Attention.forward requests a gate and calls _apply_output_gate.
         self.config = copy.copy(config)
         self.config.attention_output_gate = True

@@ -61,6 +61,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_attnedit.attention.core import FlashCoreAttention
+from megatron_attnedit.compat import DeepSeekNorms
 from megatron_attnedit.families import mapping
 from megatron_attnedit.families.mapping import Rule
 from megatron_attnedit.families.table import gqa_attention_rules, shapes
@@ -78,10 +79,11 @@ class RotarySelfAttention(SelfAttention):
 
     computes_own_rope = True
 
-    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None, hf_cfg=None):
+    def __init__(self, config, submodules, layer_number, attn_mask_type=AttnMaskType.causal, hf_cfg=None, **kwargs):
+        # kwargs: cp_comm_type, pg_collection (and from megatron-core 0.17 on name, pp_layer_offset)
         gqa_config = copy.copy(config)
         gqa_config.multi_latent_attention = False
-        super().__init__(gqa_config, submodules, layer_number, attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        super().__init__(gqa_config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
         self.own_rotary = RotaryEmbedding(
             self.config.kv_channels, rotary_percent=1.0, rotary_base=rope_theta(hf_cfg), use_cpu_initialization=self.config.use_cpu_initialization
         )
@@ -94,7 +96,12 @@ class RotarySelfAttention(SelfAttention):
         return super().forward(hidden_states, attention_mask, **kwargs)
 
 
-class FusedMLASelfAttention(MLASelfAttention):
+class LocalMLASelfAttention(DeepSeekNorms, MLASelfAttention):
+    """megatron's MLASelfAttention with DeepSeek's latent norms as the local spec names them (the
+    KV norm always, the Q norm with q_lora_rank), on every supported megatron-core (compat.py)."""
+
+
+class FusedMLASelfAttention(LocalMLASelfAttention):
     """megatron's MLASelfAttention (``model.kernel_fusion``) whose plain training path -- any TP,
     with or without sequence parallelism, CP=1, no packed sequences, no inference cache, no
     up-projection recompute, ``rope`` RoPE, a device ``fusions.DEVICES`` compiles for -- builds
@@ -189,7 +196,7 @@ def attention_spec(target, layer, hf_cfg, options, build_opts):
     norm = LocalRMSNorm
     col = backend.column_parallel_linear()
     return ModuleSpec(
-        module=FusedMLASelfAttention if build_opts.kernel_fusion else MLASelfAttention,
+        module=FusedMLASelfAttention if build_opts.kernel_fusion else LocalMLASelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=MLASelfAttentionSubmodules(
             linear_q_proj=col,
