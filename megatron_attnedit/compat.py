@@ -1,7 +1,7 @@
-"""The megatron-core versions this project runs on, and the one difference that is not a patch.
+"""The megatron-core versions this project runs on, and how they differ where that is not a patch.
 
-Supported: megatron-core 0.16.1 (Python 3.10-3.11; every release since 0.17 requires Python >= 3.12)
-and 0.19.x (Python >= 3.12). The only place that reads the installed version: ``fixes.py`` applies
+Supported: megatron-core 0.16.1 (on Python 3.11 here; every release since 0.17 requires Python
+>= 3.12) and 0.19.x (Python >= 3.12). The only place that reads the installed version: ``fixes.py`` applies
 each fix inside the version range it names, through ``mcore_in``; nothing else branches on it.
 
 What differs between the two without being a change to megatron-core:
@@ -18,6 +18,10 @@ What differs between the two without being a change to megatron-core:
   resolver still refuses the layout, so this goes when megatron accepts it).
 * 0.17+ describes an MLP / MoE by a ``functools.partial`` over the module (an "MlpBuilder") where
   0.16 had a ``ModuleSpec``; ``mlp_submodules`` reaches the submodules of either.
+* 0.17+ calls the MLA flag of ``rope_utils._apply_rotary_pos_emb_bshd`` ``mla_rotary_interleaved``
+  (0.16: ``multi_latent_attention``): ``kernels/fusions.rope_dispatch`` takes either.
+* 0.17+'s linear autograd function has one more input (``gtp_remat_size``):
+  ``kernels/wgrad.weight_grads_only`` returns one gradient per input, however many.
 * 0.17+ saves the non-tensor state of a torch_dist checkpoint as a ``common_state`` object inside
   the checkpoint instead of ``common.pt``; both versions load ``common.pt``, so the converter keeps
   writing it, and ``convert/checkpoint.py`` reads either.

@@ -40,7 +40,8 @@ def seeded(seed=1234):
 def experts_pair(num_experts=4):
     """SequentialMLP and GroupedExperts of the qwen3-moe-debug MoE shape, from the same seed."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_attnedit import compat
 
     cfg = families.config_for_preset("qwen3-moe-debug")
     cfg["num_experts"] = num_experts
@@ -49,8 +50,8 @@ def experts_pair(num_experts=4):
         opts = builder.BuildOptions(grouped_gemm=grouped)
         config = builder.transformer_config(cfg, opts)
         seeded()
-        spec = builder.mlp_spec(opts, moe=True).submodules.experts
-        mods.append(build_module(spec, num_experts, config, pg_collection=get_default_pg_collection()))
+        spec = compat.mlp_submodules(builder.mlp_spec(opts, moe=True)).experts  # a ModuleSpec or (0.17+) a partial
+        mods.append(spec(num_experts, config, pg_collection=get_default_pg_collection()))
     return mods
 
 

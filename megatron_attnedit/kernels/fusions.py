@@ -79,10 +79,15 @@ def rope_bshd(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool = F
 UNFUSED: Dict[str, Callable] = {}  # megatron's own functions, kept by fixes.rope_fusion
 
 
-def rope_dispatch(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
-    """What ``fixes.rope_fusion`` puts in place of megatron's ``_apply_rotary_pos_emb_bshd``."""
-    fn = compiled(rope_bshd) if compiles(t) else UNFUSED["rope"]
-    return fn(t, freqs, rotary_interleaved=rotary_interleaved, multi_latent_attention=multi_latent_attention, mscale=mscale)
+def rope_dispatch(t, freqs, rotary_interleaved=False, mscale=1.0, **mla):
+    """What ``fixes.rope_fusion`` puts in place of megatron's ``_apply_rotary_pos_emb_bshd``.
+    ``mla``: megatron's flag for MLA's pair-interleaved RoPE part -- ``multi_latent_attention`` in
+    megatron-core 0.16, ``mla_rotary_interleaved`` from 0.17 on -- handed to megatron's own function
+    under the name its caller used."""
+    if not compiles(t):
+        return UNFUSED["rope"](t, freqs, rotary_interleaved=rotary_interleaved, mscale=mscale, **mla)
+    interleaved = bool(mla.get("mla_rotary_interleaved") or mla.get("multi_latent_attention"))
+    return compiled(rope_bshd)(t, freqs, rotary_interleaved=rotary_interleaved, multi_latent_attention=interleaved, mscale=mscale)
 
 
 def installed() -> bool:
