@@ -21,25 +21,32 @@ import warnings
 warnings.filterwarnings("ignore")  # as the thin CLI scripts do
 
 
+def child(main, argv, env, fsize_limit, out, err):
+    """The forked process: stdout/stderr to ``out``/``err``, ``env`` set, the optional file-size
+    limit, then ``main(argv)``; exits with its status (99 and the traceback if it raised)."""
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    os.environ.update(env)
+    if fsize_limit:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 99
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_case(main, argv, fsize_limit=None):
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         pid = os.fork()
         if pid == 0:
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            if fsize_limit:
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
-            try:
-                code = main(argv)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-                code = 99
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            child(main, argv, {}, fsize_limit, out, err)
         _, status = os.waitpid(pid, 0)
         out.seek(0)
         err.seek(0)

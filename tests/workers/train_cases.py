@@ -13,13 +13,12 @@ checkpoint writer). RESULT: {name: [{"rc", "stdout", "stderr"} per rank]}.
 
 import json
 import os
-import resource
-import signal
 import socket
 import sys
 import tempfile
-import traceback
 import warnings
+
+from convert_cli_cases import child  # the forked process, shared with the converter cases
 
 warnings.filterwarnings("ignore")
 
@@ -28,25 +27,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _child(main, argv, env, fsize_limit, out, err):
-    os.dup2(out.fileno(), 1)
-    os.dup2(err.fileno(), 2)
-    os.environ.update(env)
-    if fsize_limit:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-        code = 99
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def run_case(main, argv, nproc=1, fsize_limit=None):
@@ -59,7 +39,7 @@ def run_case(main, argv, nproc=1, fsize_limit=None):
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         pid = os.fork()
         if pid == 0:
-            _child(main, argv, env, fsize_limit, out, err)
+            child(main, argv, env, fsize_limit, out, err)
         files.append((out, err))
         pids.append(pid)
     results = []
