@@ -16,6 +16,12 @@ code and print nothing of its own.
 A row's ``make(ws, case_dir)`` damages or builds what the case needs under ``case_dir`` (which
 starts as a copy of the trained run) and returns the command line's arguments;
 ``command_line(case, ws, case_dir)`` is the same as one shell command.
+
+Which files a torch_dist save writes depends on the megatron-core version (0.16: ``__0_0.distcp``,
+``__0_1.distcp`` and ``common.pt``; 0.17+: one ``__0_0.distcp`` holding the common state as a
+record), so rows damage files chosen from what the save wrote (``largest_shard``, ``first_shard``,
+``common_state``), and fragments name them as ``{shard}`` / ``{common}``, filled in from the trained
+run's checkpoint (``Workspace.files``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Workspace:
     mla_stage1: str  # run dir of 3 MLA stage-1 steps (target mla)
     teacher_mcore: str  # hf_to_mcore.py output of the teacher (no target)
     short: str  # dataset prefix of one 7-token document
+    files: Dict[str, str] = dataclasses.field(default_factory=dict)  # {shard}, {common} of the fragments: saved_files()
 
 
 @dataclasses.dataclass
@@ -57,6 +64,13 @@ class Case:
     nproc: int = 1
     fsize_limit: Optional[int] = None  # RLIMIT_FSIZE for the case's processes (writes past it fail: EFBIG)
     tmpfs_bytes: Optional[int] = None  # checkpoints on a tmpfs of this size (unshare -rm; skipped where not allowed)
+
+    def expected(self, ws: Workspace) -> str:
+        """The fragment with the file names of this megatron-core's save filled in."""
+        out = self.fragment
+        for key, name in ws.files.items():
+            out = out.replace("{" + key + "}", name)
+        return out
 
 
 def train_args(ws: Workspace, run: str, *extra: str, recipe: str = "tiny_lm", stage: Optional[str] = None) -> List[str]:
@@ -85,13 +99,50 @@ def truncate(path: str, size: int) -> None:
         f.truncate(size)
 
 
-def flip_bytes(path: str, at: float = 0.5, n: int = 8) -> None:
-    """Invert n bytes in the middle of the file: same size, still parses as often as not."""
+def flip_bytes(path: str, at: float = 0.5, n: int = 8, start: int = 0, length: Optional[int] = None) -> None:
+    """Invert n bytes in the middle of the file (or of its bytes [start, start + length)): same size,
+    still parses as often as not."""
+    length = os.path.getsize(path) - start if length is None else length
     with open(path, "r+b") as f:
-        f.seek(int(os.path.getsize(path) * at))
+        f.seek(start + int(length * at))
         b = f.read(n)
         f.seek(-len(b), 1)
         f.write(bytes(x ^ 0xFF for x in b))
+
+
+def _distcp(iter_path: str) -> List[str]:
+    names = sorted(n for n in os.listdir(iter_path) if n.endswith(".distcp"))
+    assert names, f"{iter_path} holds no .distcp"
+    return names
+
+
+def largest_shard(iter_path: str) -> str:
+    """The name of the largest .distcp the save wrote (0.16: __0_1.distcp here; 0.17+: __0_0.distcp)."""
+    return max(_distcp(iter_path), key=lambda n: (os.path.getsize(os.path.join(iter_path, n)), n))
+
+
+def first_shard(iter_path: str) -> str:
+    return _distcp(iter_path)[0]
+
+
+def common_state(iter_path: str) -> tuple:
+    """(file name, offset, length) of the checkpoint's common (non-tensor) state: all of common.pt
+    (megatron-core 0.16), or the common_state record inside a .distcp (0.17+), located through
+    the checkpoint's own .metadata."""
+    if os.path.isfile(os.path.join(iter_path, "common.pt")):
+        return "common.pt", 0, os.path.getsize(os.path.join(iter_path, "common.pt"))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_attnedit.convert.checkpoint import COMMON_STATE_KEY
+
+    storage = FileSystemReader(iter_path).read_metadata().storage_data
+    info = next(v for k, v in storage.items() if k.fqn == COMMON_STATE_KEY)
+    return info.relative_path, info.offset, info.length
+
+
+def saved_files(iter_path: str) -> Dict[str, str]:
+    """The names the fragments use: {shard} the largest .distcp, {common} the common state's file."""
+    return {"shard": largest_shard(iter_path), "common": common_state(iter_path)[0]}
 
 
 def only_latest(d: str) -> None:
@@ -124,13 +175,14 @@ def _save_dir_unnamed(ws, d):
 
 def _all_truncated(ws, d):
     for it in ("iter_0000003", "iter_0000006"):
-        truncate(ckpt(d, it, "__0_1.distcp"), 100_000)
+        truncate(ckpt(d, it, largest_shard(ckpt(d, it))), 100_000)
     return resume(ws, d)
 
 
 def _common_flipped(ws, d):
     only_latest(d)
-    flip_bytes(ckpt(d, "iter_0000006", "common.pt"))
+    name, start, length = common_state(ckpt(d, "iter_0000006"))
+    flip_bytes(ckpt(d, "iter_0000006", name), start=start, length=length)
     return resume(ws, d)
 
 
@@ -151,13 +203,13 @@ def _old_checkpoint_truncated(ws, d):
     only_latest(d)
     if os.path.exists(ckpt(d, "iter_0000006", "manifest.json")):
         os.remove(ckpt(d, "iter_0000006", "manifest.json"))
-    truncate(ckpt(d, "iter_0000006", "__0_1.distcp"), 100_000)
+    truncate(ckpt(d, "iter_0000006", largest_shard(ckpt(d, "iter_0000006"))), 100_000)
     return resume(ws, d)
 
 
 def _zero_length_shard(ws, d):
     only_latest(d)
-    truncate(ckpt(d, "iter_0000006", "__0_0.distcp"), 0)
+    truncate(ckpt(d, "iter_0000006", first_shard(ckpt(d, "iter_0000006"))), 0)
     return resume(ws, d)
 
 
@@ -186,7 +238,7 @@ def _stage2_from_teacher(ws, d):
 
 
 def _pretrained_damaged(ws, d):
-    truncate(ckpt(d, "iter_0000006", "__0_1.distcp"), 100_000)
+    truncate(ckpt(d, "iter_0000006", largest_shard(ckpt(d, "iter_0000006"))), 100_000)
     return fresh(ws, d, f"checkpoint.pretrained_checkpoint={ckpt(d, 'iter_0000006')}")
 
 
@@ -240,8 +292,8 @@ CASES: List[Case] = [
     Case("save_dir_holds_unnamed_iterations", "checkpoint.save holds iterations but no latest file (load elsewhere)", _save_dir_unnamed,
          2, "other/checkpoints holds checkpoints (iter_0000003, iter_0000006) but no latest"),
     Case("every_checkpoint_truncated", "a .distcp cut to 100 kB in both iterations", _all_truncated, 2, "no complete checkpoint"),
-    Case("common_pt_bytes_flipped", "8 bytes of common.pt inverted (same size), only iteration", _common_flipped, 2,
-         "common.pt does not match its checksum"),
+    Case("common_pt_bytes_flipped", "8 bytes of the common state (common.pt, or its record in a .distcp) inverted (same size), "
+         "only iteration", _common_flipped, 2, "{common} does not match its checksum"),
     Case("dcp_metadata_bytes_flipped", "8 bytes of .metadata inverted (same size), only iteration", _dcp_metadata_flipped, 2,
          ".metadata does not match its checksum"),
     Case("metadata_json_missing", "metadata.json deleted, only iteration", _metadata_json_missing, 2, "has no metadata.json"),
@@ -259,7 +311,7 @@ CASES: List[Case] = [
     Case("stage2_from_teacher_conversion", "stage 2 with pretrained_checkpoint at the teacher's hf_to_mcore.py conversion",
          _stage2_from_teacher, 2, "holds a model with the teacher's own attention (no target)"),
     Case("pretrained_iteration_truncated", "pretrained_checkpoint at an iteration directory with a .distcp cut short",
-         _pretrained_damaged, 2, "is damaged: __0_1.distcp is 100,000 bytes"),
+         _pretrained_damaged, 2, "is damaged: {shard} is 100,000 bytes"),
     Case("pretrained_missing", "pretrained_checkpoint at a path that does not exist", _pretrained_missing, 2, "is not a directory"),
     Case("longer_than_trained", "data.seq_length=600 for a model of max_position_embeddings 512", _too_long, 2,
          "longer than the model's max_position_embeddings=512"),
@@ -303,6 +355,7 @@ def prepare_workspace(root: str) -> Workspace:
     ws = Workspace(root=root, hf=hf, corpus=corpus, trained=os.path.join(root, "trained"), mla_stage1=os.path.join(root, "mla_stage1"),
                    teacher_mcore=os.path.join(root, "teacher_mcore"), short=os.path.join(root, "short"))
     _train(train_args(ws, ws.trained, "training.train_iters=6"))
+    ws.files = saved_files(os.path.join(ws.trained, "checkpoints", "iter_0000006"))
     _train(train_args(ws, ws.mla_stage1, "training.train_iters=3", recipe="tiny_mla", stage="stage1"))
     conv = subprocess.run([sys.executable, os.path.join(ROOT, "checkpoints_tools", "hf_to_mcore.py"), "--hf-dir", hf, "--save-dir",
                            ws.teacher_mcore, "--no-progress"], capture_output=True, text=True, env=ENV, timeout=300)
@@ -368,7 +421,7 @@ def run_cases(cases: List[Case], ws: Workspace, root: str) -> Dict[str, dict]:
         d = os.path.join(root, case.name)
         shutil.copytree(ws.trained, os.path.join(d, "run"))
         args = case.make(ws, d)
-        out[case.name] = {"dir": d, "args": args, "command": command_line(case, args),
+        out[case.name] = {"dir": d, "args": args, "command": command_line(case, args), "fragment": case.expected(ws),
                           "before": [snapshot(p) for p in checkpoint_dirs(d)]}
         if case.tmpfs_bytes:
             out[case.name]["ranks"] = _run_on_tmpfs(case, args, d) if tmpfs_available() else None
@@ -394,8 +447,9 @@ def problems(case: Case, result: dict) -> List[str]:
     last = lines[-1] if lines else ""
     if first["rc"] != case.exit_code:
         found.append(f"exit code {first['rc']}, expected {case.exit_code}")
-    if not last.startswith("error: ") or case.fragment not in last:
-        found.append(f"last stderr line {last!r} is not an error line holding {case.fragment!r}")
+    fragment = result["fragment"]
+    if not last.startswith("error: ") or fragment not in last:
+        found.append(f"last stderr line {last!r} is not an error line holding {fragment!r}")
     if "Traceback" in first["stderr"] or sum(x.startswith("error:") for x in lines) != 1:
         found.append("stderr holds a traceback or more than one error line")
     for rank, r in enumerate(others, 1):

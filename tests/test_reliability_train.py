@@ -68,12 +68,13 @@ def test_resume_passes_over_a_damaged_checkpoint_in_one_line(ws, tmp_path):
     same losses as the uninterrupted run, says so in one line, and saves a complete iteration 6."""
     run = tmp_path / "run"
     shutil.copytree(ws.trained, run)
-    bad.truncate(str(run / "checkpoints" / "iter_0000006" / "__0_1.distcp"), 100_000)
+    shard = bad.largest_shard(str(run / "checkpoints" / "iter_0000006"))
+    bad.truncate(str(run / "checkpoints" / "iter_0000006" / shard), 100_000)
     os.remove(run / "metrics.jsonl")  # only the resumed steps' losses from here on
     proc = _run(bad.train_args(ws, str(run), "training.train_iters=6"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     notes = [x for x in proc.stderr.splitlines() if "skipped" in x]
-    assert len(notes) == 1 and notes[0].startswith("warning: skipped iter_0000006: __0_1.distcp is 100,000 bytes where"), proc.stderr
+    assert len(notes) == 1 and notes[0].startswith(f"warning: skipped iter_0000006: {shard} is 100,000 bytes where"), proc.stderr
     assert "resuming from" in notes[0] and notes[0].endswith("iter_0000003, the newest complete checkpoint")
     assert "resumed at iteration 3/6" in proc.stdout
     ref, got = _losses(ws.trained), _losses(run)
@@ -102,7 +103,7 @@ def test_a_save_killed_at_any_step_resumes_from_the_previous_checkpoint(ws, tmp_
     shutil.copytree(c / "iter_0000006", c / "iter_0000009.tmp")
     for name in ("metadata.json", manifest.MANIFEST, "config.yaml"):
         os.remove(c / "iter_0000009.tmp" / name)
-    bad.truncate(str(c / "iter_0000009.tmp" / "__0_1.distcp"), 4096)
+    bad.truncate(str(c / "iter_0000009.tmp" / bad.largest_shard(str(c / "iter_0000009.tmp"))), 4096)
     (c / bad.LATEST).write_text("3")
     (c / (bad.LATEST + ".tmp")).write_text("6")
     os.remove(run / "metrics.jsonl")
