@@ -11,8 +11,6 @@ from conftest import ROOT
 from training_data import document, train_tokenizer
 
 TOOL = os.path.join(ROOT, "checkpoints_tools", "preprocess_data.py")
-sys.path.insert(0, os.path.dirname(TOOL))
-import preprocess_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
