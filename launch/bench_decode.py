@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_attnedit import families  # noqa: E402
 from megatron_attnedit.inference import kv  # noqa: E402
+from megatron_attnedit.attention.decode_kernels import KERNELS  # noqa: E402
 from megatron_attnedit.inference.engine import DecodeEngine, synchronize  # noqa: E402
 from megatron_attnedit.families import PRESETS  # noqa: E402
 
@@ -70,6 +71,10 @@ def parse_args(argv):
     ap.add_argument("--max-batch", type=int, default=None, help="cap on the largest batch tried (required on the CPU)")
     ap.add_argument("--reserve-gib", type=float, default=1.0, help="GPU memory left free beside weights and caches")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (to measure what graphs bring)")
+    ap.add_argument("--attention-kernel", default="auto", choices=KERNELS,
+                    help="decode attention: triton (one pass, attention/decode_triton.py), matmul (scores materialised), auto: triton where it runs")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile a few eager decode steps at the largest batch: the GPU kernels' share of a step (row 'profile')")
     ap.add_argument("--no-check", action="store_true", help="skip the check of each model's engine decode against its stock forward")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", default=None, help="write every row (and the run's settings) to this JSON file")
@@ -182,8 +187,11 @@ def largest_batch(engine: DecodeEngine, prompt_len: int, a, per_seq: int) -> dic
             step_s = engine.time_steps(a.steps, a.warmup)
             tries.append(dict(batch=batch, fits=True))
             peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
-            return dict(sequences=batch, computed=computed, tries=tries, step_ms=1e3 * step_s, tokens_per_s=batch / step_s,
-                        cache_GiB=sum(engine.cache_bytes_per_layer()) / GiB, peak_allocated_GiB=peak)
+            out = dict(sequences=batch, computed=computed, tries=tries, step_ms=1e3 * step_s, tokens_per_s=batch / step_s,
+                       cache_GiB=sum(engine.cache_bytes_per_layer()) / GiB, peak_allocated_GiB=peak)
+            if a.profile and device.type == "cuda":
+                out["profile"] = profile_steps(engine)
+            return out
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_oom(e):
                 raise
@@ -194,21 +202,58 @@ def largest_batch(engine: DecodeEngine, prompt_len: int, a, per_seq: int) -> dic
     return dict(sequences=0, computed=computed, tries=tries)
 
 
-def decode_check(model, device) -> dict:
-    """The engine (CUDA graphs included) against the model's own forward on a short batch of two:
-    kv.verify_against_stock's figures (bf16: tolerance 5e-2 x max(1, largest |logit|))."""
+def profile_steps(engine: DecodeEngine, steps: int = 3, top: int = 12) -> dict:
+    """Where a decode step's GPU time goes: ``steps`` eager steps (the captured graph dropped first,
+    its memory back to the allocator) under torch.profiler, the GPU kernels grouped by name, most
+    time first, in ms per step. The engine is left at the position it had."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = engine.length
+    engine._graph = None
+    free_bytes(engine.device)
+    ids = torch.zeros(engine.batch, 1, dtype=torch.long, device=engine.device)
+    try:
+        with torch.no_grad():
+            engine._step(ids)  # eager warm-up (lazy inits, Triton's compile cache)
+            synchronize(engine.device)
+            engine.pos.fill_(start)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    engine._step(ids)
+                synchronize(engine.device)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+    finally:
+        engine.pos.fill_(start)
+    rows = sorted(((e.key, e.device_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()
+                   if e.device_time_total > 0), key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    attention = sum(r[1] for r in rows if any(w in r[0].lower() for w in ("_partial", "_combine", "softmax", "logsumexp", "masked_fill")))
+    return dict(steps=steps, gpu_ms_per_step=total, kernels=[dict(name=n[:120], ms_per_step=t, calls_per_step=c) for n, t, c in rows[:top]],
+                attention_named_ms_per_step=attention)
+
+
+def decode_check(model, device, a) -> dict:
+    """The engine (CUDA graphs and the chosen attention kernel included) against the model's own
+    forward on a short batch of two, 64 tokens + 8 steps: in fp32 kv.verify_against_stock (1e-4 of
+    the largest logit); in bf16 kv.verify_precision (the engine no further from the fp32 forward
+    than transformers' bf16 forward is, within 2x; both figures kept)."""
     g = torch.Generator().manual_seed(1)
-    engine = DecodeEngine(model, batch=2, max_len=72)
-    out = kv.verify_against_stock(model, engine.generate(torch.randint(0, model.config.vocab_size, (2, 64), generator=g).to(device), 8))
+    engine = DecodeEngine(model, batch=2, max_len=72, attention_kernel=a.attention_kernel)
+    decode = engine.generate(torch.randint(0, model.config.vocab_size, (2, 64), generator=g).to(device), 8)
+    kernels = sorted({k for k in engine.kernels_used() if k})
     engine.release()
-    return out
+    if next(model.parameters()).dtype == torch.float32:
+        return dict(kv.verify_against_stock(model, decode), kernels=kernels)
+    return dict(kv.verify_precision(model, decode), kernels=kernels)
 
 
 def bench_context(name: str, model, config, context: int, a, weights: dict) -> dict:
     device, t_all = next(model.parameters()).device, time.perf_counter()
     bpe = next(model.parameters()).element_size()
     prompt_len = context - a.steps - a.warmup
-    engine = DecodeEngine(model, batch=1, max_len=context, cuda_graphs=False if a.no_cuda_graphs else None)
+    engine = DecodeEngine(model, batch=1, max_len=context, cuda_graphs=False if a.no_cuda_graphs else None,
+                          attention_kernel=a.attention_kernel)
     g = torch.Generator().manual_seed(context)
     engine.prefill(torch.randint(0, config.vocab_size, (1, min(prompt_len, 512)), generator=g).to(device))  # first calls: kernel set-up
     engine.reset()
@@ -236,7 +281,8 @@ def bench_context(name: str, model, config, context: int, a, weights: dict) -> d
                    per_layer_measured=measured["measured_per_layer"], per_layer_formula=per_layer_formula,
                    equal=measured["measured_per_layer"] == per_layer_formula, bytes_per_sequence=per_seq),
         memory=weights,
-        decode_path=dict(cuda_graphs=engine.cuda_graphs, graph_error=engine.graph_error),
+        decode_path=dict(cuda_graphs=engine.cuda_graphs, graph_error=engine.graph_error, attention_kernel=a.attention_kernel,
+                         kernels_used=sorted({k for k in engine.kernels_used() if k})),
     )
     engine.release()
     del engine
@@ -306,8 +352,12 @@ def main(argv=None) -> int:
                       weights_GiB=total / GiB, layer_weights_GiB=in_layers / GiB, other_weights_GiB=(total - in_layers) / GiB,
                       bytes_per_elem=next(model.parameters()).element_size())
         log(f"{name}: {total / GiB:.2f} GiB of random weights built in {time.perf_counter() - t0:.1f} s")
-        check = None if a.no_check else decode_check(model, device)
-        if check:
+        check = None if a.no_check else decode_check(model, device, a)
+        if check and "engine_vs_fp32" in check:
+            log(f"{name}: 2 x 64 tokens + 8 steps against the fp32 forward: engine {check['engine_vs_fp32']:.3g}, transformers' "
+                f"bf16 forward {check['stock_vs_fp32']:.3g} (largest |logit| {check['max_abs_logit']:.3g}): "
+                f"{'as precise' if check['ok'] else 'LESS PRECISE'}; kernels {check['kernels']}")
+        elif check:
             log(f"{name}: engine vs the stock forward, 2 x 64 tokens + 8 steps: max |diff| {check['max_abs_diff']:.3g} "
                 f"(largest |logit| {check['max_abs_logit']:.3g}), {'within' if check['ok'] else 'BEYOND'} tolerance")
         for context in a.contexts:

@@ -13,6 +13,8 @@ from typing import List
 
 import torch
 
+from megatron_attnedit.attention.decode_kernels import cached_attention
+
 
 def per_layer(pattern, num_layers: int) -> List[str]:
     """A per-layer list of kind letters from a list, or a string tiled over the layers ("SSSSSF")."""
@@ -27,7 +29,8 @@ class CachedAttention:
 
     def __init__(self, attn: torch.nn.Module, layer: int, config, options: dict):
         self.attn, self.layer = attn, layer
-        self.slot_ids = None  # arange(slots) on the cache's device: which slots a position has filled
+        self.kernel = "auto"  # decode attention kernel asked for (decode_kernels.KERNELS); the engine sets it
+        self.kernel_used = None  # the one that ran at the last step
 
     def slots(self, max_len: int) -> int:
         """Positions this layer keeps for a decode of ``max_len`` positions."""
@@ -53,6 +56,7 @@ class CachedAttention:
     def step(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _valid(self, pos: torch.Tensor) -> torch.Tensor:
-        """Slots holding a position <= pos: those written so far (every slot once a ring has wrapped)."""
-        return self.slot_ids <= pos
+    def _attend(self, q, k, v, pos, scale, sinks=None):
+        """decode_kernels.cached_attention with this layer's kernel; remembers which one ran."""
+        out, self.kernel_used = cached_attention(q, k, v, pos, scale, sinks, self.kernel)
+        return out

@@ -61,7 +61,8 @@ def synchronize(device: torch.device) -> None:
 
 
 class DecodeEngine:
-    def __init__(self, model, batch: int, max_len: int, cuda_graphs: Optional[bool] = None, prefill_chunk: int = 8192):
+    def __init__(self, model, batch: int, max_len: int, cuda_graphs: Optional[bool] = None, prefill_chunk: int = 8192,
+                 attention_kernel: str = "auto"):
         self.model, self.body, cfg = model, model.model, model.config
         self.attention, self.options = attention_of(cfg.to_dict())
         kind = get_kind(self.attention)
@@ -69,6 +70,8 @@ class DecodeEngine:
         self.device, self.dtype = first.device, first.dtype
         self.layers = list(self.body.layers)
         self.kinds = [kind(layer.self_attn, i, cfg, self.options) for i, layer in enumerate(self.layers)]
+        for k in self.kinds:  # decode attention: the one-pass Triton kernel on a GPU, the matmul path elsewhere
+            k.kernel = attention_kernel
         self.max_len, self.prefill_chunk = int(max_len), int(prefill_chunk)
         self.rope = RopeTable(self.body.rotary_emb, self.max_len, self.device)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
@@ -114,6 +117,10 @@ class DecodeEngine:
         a ring buffer leaves it stale: for timing only)."""
         self.length = position
         self.pos.fill_(position)
+
+    def kernels_used(self) -> List[Optional[str]]:
+        """The decode attention kernel each layer ran at its last step (None before any step)."""
+        return [k.kernel_used for k in self.kinds]
 
     def cache_bytes_per_layer(self) -> List[int]:
         """Bytes of the tensors each layer's cache holds (allocated for ``batch`` x its slots)."""

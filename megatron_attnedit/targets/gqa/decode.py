@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron_attnedit.attention.decode_kernels import cached_attention, causal_attention
+from megatron_attnedit.attention.decode_kernels import causal_attention
 from megatron_attnedit.attention.decode_base import CachedAttention
 from megatron_attnedit.attention.rope_tables import rotate_half
 
@@ -46,7 +46,6 @@ class GQAAttention(CachedAttention):
         n = self.slots(max_len)
         self.k = torch.zeros(batch, self.kv_heads, n, self.head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.slot_ids = torch.arange(n, device=device)
 
     def _project(self, x, cos, sin):
         """q [b, heads, s, d], k and v [b, kv_heads, s, d] (q and k normed and rotated)."""
@@ -81,7 +80,7 @@ class GQAAttention(CachedAttention):
         self.v.index_copy_(2, slot, v)
         b = x.shape[0]
         grouped = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # query heads of one KV head together
-        o = cached_attention(grouped, self.k, self.v, self._valid(pos), self.scale, self.sinks)
+        o = self._attend(grouped, self.k, self.v, pos, self.scale, self.sinks)
         return self._output(o.reshape(b, self.heads, 1, self.head_dim), x)
 
 

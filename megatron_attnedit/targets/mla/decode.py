@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_attnedit.attention.decode_kernels import cached_attention, causal_attention
+from megatron_attnedit.attention.decode_kernels import causal_attention
 from megatron_attnedit.attention.decode_base import CachedAttention
 from megatron_attnedit.attention.rope_tables import LAYOUTS
 
@@ -48,7 +48,6 @@ class MLAAttention(CachedAttention):
 
     def allocate(self, batch, max_len, device, dtype):
         self.kv = torch.zeros(batch, 1, max_len, self.r + self.dr, device=device, dtype=dtype)
-        self.slot_ids = torch.arange(max_len, device=device)
 
     def _project(self, x, cos, sin):
         """q_nope [b, s, h, dn], q_pe [b, s, h, dr], latent [b, s, r], k_pe [b, s, dr]."""
@@ -75,7 +74,7 @@ class MLAAttention(CachedAttention):
         self.kv.index_copy_(2, pos, torch.cat([latent, k_pe], dim=-1).view(b, 1, 1, -1))
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], self.w_uk)  # W_UK absorbed
         q = torch.cat([q_lat, q_pe[:, 0]], dim=-1).unsqueeze(1)  # [b, 1, h, r + dr]: h queries of one key head
-        o_lat = cached_attention(q, self.kv, self.kv[..., : self.r], self._valid(pos), self.scale)  # [b, 1, h, r]
+        o_lat = self._attend(q, self.kv, self.kv[..., : self.r], pos, self.scale)  # [b, 1, h, r]
         o = torch.einsum("bhr,hvr->bhv", o_lat[:, 0], self.w_uv)  # W_UV after the attention
         return self.attn.o_proj(o.reshape(b, 1, self.heads * self.dv))
 
