@@ -190,7 +190,7 @@ def largest_batch(engine: DecodeEngine, prompt_len: int, a, per_seq: int) -> dic
             out = dict(sequences=batch, computed=computed, tries=tries, step_ms=1e3 * step_s, tokens_per_s=batch / step_s,
                        cache_GiB=sum(engine.cache_bytes_per_layer()) / GiB, peak_allocated_GiB=peak)
             if a.profile and device.type == "cuda":
-                out["profile"] = profile_steps(engine)
+                out["profile"] = profile_steps(engine, prompt_len)
             return out
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_oom(e):
@@ -202,13 +202,13 @@ def largest_batch(engine: DecodeEngine, prompt_len: int, a, per_seq: int) -> dic
     return dict(sequences=0, computed=computed, tries=tries)
 
 
-def profile_steps(engine: DecodeEngine, steps: int = 3, top: int = 12) -> dict:
-    """Where a decode step's GPU time goes: ``steps`` eager steps (the captured graph dropped first,
-    its memory back to the allocator) under torch.profiler, the GPU kernels grouped by name, most
-    time first, in ms per step. The engine is left at the position it had."""
+def profile_steps(engine: DecodeEngine, start: int, steps: int = 3, top: int = 12) -> dict:
+    """Where a decode step's GPU time goes: ``steps`` eager steps from position ``start`` (the
+    captured graph dropped first, its memory back to the allocator) under torch.profiler, the GPU
+    kernels grouped by name, most time first, in ms per step. The engine is left at ``start``."""
     from torch.profiler import ProfilerActivity, profile
 
-    start = engine.length
+    engine.reset(start)
     engine._graph = None
     free_bytes(engine.device)
     ids = torch.zeros(engine.batch, 1, dtype=torch.long, device=engine.device)

@@ -84,11 +84,11 @@ if triton is not None:
                  sq_b, sq_h, sq_g, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                  kv_heads, n, per_split, group, nsplit, scale_log2,
                  G_PAD: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr, DV: tl.constexpr,
-                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                 V_IS_K: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
-        b = bh // kv_heads
-        h = bh % kv_heads
+        b = (bh // kv_heads).to(tl.int64)  # 64-bit offsets: a large batch's cache passes 2^31 elements
+        h = (bh % kv_heads).to(tl.int64)
         pos = tl.load(POS)
         lo = split * per_split
         hi = tl.minimum(tl.minimum(lo + per_split, n), pos + 1)
@@ -125,13 +125,16 @@ if triton is not None:
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * sv_n + offs_v[None, :], mask=n_ok[:, None], other=0.0)
+            if V_IS_K:  # MLA: the values are the keys' first DV = D_MAIN columns, the tile just loaded
+                v = k
+            else:
+                v = tl.load(v_base + offs_n[:, None] * sv_n + offs_v[None, :], mask=n_ok[:, None], other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        row = (bh * group + offs_g) * nsplit + split
+        row = (bh.to(tl.int64) * group + offs_g) * nsplit + split
         tl.store(M + row, m, mask=g_ok)
         tl.store(L + row, l, mask=g_ok)
         tl.store(ACC + row[:, None] * DV + offs_v[None, :], acc, mask=g_ok[:, None])
@@ -139,7 +142,7 @@ if triton is not None:
     @triton.jit
     def _combine(ACC, M, L, SINKS, OUT, so_b, so_h, so_g, kv_heads, group, nsplit,
                  HAS_SINKS: tl.constexpr, S_PAD: tl.constexpr, DV: tl.constexpr):
-        row = tl.program_id(0)  # (sequence, key head, query head of its group)
+        row = tl.program_id(0).to(tl.int64)  # (sequence, key head, query head of its group)
         g = row % group
         bh = row // group
         b = bh // kv_heads
@@ -159,11 +162,23 @@ if triton is not None:
         tl.store(OUT + b * so_b + h * so_h + g * so_g + offs_v, out.to(OUT.dtype.element_ty))
 
 
-def _block(d_main: int, dv: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_N, warps, stages): wide heads (MLA's 512-column latent) take shorter blocks and more
-    warps for their [group, dv] fp32 accumulator; the same for every position and batch."""
-    wide = max(d_main, dv) >= 256 or dtype == torch.float32
-    return (32, 8, 2) if wide else (64, 4, 3)
+def _wide(d_main: int, dv: int) -> bool:
+    """MLA's 512-column latent: shorter key blocks and more warps for the [group, dv] fp32 accumulator."""
+    return max(d_main, dv) >= 256
+
+
+if triton is not None:
+    # Tile sizes chosen on the GPU at the first call of each head shape (Triton's autotuner, outside
+    # any CUDA graph: the engine's warm-up steps); every BLOCK_N divides the split length (128).
+    _CONFIGS = {
+        True: [(16, 4, 2), (32, 4, 2), (32, 8, 2), (32, 8, 3), (64, 8, 2)],
+        False: [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)],
+    }
+    _TUNED = {
+        wide: triton.autotune([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st) for bn, w, st in configs],
+                              key=["G_PAD", "D_MAIN", "D_TAIL", "DV", "V_IS_K"])(_partial)
+        for wide, configs in _CONFIGS.items()
+    }
 
 
 def decode_attention(q, k, v, pos, scale: float, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -178,15 +193,16 @@ def decode_attention(q, k, v, pos, scale: float, sinks: Optional[torch.Tensor] =
     acc = torch.empty(rows * nsplit, dv, device=q.device, dtype=torch.float32)
     m = torch.empty(rows * nsplit, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    block_n, warps, stages = _block(d_main, dv, q.dtype)
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot wants 16 rows or more
-    _partial[(b * kvh, nsplit)](
-        q, k, v, pos, acc, m, l,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        kvh, n, per, group, nsplit, scale * LOG2E,
-        G_PAD=g_pad, D_MAIN=d_main, D_TAIL=d_tail, DV=dv, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
-    )
+    v_is_k = v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and dv == d_main
+    args = (q, k, v, pos, acc, m, l,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            kvh, n, per, group, nsplit, scale * LOG2E)
+    meta = dict(G_PAD=g_pad, D_MAIN=d_main, D_TAIL=d_tail, DV=dv, V_IS_K=v_is_k, IEEE=q.dtype == torch.float32)
+    if INTERPRET:  # one fixed tile: the interpreter checks results, not speed
+        _partial[(b * kvh, nsplit)](*args, **meta, BLOCK_N=32, num_warps=4, num_stages=2)
+    else:
+        _TUNED[_wide(d_main, dv)][(b * kvh, nsplit)](*args, **meta)
     out = torch.empty(b, kvh, group, dv, device=q.device, dtype=v.dtype)
     _combine[(rows,)](
         acc, m, l, sinks if sinks is not None else m, out, out.stride(0), out.stride(1), out.stride(2), kvh, group, nsplit,
