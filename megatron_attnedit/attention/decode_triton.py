@@ -168,15 +168,18 @@ def _wide(d_main: int, dv: int) -> bool:
 
 
 if triton is not None:
-    # Tile sizes chosen on the GPU at the first call of each head shape (Triton's autotuner, outside
-    # any CUDA graph: the engine's warm-up steps); every BLOCK_N divides the split length (128).
+    # Tile sizes chosen on the GPU at the first call of each head shape, cache length and split
+    # count (Triton's autotuner, outside any CUDA graph: the engine's warm-up steps); every BLOCK_N
+    # divides the split length (128). Keyed on the cache length and splits too: tuned once at the
+    # benchmark's short check (2 x 72 positions), MLA kept a tile that made one 32K sequence's step
+    # slower than the teacher's on the H100.
     _CONFIGS = {
         True: [(16, 4, 2), (32, 4, 2), (32, 8, 2), (32, 8, 3), (64, 8, 2)],
         False: [(32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)],
     }
     _TUNED = {
         wide: triton.autotune([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st) for bn, w, st in configs],
-                              key=["G_PAD", "D_MAIN", "D_TAIL", "DV", "V_IS_K"])(_partial)
+                              key=["G_PAD", "D_MAIN", "D_TAIL", "DV", "V_IS_K", "n", "nsplit"])(_partial)
         for wide, configs in _CONFIGS.items()
     }
 
