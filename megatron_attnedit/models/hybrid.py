@@ -26,6 +26,7 @@ differ (``decoder.layers.{2i}.self_attention.*``, ``decoder.layers.{2i+1}.mlp.*`
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
@@ -94,6 +95,11 @@ class LocalHybridStack(HybridStack):
     def __init__(self, config, submodules, *args, post_layer_norm: bool = True, post_process: bool = True, final_norm=None, **kwargs):
         super().__init__(config, submodules, *args, post_layer_norm=False, post_process=post_process, **kwargs)
         self.post_layer_norm = post_layer_norm
+        if config.recompute_granularity == "full" and config.recompute_num_layers and len(self.layers):
+            # megatron counts stack layers (symbols); recompute_num_layers counts decoder layers
+            per_layer = len(self.layers) // len({layer.layer_number for layer in self.layers})
+            self.config = copy.copy(config)
+            self.config.recompute_num_layers = config.recompute_num_layers * per_layer
         if post_process and post_layer_norm:
             self.final_layernorm = final_norm(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
 

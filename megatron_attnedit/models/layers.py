@@ -92,6 +92,17 @@ class DecoderLayer:
     def register_forward_hook(self, hook, **kwargs):
         return self.mlp_layer.register_forward_hook(hook, **kwargs)
 
+    def get_submodule(self, path: str):
+        """``mlp.router``, ``self_attention.core_attention``, ...: from the half that has it (each
+        half also holds IdentityOp stand-ins under the other's names)."""
+        if not path:
+            return self
+        first, _, rest = path.partition(".")
+        if first not in ("input_layernorm", "self_attention", "pre_mlp_layernorm", "mlp"):
+            raise AttributeError(f"a decoder layer has no {first}")
+        module = getattr(self, first)
+        return module.get_submodule(rest) if rest else module
+
     def parameters(self):
         yield from self.attention_layer.parameters()
         yield from self.mlp_layer.parameters()
