@@ -1,8 +1,15 @@
 """The megatron-core versions this project runs on, and how they differ where that is not a patch.
 
 Supported: megatron-core 0.16.1 (on Python 3.11 here; every release since 0.17 requires Python
->= 3.12) and 0.19.x (Python >= 3.12). The only place that reads the installed version: ``fixes.py`` applies
-each fix inside the version range it names, through ``mcore_in``; nothing else branches on it.
+>= 3.12) and 0.19.x (Python >= 3.12). Two places read the installed version: ``fixes.py`` applies
+each fix inside the version range it names, through ``mcore_in``; ``HYBRID_MODEL`` below picks the
+model class. Nothing else branches on it.
+
+* 0.19 deprecates ``GPTModel`` for ``HybridModel`` (a layer pattern, one symbol per attention or MLP
+  layer): ``HYBRID_MODEL`` is true there, and ``models/builder.build_model`` builds a HybridModel
+  (``models/hybrid.py``) with GPTModel's computation and checkpoint keys; before 0.19 a GPTModel.
+  Code that walks layers or names parameters goes through ``models/layers.py`` (``local_layers``,
+  ``gpt_layout_name``), which reads either.
 
 What differs between the two without being a change to megatron-core:
 
@@ -56,6 +63,9 @@ MCORE: Version = megatron_core_version()
 def mcore_in(since: Optional[str], before: Optional[str], v: Version = MCORE) -> bool:
     """``since <= v < before`` (either bound may be None: open)."""
     return (since is None or v >= _parse(since)) and (before is None or v < _parse(before))
+
+
+HYBRID_MODEL: bool = mcore_in("0.19.0", None)  # build HybridModel (GPTModel is deprecated from 0.19)
 
 
 class DeepSeekNorms:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -268,25 +267,6 @@ def _cuda_devices_on_cpu() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# megatron-core 0.19: the GPTModel deprecation notice
-# ------------------------------------------------------------------------------------------------
-
-_GPT_LOGGER = "megatron.core.models.gpt.gpt_model"
-_GPT_NOTICE = "GPTModel IS DEPRECATED"
-
-
-class _DropGPTModelNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_GPT_NOTICE)
-
-
-def _gpt_model_notice() -> None:
-    log = logging.getLogger(_GPT_LOGGER)
-    if not any(isinstance(f, _DropGPTModelNotice) for f in log.filters):
-        log.addFilter(_DropGPTModelNotice())
-
-
-# ------------------------------------------------------------------------------------------------
 # Probes: does the library (as patched so far) still show the bug? Behaviour where it is cheap to
 # run, the broken module state otherwise.
 # ------------------------------------------------------------------------------------------------
@@ -392,30 +372,12 @@ def _probe_rope_fusion() -> bool:
     return rope_utils.fused_apply_rotary_pos_emb is None and rope_utils._apply_rotary_pos_emb_bshd is not fusions.rope_dispatch
 
 
-def _probe_gpt_model_notice() -> bool:
-    from megatron.core.models.gpt import GPTModel
-
-    seen = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())  # reached only past the logger's filters
-    log = logging.getLogger(_GPT_LOGGER)
-    log.addHandler(handler)
-    try:
-        GPTModel.__init__(GPTModel.__new__(GPTModel), config=None, transformer_layer_spec=None, vocab_size=1, max_sequence_length=1)
-    except Exception:
-        pass  # the notice comes first; the rest of __init__ fails on the missing config
-    finally:
-        log.removeHandler(handler)
-    return any(m.startswith(_GPT_NOTICE) for m in seen)
-
-
 # ------------------------------------------------------------------------------------------------
 # The list (in the order they are applied and probed)
 # ------------------------------------------------------------------------------------------------
 
 ANY_VERSION = (None, None)  # the bug is in every supported version (0.16.1 and 0.19.2 checked)
 BEFORE_019 = (None, "0.19.0")  # the bug is in 0.16.1 and gone in 0.19.2 (0.17 and 0.18 not checked)
-SINCE_019 = ("0.19.0", None)  # new in 0.19 (0.16.1 has it not, 0.19.2 has; 0.17 and 0.18 not checked)
 
 FIXES: List[Fix] = [
     Fix("cuda_functions_on_cpu", ("cpu",), ANY_VERSION,
@@ -459,11 +421,6 @@ FIXES: List[Fix] = [
         "megatron-core 0.16.1 and 0.19.2 without TE run RoPE op by op (_apply_rotary_pos_emb_bshd, 8.5% of a stage-1 "
         "step's kernel time on an H100 with 0.16.1): CUDA tensors take kernels/fusions.rope_bshd compiled into one "
         "kernel each way, other tensors megatron's own code", _rope_fusion, _probe_rope_fusion),
-    Fix("gpt_model_notice", ALL, SINCE_019,
-        "megatron-core 0.19.2 (not 0.16.1) logs 'GPTModel IS DEPRECATED ... use HybridModel' for every model built: "
-        "we build GPTModel on purpose (its checkpoint keys; the HybridModel plan is in issue 21), and the notice "
-        "would reach every command's stderr, where a failure is one line; that one message is dropped",
-        _gpt_model_notice, _probe_gpt_model_notice),
 ]
 
 _APPLIED: Dict[str, bool] = {}

@@ -17,6 +17,7 @@ import torch
 from conftest import torchrun
 from megatron_attnedit import platform
 from megatron_attnedit.models import builder
+from megatron_attnedit.models.layers import gpt_layout_name, local_layers
 from megatron_attnedit import families
 from megatron_attnedit.testing import hf_logits
 
@@ -154,7 +155,7 @@ def test_model_matches_transformers_tp1(env, tiny_hf):
         return m
 
     model = loaded(True)
-    moe = [layer.mlp.experts for layer in model.decoder.layers if hasattr(layer.mlp, "experts")]
+    moe = [layer.mlp.experts for layer in local_layers(model) if hasattr(layer.mlp, "experts")]
     assert moe and all(type(e).__name__ == "GroupedExperts" for e in moe)
     for impl in ("loop", "grouped_mm"):
         for e in moe:
@@ -162,7 +163,8 @@ def test_model_matches_transformers_tp1(env, tiny_hf):
         diff = (forward.forward_logits(model, tokens, cfg["vocab_size"]) - ref).abs().max().item()
         assert diff <= LOGITS_TOL, f"max |grouped ({impl}) - HF| = {diff:.3e}"
     # colocation shares a frozen MoE block by state-dict equality: works on the per-expert views
-    shared = share_frozen_modules(freeze(loaded(True)), freeze(loaded(True)))
+    student = freeze(loaded(True))
+    shared = [gpt_layout_name(student)(p) for p in share_frozen_modules(freeze(loaded(True)), student)]
     assert "decoder.layers.1.mlp" in shared
 
 

@@ -34,7 +34,6 @@ EXPECTED = {  # name: (platforms, megatron-core versions that need it)
     "dgrad_skip": (("cpu", "cuda", "npu"), ANY),
     "wgrad_accumulation": (("cpu", "cuda"), ANY),
     "rope_fusion": (("cuda",), ANY),
-    "gpt_model_notice": (("cpu", "cuda", "npu"), ("0.19.0", None)),
 }
 
 

@@ -10,7 +10,7 @@ import torch
 from megatron_attnedit import platform
 from megatron_attnedit.attention import core
 from megatron_attnedit.config import TargetConfig
-from megatron_attnedit.models.layers import attention_forward, local_layers, rotary_pos_emb_for
+from megatron_attnedit.models.layers import attention_forward, gpt_layout_name, local_layers, rotary_pos_emb_for
 from megatron_attnedit.targets import TARGETS, get_target
 from megatron_attnedit.models import builder
 from megatron_attnedit import families
@@ -193,7 +193,7 @@ def test_colocated_student_is_built_around_the_teachers_mlps(env, tiny_hf, monke
     teacher_mlps = [layer.mlp for layer in local_layers(pair.teacher)]
     assert all(s is t for s, t in zip(at_build["mlps"], teacher_mlps)) and len(teacher_mlps) == cfg["num_hidden_layers"]
     assert at_build["new"] and not any(".mlp." in n for n in at_build["new"]), sorted(at_build["new"])
-    assert {f"decoder.layers.{i}.mlp" for i in range(cfg["num_hidden_layers"])} <= set(pair.shared)
+    assert {f"decoder.layers.{i}.mlp" for i in range(cfg["num_hidden_layers"])} <= {gpt_layout_name(pair.student)(p) for p in pair.shared}
     assert not any(p.requires_grad for m in teacher_mlps for p in m.parameters())
 
     tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(5))

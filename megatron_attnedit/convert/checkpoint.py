@@ -295,7 +295,7 @@ def copy_hf_assets(src_dir: Optional[str], iter_dir: str) -> None:
 
 
 def save_mcore_checkpoint(model, save_dir: str, meta: dict, iteration: int = 0, hf_assets_dir: Optional[str] = None) -> str:
-    """Save ``model`` (this rank's GPTModel) as a torch_dist checkpoint with megatron's own
+    """Save ``model`` (this rank's model) as a torch_dist checkpoint with megatron's own
     ``dist_checkpointing.save``, our metadata in common.pt; collective over all ranks.
     Returns the iteration directory. (No ``args`` Namespace in common.pt: megatron's load
     unpickles it with ``weights_only`` and would refuse it.)"""
@@ -352,5 +352,7 @@ def load_mcore_checkpoint_into_model(model, load_dir: str, strict: bool = True, 
     name = legacy_rank_dir(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
                            parallel_state.get_expert_model_parallel_rank(), pp, ep)
     state = safe_load(os.path.join(meta["iter_dir"], name, "model_optim_rng.pt"), allow_pickle)
-    model.load_state_dict(state["model"], strict=strict)
+    from megatron_attnedit.models.layers import from_gpt_layout
+
+    model.load_state_dict(from_gpt_layout(model, state["model"]), strict=strict)  # written in GPTModel's names
     return meta

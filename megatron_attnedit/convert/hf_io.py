@@ -260,11 +260,15 @@ def rank_offsets(model) -> tuple:
 
 
 def trainable_items(model) -> Iterable:
-    """(local name, tensor) of the module state dict, without megatron's _extra_state entries."""
+    """(local name, tensor) of the module state dict, without megatron's _extra_state entries; names
+    in GPTModel's layout (``models.layers.gpt_layout_name``: a HybridModel's too)."""
+    from megatron_attnedit.models.layers import gpt_layout_name
+
+    name = gpt_layout_name(model)
     for k, v in model.state_dict(keep_vars=True).items():
         if k.endswith("_extra_state") or not isinstance(v, torch.Tensor):
             continue
-        yield k, v
+        yield name(k), v
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from megatron_attnedit.errors import CheckpointError
 from megatron_attnedit.models import builder
+from megatron_attnedit.models.layers import gpt_layout_name
 from megatron_attnedit.targets.student import build_student
 
 
@@ -79,7 +80,8 @@ def build_meta_model(cfg: dict, padded_vocab: int, target=None):
 def model_layout(cfg: dict, padded_vocab: int, target=None) -> ModelLayout:
     """The checkpoint layout of the teacher, or of the student of ``target`` (a TargetConfig)."""
     model = build_meta_model(cfg, padded_vocab, target)
-    state = model.state_dict(keep_vars=True)
+    gpt_name = gpt_layout_name(model)  # the tables' names (a HybridModel's modules are per symbol)
+    state = {gpt_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
     params = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     extra = [k for k in state if k.endswith("_extra_state")]
     storage_of = {k: v.untyped_storage()._cdata for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -89,6 +91,7 @@ def model_layout(cfg: dict, padded_vocab: int, target=None) -> ModelLayout:
     chunks: Dict[str, List[Chunk]] = {}
     objects: List[Obj] = []
     for name, value in sharded.items():
+        name = gpt_name(name)
         items = value if isinstance(value, list) else [value]
         for sh in items:
             if isinstance(sh, ShardedObject):

@@ -39,6 +39,7 @@ from megatron_attnedit.convert import hf_io
 from megatron_attnedit.errors import ConfigError
 from megatron_attnedit.families.table import ModelTable
 from megatron_attnedit.models import builder
+from megatron_attnedit.models.layers import local_layers
 from megatron_attnedit.targets import get_target
 from megatron_attnedit.targets.student import build_student, capture_attention_inputs, init_student_from_teacher
 from megatron_attnedit.training import objective as obj
@@ -154,7 +155,7 @@ def colocate(
     student = build_student(student_hf_cfg, target, opts, borrow_mlp_from=teacher if borrow else None)
     if borrow:  # a borrowed MoE layer decides its own recompute from its config, the teacher's
         moe_recompute = opts.recompute_granularity == "selective" and "moe" in (opts.recompute_modules or ())
-        for layer in _unwrap(student).decoder.layers:
+        for layer in local_layers(student):
             if hasattr(layer.mlp, "moe_layer_recompute"):
                 layer.mlp.moe_layer_recompute = moe_recompute
     check_pair(teacher, student)
@@ -193,9 +194,10 @@ def check_pair(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
             f"teacher and student hidden size differ ({t.config.hidden_size} vs {s.config.hidden_size}); "
             "distillation needs the student built from the teacher's config"
         )
-    if len(t.decoder.layers) != len(s.decoder.layers):
+    n_t, n_s = len(local_layers(t)), len(local_layers(s))
+    if n_t != n_s:
         raise ConfigError(
-            f"teacher and student hold {len(t.decoder.layers)} vs {len(s.decoder.layers)} layers on this rank; "
+            f"teacher and student hold {n_t} vs {n_s} layers on this rank; "
             "build both with the same layer count and pipeline layout"
         )
 
@@ -205,7 +207,7 @@ def set_trainable(student: torch.nn.Module, target, trainable: str) -> List[torc
     Returns the attention parameters."""
     s = _unwrap(student)
     attention: Dict[int, torch.nn.Parameter] = {}
-    for layer in s.decoder.layers:
+    for layer in local_layers(s):
         for p in _params(get_target(target.name).trainable_attention_params(layer)):
             attention[id(p)] = p
     for p in s.parameters():
@@ -281,7 +283,7 @@ def storages(*models: torch.nn.Module) -> set:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside megatron wrappers (DDP, Float16Module)."""
+    """The model (GPTModel / HybridModel) inside megatron wrappers (DDP, Float16Module)."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
     return model

@@ -52,8 +52,9 @@ class _Capture:
         self.losses: Dict[int, torch.Tensor] = {}
         self.active = False
         self.handles = []
+        t_layers, self.s_layers = layers.local_layers(stage.teacher), layers.local_layers(stage.student)
         for i in stage.trained_local:
-            attn = stage.teacher.decoder.layers[i].self_attention
+            attn = t_layers[i].self_attention
             self.handles.append(attn.register_forward_pre_hook(self._pre(i), with_kwargs=True))
             self.handles.append(attn.register_forward_hook(self._post(i)))
 
@@ -72,7 +73,7 @@ class _Capture:
             out, bias = output
             target = out if bias is None else out + bias
             with torch.set_grad_enabled(self.stage.training):
-                pred = layers.attention_forward(self.stage.student.decoder.layers[i], hidden.detach(), self.stage.rotary)
+                pred = layers.attention_forward(self.s_layers[i], hidden.detach(), self.stage.rotary)
                 self.losses[i] = losses.normalized_mse(pred, target, sp_group=self.stage.sp_group)
 
         return hook
@@ -92,8 +93,7 @@ class Stage1(PairStep):
         self.layer_offset = get_transformer_layer_offset(cfg)
         self.sp_group = parallel_state.get_tensor_model_parallel_group() if cfg.sequence_parallel else None
         # which layers train: local ones from requires_grad, all stages' through the pipeline group
-        layers = self.student.decoder.layers
-        self.trained_local = [i for i, l in enumerate(layers) if any(p.requires_grad for p in l.self_attention.parameters())]
+        self.trained_local = [i for i, l in enumerate(layers.local_layers(self.student)) if any(p.requires_grad for p in l.self_attention.parameters())]
         mask = torch.zeros(cfg.num_layers, device=self.device)
         mask[[self.layer_offset + i for i in self.trained_local]] = 1.0
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:

@@ -32,6 +32,7 @@ from megatron_attnedit.distill import pipeline
 from megatron_attnedit.distill.colocate import TRAINABLE_SETS, Colocated
 from megatron_attnedit.distill.pair_step import PairObjective, PairStep
 from megatron_attnedit.errors import ConfigError
+from megatron_attnedit.models import layers
 from megatron_attnedit.training import losses
 from megatron_attnedit.training.objective import check_loss_chunk_tokens, check_options
 
@@ -102,7 +103,8 @@ class _LayerOutputs:
 
     def __init__(self, model, local_layers: List[int]):
         self.out: Dict[int, torch.Tensor] = {}
-        self.handles = [model.decoder.layers[i].register_forward_hook(self._hook(i)) for i in local_layers]
+        layer_list = layers.local_layers(model)
+        self.handles = [layer_list[i].register_forward_hook(self._hook(i)) for i in local_layers]
 
     def _hook(self, i):
         def hook(module, args, output):
@@ -135,7 +137,7 @@ class Stage2(PairStep):
             get_transformer_layer_offset,
         )
 
-        off, n_local = get_transformer_layer_offset(cfg), len(self.student.decoder.layers)
+        off, n_local = get_transformer_layer_offset(cfg), len(layers.local_layers(self.student))
         local = [i - off for i in chosen if off <= i < off + n_local] if self.num_feature_layers else []
         self.t_hooks = _LayerOutputs(self.teacher, local)
         self.s_hooks = _LayerOutputs(self.student, local)

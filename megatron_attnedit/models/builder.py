@@ -1,4 +1,5 @@
-"""The model builder: an HF config -> megatron TransformerConfig + layer specs + GPTModel.
+"""The model builder: an HF config -> megatron TransformerConfig + layer specs + model (HybridModel
+on megatron-core >= 0.19, models/hybrid.py; GPTModel before).
 
 Family-neutral: the HF ``config.json`` is the single description of the model, and what differs
 between families (q/k-norm, routed experts, RoPE scaling) is read from its ``families.Family``.
@@ -10,7 +11,7 @@ without touching a shared spec.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -215,30 +216,56 @@ def borrowed(module: torch.nn.Module) -> type:
     return type(f"Borrowed{type(module).__name__}", (), {"__new__": __new__, "__doc__": "the module " + repr(type(module))})
 
 
+def norm_keys_map(opts: BuildOptions) -> Dict[str, str]:
+    """Checkpoint keys follow the TE layout whatever the spec, as Megatron-LM does."""
+    if opts.spec != "local":
+        return {}
+    return {"input_layernorm.": "self_attention.linear_qkv.layer_norm_", "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def layer_norm(opts: BuildOptions, moe: bool = False):
+    """(input norm, pre-MLP norm) of a layer: the TE spec folds them into linear_qkv / linear_fc1
+    (not into an MoE's router)."""
+    norm = LocalRMSNorm if opts.spec == "local" else IdentityOp
+    return norm, norm if (opts.spec == "local" or moe) else IdentityOp
+
+
 def layer_spec(attention: ModuleSpec, mlp, opts: BuildOptions, moe: bool) -> ModuleSpec:
     """One transformer layer; ``mlp`` is a ModuleSpec or a ``borrowed`` module."""
-    norm = LocalRMSNorm if opts.spec == "local" else IdentityOp
+    input_norm, mlp_norm = layer_norm(opts, moe)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
+            input_layernorm=input_norm,
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm if (opts.spec == "local" or moe) else IdentityOp,
+            pre_mlp_layernorm=mlp_norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
-            # Checkpoint keys follow the TE layout whatever the spec, as Megatron-LM does.
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            }
-            if opts.spec == "local"
-            else {},
+            sharded_state_dict_keys_map=norm_keys_map(opts),
         ),
     )
 
 
 AttentionSpecFn = Callable[[int], ModuleSpec]  # global 0-based layer index -> attention spec
+
+
+def layer_parts(
+    cfg: dict,
+    opts: BuildOptions,
+    attention_for_layer: Optional[AttentionSpecFn] = None,
+    borrow_mlp: Optional[Dict[int, torch.nn.Module]] = None,
+) -> List[Tuple[ModuleSpec, object, bool]]:
+    """Per layer of the whole model, fresh: (attention spec, MLP spec or ``borrowed`` module, MoE?).
+    ``borrow_mlp``: {global layer index: an existing MLP/MoE module} that those layers take as
+    their own (see ``borrowed``)."""
+    attention_for_layer = attention_for_layer or (lambda i: gqa_attention_spec(opts, cfg))
+    borrow_mlp = borrow_mlp or {}
+    parts = []
+    for i, moe in enumerate(family_of(cfg).moe_layer_pattern(cfg)):
+        mlp = borrowed(borrow_mlp[i]) if i in borrow_mlp else mlp_spec(opts, bool(moe))
+        parts.append((attention_for_layer(i), mlp, bool(moe)))
+    return parts
 
 
 def block_spec(
@@ -249,20 +276,35 @@ def block_spec(
     pp_rank: Optional[int] = None,
     borrow_mlp: Optional[Dict[int, torch.nn.Module]] = None,
 ) -> TransformerBlockSubmodules:
-    """Fresh per-layer specs for this pipeline stage. ``borrow_mlp``: {global layer index: an
-    existing MLP/MoE module} that those layers take as their own (see ``borrowed``)."""
-    attention_for_layer = attention_for_layer or (lambda i: gqa_attention_spec(opts, cfg))
-    borrow_mlp = borrow_mlp or {}
-    pattern = family_of(cfg).moe_layer_pattern(cfg)
-    specs = []
-    for i, moe in enumerate(pattern):
-        mlp = borrowed(borrow_mlp[i]) if i in borrow_mlp else mlp_spec(opts, bool(moe))
-        specs.append(layer_spec(attention_for_layer(i), mlp, opts, bool(moe)))
+    """GPTModel's layer specs for this pipeline stage (``layer_parts``)."""
+    specs = [layer_spec(a, mlp, opts, moe) for a, mlp, moe in layer_parts(cfg, opts, attention_for_layer, borrow_mlp)]
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
     n_local = len(specs) // config.pipeline_model_parallel_size
     return TransformerBlockSubmodules(layer_specs=specs[offset : offset + n_local], layer_norm=LocalRMSNorm)
+
+
+def _is_mla(attention: ModuleSpec) -> bool:
+    from megatron.core.transformer.multi_latent_attention import MultiLatentAttention
+
+    module = getattr(attention, "module", attention)
+    return isinstance(module, type) and issubclass(module, MultiLatentAttention)
+
+
+def _hybrid_model(cfg, config, opts, attention_for_layer, borrow_mlp, stages: int, **model_kwargs):
+    """The HybridModel of ``layer_parts`` (megatron-core >= 0.19; see models/hybrid.py)."""
+    from megatron_attnedit.models import hybrid
+
+    parts = layer_parts(cfg, opts, attention_for_layer, borrow_mlp)
+    # megatron refuses "*" beside "+": a model with any MLA layer writes "+" for all (models/hybrid.py)
+    symbol = "+" if config.multi_latent_attention or any(_is_mla(a) for a, _, _ in parts) else "*"
+    keys = norm_keys_map(opts)
+    layers = []
+    for attention, mlp, moe in parts:
+        input_norm, mlp_norm = layer_norm(opts, moe)
+        layers.append((symbol, hybrid.attention_layer_spec(attention, input_norm, keys), hybrid.mlp_layer_spec(mlp, mlp_norm, keys, moe), moe))
+    return hybrid.build(config, layers, stages, final_norm=LocalRMSNorm, **model_kwargs)
 
 
 def build_model(
@@ -272,16 +314,15 @@ def build_model(
     attention_for_layer: Optional[AttentionSpecFn] = None,
     borrow_mlp: Optional[Dict[int, torch.nn.Module]] = None,
     meta_vocab: Optional[int] = None,
-) -> GPTModel:
-    """A GPTModel for this rank (its pipeline stage and TP/EP shard) on the current device.
-    ``borrow_mlp`` as in ``block_spec``. ``meta_vocab``: instead, the whole model (every layer, one
-    stage) on the meta device with this padded vocabulary -- the converters' layout (names, shapes,
-    checkpoint keys) at no memory."""
+):
+    """This rank's model (its pipeline stage and TP/EP shard) on the current device: a HybridModel
+    on megatron-core >= 0.19 (``compat.HYBRID_MODEL``), a GPTModel before; same computation and
+    checkpoint keys. ``borrow_mlp`` as in ``layer_parts``. ``meta_vocab``: instead, the whole model
+    (every layer, one stage) on the meta device with this padded vocabulary -- the converters'
+    layout (names, shapes, checkpoint keys) at no memory."""
     config = config or transformer_config(cfg, opts)
     meta = meta_vocab is not None
     model_kwargs = dict(
-        config=config,
-        transformer_layer_spec=block_spec(cfg, config, opts, attention_for_layer, pp_rank=0 if meta else None, borrow_mlp=borrow_mlp),
         vocab_size=meta_vocab if meta else padded_vocab_size(cfg["vocab_size"], opts.tensor_model_parallel_size),
         max_sequence_length=int(cfg.get("max_position_embeddings", 4096)),
         pre_process=meta or parallel_state.is_pipeline_first_stage(),
@@ -291,13 +332,21 @@ def build_model(
         rotary_percent=1.0,
         rotary_base=int(rope_theta(cfg)),
     )
+
+    def make():
+        if compat.HYBRID_MODEL:
+            stages = 1 if meta else config.pipeline_model_parallel_size
+            return _hybrid_model(cfg, config, opts, attention_for_layer, borrow_mlp, stages, **model_kwargs)
+        spec = block_spec(cfg, config, opts, attention_for_layer, pp_rank=0 if meta else None, borrow_mlp=borrow_mlp)
+        return GPTModel(config=config, transformer_layer_spec=spec, **model_kwargs)
+
     if meta:
         with torch.device("meta"):
-            model = GPTModel(**model_kwargs)
+            model = make()
         if getattr(model, "rotary_pos_emb", None) is not None:
             scale_rope(model.rotary_pos_emb, cfg)
         return model
-    model = GPTModel(**model_kwargs)
+    model = make()
     if getattr(model, "rotary_pos_emb", None) is not None:
         scale_rope(model.rotary_pos_emb, cfg)
     # megatron's local norms (WrappedTorchNorm -> torch.nn.RMSNorm) are created in fp32 whatever

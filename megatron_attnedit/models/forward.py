@@ -19,7 +19,7 @@ def position_ids(tokens: torch.Tensor) -> torch.Tensor:
 def forward_logits(model, tokens: torch.Tensor, vocab_size: Optional[int] = None) -> Optional[torch.Tensor]:
     """Full-vocabulary logits [b, s, V] on the last pipeline stage (gathered over TP), None elsewhere.
 
-    ``model`` is this rank's GPTModel (or a list of one); ``tokens`` [b, s] must be the same on
+    ``model`` is this rank's model (or a list of one); ``tokens`` [b, s] must be the same on
     every rank of a TP group. Under PP the 1F1B schedule runs a single micro-batch forward-only.
     """
     chunks = model if isinstance(model, list) else [model]

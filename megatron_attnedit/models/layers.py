@@ -1,4 +1,10 @@
-"""One layer's attention on its own, and the layers of a (wrapped) GPTModel: stage 1's plumbing.
+"""One layer's attention on its own, and the decoder layers of a (wrapped) model: stage 1's plumbing.
+
+A decoder layer is a GPTModel's TransformerLayer (megatron-core 0.16), or on a HybridModel (0.19 on,
+``models/hybrid.py``) a ``DecoderLayer``: the attention layer and the MLP layer of its two pattern
+symbols, seen as one, with the same attributes (``input_layernorm``, ``self_attention``,
+``pre_mlp_layernorm``, ``mlp``, ``layer_number``). ``gpt_layout_name`` names a HybridModel's
+parameters as GPTModel names them (the conversion tables' names).
 
 Stage 1 calls the student's layer l ``self_attention`` and the teacher's on the same normalized
 input (the output of the teacher's input_layernorm, [s, b, h]); both return comparable [s, b, h]
@@ -17,7 +23,8 @@ layers that make their own.
 
 from __future__ import annotations
 
-from typing import List, Optional
+import re
+from typing import Callable, List, Optional
 
 import torch
 from megatron.core.transformer.multi_latent_attention import MultiLatentAttention
@@ -54,12 +61,96 @@ def attention_forward(layer_module, normed_hidden: torch.Tensor, rotary_pos_emb:
     return out if bias is None else out + bias
 
 
-def local_layers(model) -> List:
-    """This rank's TransformerLayers (its pipeline stage) of a GPTModel (or a list of one)."""
+# Pattern symbols (megatron.core.models.hybrid.hybrid_layer_allocation.Symbols) that begin a
+# decoder layer of ours (attention kinds); the others ("-" MLP, "E" MoE) complete the one before.
+_LAYER_START = "*+DGM"
+
+
+def decoder_layer_of_symbols(pattern: str) -> List[int]:
+    """For each symbol of a hybrid layer pattern (stage boundaries ``|`` dropped), the 0-based
+    decoder layer it belongs to: ``"*-*E"`` -> ``[0, 0, 1, 1]``."""
+    out, layer = [], -1
+    for sym in pattern.replace("|", ""):
+        layer += sym in _LAYER_START or layer < 0
+        out.append(layer)
+    return out
+
+
+class DecoderLayer:
+    """One decoder layer of a HybridModel: its attention layer (``*`` / ``+``) and its MLP layer
+    (``-`` / ``E``). Forward hooks go on the MLP layer, whose output is the decoder layer's."""
+
+    def __init__(self, attention, mlp_layer):
+        self.attention_layer, self.mlp_layer = attention, mlp_layer
+
+    input_layernorm = property(lambda self: self.attention_layer.input_layernorm)
+    self_attention = property(lambda self: self.attention_layer.self_attention)
+    pre_mlp_layernorm = property(lambda self: self.mlp_layer.pre_mlp_layernorm)
+    mlp = property(lambda self: self.mlp_layer.mlp)
+    layer_number = property(lambda self: self.attention_layer.layer_number)  # both halves carry it
+
+    def register_forward_hook(self, hook, **kwargs):
+        return self.mlp_layer.register_forward_hook(hook, **kwargs)
+
+    def get_submodule(self, path: str):
+        """``mlp.router``, ``self_attention.core_attention``, ...: from the half that has it (each
+        half also holds IdentityOp stand-ins under the other's names)."""
+        if not path:
+            return self
+        first, _, rest = path.partition(".")
+        if first not in ("input_layernorm", "self_attention", "pre_mlp_layernorm", "mlp"):
+            raise AttributeError(f"a decoder layer has no {first}")
+        module = getattr(self, first)
+        return module.get_submodule(rest) if rest else module
+
+    def parameters(self):
+        yield from self.attention_layer.parameters()
+        yield from self.mlp_layer.parameters()
+
+
+def unwrap(model):
+    """The model (GPTModel / HybridModel) inside a list of one and megatron's wrappers."""
     m = model[0] if isinstance(model, (list, tuple)) else model
     while hasattr(m, "module") and not hasattr(m, "decoder"):
         m = m.module
-    return list(m.decoder.layers)
+    return m
+
+
+def _symbol_layers(decoder) -> Optional[List[int]]:
+    """For a HybridStack, the local decoder-layer index of each of its layers; None for GPTModel's."""
+    types = getattr(decoder, "layer_type_list", None)
+    return None if types is None else decoder_layer_of_symbols("".join(types))
+
+
+def local_layers(model) -> List:
+    """This rank's decoder layers (its pipeline stage) of a model (or a list of one)."""
+    decoder = unwrap(model).decoder
+    of = _symbol_layers(decoder)
+    if of is None:
+        return list(decoder.layers)
+    halves: List[List] = [[] for _ in range(of[-1] + 1 if of else 0)]
+    for layer, i in zip(decoder.layers, of):
+        halves[i].append(layer)
+    return [DecoderLayer(*h) for h in halves]
+
+
+_SYMBOL = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def gpt_layout_name(model) -> Callable[[str], str]:
+    """Name of a parameter (or module) of ``model`` -> its GPTModel name: on a HybridModel
+    ``decoder.layers.{symbol}.x`` -> ``decoder.layers.{local decoder layer}.x``; identity on GPTModel."""
+    of = _symbol_layers(unwrap(model).decoder)
+    if of is None:
+        return lambda name: name
+    return lambda name: _SYMBOL.sub(lambda m: f"decoder.layers.{of[int(m.group(1))]}.", name, count=1)
+
+
+def from_gpt_layout(model, state: dict) -> dict:
+    """A module state dict in GPTModel's names (a legacy checkpoint's) in ``model``'s own names."""
+    gpt_name = gpt_layout_name(model)
+    own = {gpt_name(k): k for k in unwrap(model).state_dict(keep_vars=True)}
+    return {own.get(k, k): v for k, v in state.items()}
 
 
 def global_layer_index(layer_module) -> int:

@@ -1,7 +1,7 @@
 """The student: the teacher with its attention replaced by a target, layer by layer.
 
-``build_student`` builds this rank's GPTModel with the same layout as the teacher (same TP/PP
-split, same embedding/MLP/norm parameters and names); only each layer's ``self_attention`` differs.
+``build_student`` builds this rank's model with the same layout as the teacher (same TP/PP split,
+same embedding/MLP/norm parameters and names); only each layer's ``self_attention`` differs.
 ``init_student_from_teacher`` copies every non-attention parameter (unless the caller shares them)
 and lets the target initialise each layer's attention from the teacher's layer on the same rank.
 ``student_table`` is the conversion table of the student, so student checkpoints convert through
@@ -33,7 +33,7 @@ def student_config(hf_cfg: dict, target: TargetConfig, opts: builder.BuildOption
 
 
 def build_student(hf_cfg: dict, target: TargetConfig, opts: builder.BuildOptions, borrow_mlp_from=None, meta_vocab=None):
-    """This rank's student GPTModel (its pipeline stage, its TP shard), same layout as the teacher.
+    """This rank's student model (its pipeline stage, its TP shard), same layout as the teacher.
 
     ``borrow_mlp_from``: a teacher built from the same config and layout whose MLP/MoE modules the
     student's layers take as their own -- the student's MLPs are then never allocated, which is

@@ -31,7 +31,7 @@ def coverage(job, ModelTable):
     cfg = families.load_hf_config(job["hf_dir"])
     table = ModelTable(cfg)
     model = builder.build_model(cfg, builder.BuildOptions())
-    params = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    params = {k for k, _ in hf_io.trainable_items(model)}  # in GPTModel's names (a HybridModel's too)
     produced = set(table.megatron_names())
     hf_keys = set(hf_io.HFCheckpoint(job["hf_dir"]).keys())
     consumed = set(table.hf_names())

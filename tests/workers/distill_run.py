@@ -37,8 +37,11 @@ def parse():
 def global_named_trainable(student):
     from megatron_attnedit.convert.hf_io import global_name, rank_offsets
 
+    from megatron_attnedit.models.layers import gpt_layout_name
+
     off, eoff = rank_offsets(student)
-    return {global_name(n, off, eoff): p for n, p in student.named_parameters() if p.requires_grad}
+    gpt_name = gpt_layout_name(student)
+    return {global_name(gpt_name(n), off, eoff): p for n, p in student.named_parameters() if p.requires_grad}
 
 
 def reduced(metrics):
@@ -95,6 +98,7 @@ def main():
     from megatron_attnedit.config import TargetConfig
     from megatron_attnedit.distill import colocate
     from megatron_attnedit.models import builder, forward
+    from megatron_attnedit.models.layers import gpt_layout_name
     from megatron_attnedit import families
 
     hf = families.load_hf_config(a.hf_dir)
@@ -111,7 +115,7 @@ def main():
         "teacher": len(colocate.storages(pair.teacher)),
         "attention": len({p.untyped_storage().data_ptr() for p in attn}),
         "student_alone": len(colocate.storages(student)),
-        "shared": pair.shared,
+        "shared": [gpt_layout_name(pair.student)(p) for p in pair.shared],  # GPTModel module names
     }
 
     named = global_named_trainable(student)
