@@ -4,7 +4,8 @@ from setuptools import find_packages, setup
 
 
 def _pins(name):
-    """Exact pins from a requirements file next to this one (what the test suite ran with)."""
+    """Exact pins from a requirements file next to this one (what the test suite ran with), with
+    their environment markers (a pin per Python where the two stacks differ)."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)) as f:
         return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
 
@@ -19,7 +20,9 @@ setup(
     package_data={"megatron_attnedit": ["assets/teachers/*/*", "targets/gate_swa/hf/*.py"]},
     # one command with subcommands (megatron_attnedit/cli/main.py); the scripts stay as shims
     entry_points={"console_scripts": ["attnedit=megatron_attnedit.cli.main:main"]},
-    python_requires=">=3.10",
+    # 3.11: the fallback stack (megatron-core 0.16.1); >= 3.12: the primary one (0.19.2). transformers
+    # 5.25 and numpy 2.4 require 3.11.
+    python_requires=">=3.11",
     # Exact pins (requirements.txt). torch is deliberately not among them: the install script
     # installs torch==2.13.0 only when no torch is present, and never replaces the user's own build.
     install_requires=_pins("requirements.txt"),

@@ -5,13 +5,14 @@
 #   NNODES (1)  NODE_RANK (0)  MASTER_ADDR (127.0.0.1)  MASTER_PORT (29500)
 #   NPROC_PER_NODE (all visible GPUs / NPUs, 1 on CPU)
 #   PLATFORM   auto | cuda | npu | cpu   (auto: npu if torch_npu works, else cuda if a GPU, else cpu)
-#   PYTHON     interpreter (python3)
+#   PYTHON     interpreter (default: the one launch/install.sh installed into, launch/python.sh)
 #   Ascend:    ASCEND_RT_VISIBLE_DEVICES (0..NPROC_PER_NODE-1), ASCEND_HOME (/usr/local/Ascend),
 #              HCCL_CONNECT_TIMEOUT (1200), HCCL_EXEC_TIMEOUT (1200), HCCL_IF_IP / HCCL_SOCKET_IFNAME if set
 #   GPU:       CUDA_VISIBLE_DEVICES, NCCL_* as usual; CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron TP overlap)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PY=${PYTHON:-python3}
+source "$ROOT/launch/python.sh"
+PY=$(attnedit_python)
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}

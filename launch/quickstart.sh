@@ -15,15 +15,16 @@
 # --ablation      targets that also get a no-stage-1 student next to the full one (default: mla)
 # --nproc         training processes, data-parallel over gloo (default min(2, cores))
 # Recipes: launch/recipes/quickstart_mla.yaml, quickstart_gateswa.yaml. Steps are logged to RUN/logs/.
-# Env: PYTHON (default python3), WANDB_MODE (default disabled here).
+# Env: PYTHON (default: the one launch/install.sh installs into, launch/python.sh), WANDB_MODE (default disabled here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit 0
 fi
 bash launch/install.sh
+source launch/python.sh
+PY=$(attnedit_python)
 # The report's PNG plots need matplotlib (the [report] extra); install.sh installs the core only.
 if ! "$PY" -c "import matplotlib" >/dev/null 2>&1; then
   echo "[install] installing the report extra (matplotlib)"

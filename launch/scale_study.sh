@@ -22,7 +22,7 @@
 # --summary-only    rewrite study.json / study.md / study_curves.png from --out's finished files
 # Recipes: launch/recipes/study_teacher.yaml, study_mla.yaml, study_gateswa.yaml.
 # Needs megatron-core importable (e.g. PYTHONPATH=/path/to/megatron-core); no network.
-# Env: PYTHON (default python3).
+# Env: PYTHON (default: the one launch/install.sh installs into, launch/python.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
@@ -30,4 +30,5 @@ if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
   exit 0
 fi
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m megatron_attnedit.scale_study "$@"
+source launch/python.sh
+exec "$(attnedit_python)" -m megatron_attnedit.scale_study "$@"

@@ -1,7 +1,8 @@
 """The megatron-core versions this project runs on, and how they differ where that is not a patch.
 
-Supported: megatron-core 0.16.1 (on Python 3.11 here; every release since 0.17 requires Python
->= 3.12) and 0.19.x (Python >= 3.12). Two places read the installed version: ``fixes.py`` applies
+Supported: megatron-core 0.19.x on Python >= 3.12 (the primary stack; CI runs the whole suite on
+0.19.2) and 0.16.1 on Python 3.11 (the fallback, for machines without Python 3.12: every release since
+0.17 requires it; CI runs a smoke subset). Two places read the installed version: ``fixes.py`` applies
 each fix inside the version range it names, through ``mcore_in``; ``HYBRID_MODEL`` below picks the
 model class. Nothing else branches on it.
 

@@ -10,6 +10,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "workers")
+# The launch scripts tests start (pretrain.sh, bench.sh, ...) run on the interpreter under test, not
+# on the one launch/python.sh would choose by itself (the project venv, say).
+os.environ["PYTHON"] = sys.executable
 
 
 def free_port() -> int:

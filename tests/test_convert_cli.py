@@ -194,16 +194,30 @@ STREAM_MODEL = dict(hidden_size=1024, num_attention_heads=8, num_key_value_heads
                     num_hidden_layers=2, vocab_size=24000)  # 24000 is padded to 24064: the padding path is exercised
 
 
-def _run_measured(args):
-    """Run a converter script in a fresh child; return (its closing line, its peak RSS from
-    getrusage(RUSAGE_CHILDREN) of an intermediate process that ran nothing else)."""
-    code = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-            "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-3000:], "
-            "'maxrss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
-    proc = subprocess.run([sys.executable, "-c", code, sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=600)
+# The converter runs in a fresh child of a small intermediate process (a child exec'd from pytest
+# itself would inherit pytest's peak RSS: Linux keeps the high-water mark across exec), under a
+# runner that reads the converter's own peak RSS in its last atexit handler (registered first, so run
+# last): the whole run -- imports, conversion, Python's exit handlers -- but not what shared
+# libraries' destructors touch after that. That is no memory of the converter's: the CUDA build of
+# torch (PyPI's torch on Python 3.12) pages in about 125 MB of its own code there (cuBLASLt 57 MB,
+# cuSPARSELt 36 MB, libtorch_cuda 14 MB, ...: /proc/self/smaps before and after libc's exit(),
+# 2026-12-07), which the intermediate's getrusage(RUSAGE_CHILDREN) would count.
+RUNNER = ("import atexit, json, resource, runpy, sys; out = sys.argv.pop(1); "
+          "atexit.register(lambda: json.dump({'maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, open(out, 'w'))); "
+          "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+INTERMEDIATE = ("import json, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+                "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr[-3000:]}))")
+
+
+def _run_measured(args, tmp_path):
+    """Run a converter script in a fresh child; return (its closing line, its peak RSS as RUNNER
+    reads it)."""
+    measured = tmp_path / "maxrss.json"
+    proc = subprocess.run([sys.executable, "-c", INTERMEDIATE, sys.executable, "-c", RUNNER, str(measured), *args], env=ENV,
+                          capture_output=True, text=True, timeout=600)
     r = json.loads(proc.stdout)
     assert r["rc"] == 0, r["err"]
-    return r["out"].strip().splitlines()[-1], r["maxrss"]
+    return r["out"].strip().splitlines()[-1], json.load(open(measured))["maxrss"]
 
 
 def test_streaming_peak_rss(tmp_path):
@@ -219,7 +233,7 @@ def test_streaming_peak_rss(tmp_path):
         ("hf_to_mcore", ["--hf-dir", hf, "--save-dir", str(tmp_path / "mc")]),
         ("mcore_to_hf", ["--load-dir", str(tmp_path / "mc"), "--save-dir", str(tmp_path / "back")]),
     ):
-        line, peak = _run_measured([os.path.join(TOOLS, tool + ".py"), *args, "--no-progress"])
+        line, peak = _run_measured([os.path.join(TOOLS, tool + ".py"), *args, "--no-progress"], tmp_path)
         m = re.search(r"\(([\d.]+) GB/s\); peak RSS ([\d.]+) GB \(([\d.]+) GB before streaming", line)
         gbps, reported_peak, before = float(m.group(1)), float(m.group(2)) * 1e9, float(m.group(3)) * 1e9
         report[tool] = f"peak {peak / 1e9:.3f} GB, before streaming {before / 1e9:.3f} GB, largest {largest / 1e9:.3f} GB, {gbps} GB/s"
