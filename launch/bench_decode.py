@@ -241,7 +241,7 @@ def decode_check(model, device, a) -> dict:
     g = torch.Generator().manual_seed(1)
     engine = DecodeEngine(model, batch=2, max_len=72, attention_kernel=a.attention_kernel)
     decode = engine.generate(torch.randint(0, model.config.vocab_size, (2, 64), generator=g).to(device), 8)
-    kernels = sorted({k for k in engine.kernels_used() if k})
+    kernels = engine.kernels_used()
     engine.release()
     if next(model.parameters()).dtype == torch.float32:
         return dict(kv.verify_against_stock(model, decode), kernels=kernels)
@@ -282,7 +282,7 @@ def bench_context(name: str, model, config, context: int, a, weights: dict) -> d
                    equal=measured["measured_per_layer"] == per_layer_formula, bytes_per_sequence=per_seq),
         memory=weights,
         decode_path=dict(cuda_graphs=engine.cuda_graphs, graph_error=engine.graph_error, attention_kernel=a.attention_kernel,
-                         kernels_used=sorted({k for k in engine.kernels_used() if k})),
+                         kernels_used=engine.kernels_used()),
     )
     engine.release()
     del engine

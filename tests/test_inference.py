@@ -143,6 +143,28 @@ def test_check_catches_a_wrong_decode():
     assert not check["ok"] and check["max_abs_diff"] > 1e-3 * check["max_abs_logit"]
 
 
+
+def test_precision_check_catches_a_wrong_bf16_decode():
+    """kv.verify_precision (the GPU benchmark's bf16 check): a right bf16 decode is as close to the
+    fp32 forward as transformers' bf16 forward; the same 5% error in W_UV as above is not, and the
+    check leaves the model's parameters in bf16."""
+    import copy
+
+    torch.manual_seed(0)
+    m32 = deepseek(2)
+    with torch.no_grad():
+        for p in m32.parameters():  # transformers' init scale, as in the test above: logits of a few units
+            if p.dim() > 1:
+                p.mul_(0.02 / 0.25)
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    right = kv.verify_precision(m16, DecodeEngine(m16, batch=2, max_len=15, cuda_graphs=False).generate(prompts(), 6))
+    assert right["ok"] and right["stock_vs_fp32"] > 0, right
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    engine = DecodeEngine(m16, batch=2, max_len=15, cuda_graphs=False)
+    engine.kinds[1].w_uv = engine.kinds[1].w_uv * 1.05
+    wrong = kv.verify_precision(m16, engine.generate(prompts(), 6))
+    assert not wrong["ok"], wrong
+
 def test_cache_copy_and_limits():
     """A batch grown from one prefilled sequence decodes as that sequence would; a decode past the
     cache stops with one clear error."""

@@ -118,9 +118,10 @@ class DecodeEngine:
         self.length = position
         self.pos.fill_(position)
 
-    def kernels_used(self) -> List[Optional[str]]:
-        """The decode attention kernel each layer ran at its last step (None before any step)."""
-        return [k.kernel_used for k in self.kinds]
+    def kernels_used(self) -> List[str]:
+        """The decode attention kernels the layers ran at their last step, each named once (none
+        before any step)."""
+        return sorted({k.kernel_used for k in self.kinds if k.kernel_used})
 
     def cache_bytes_per_layer(self) -> List[int]:
         """Bytes of the tensors each layer's cache holds (allocated for ``batch`` x its slots)."""
