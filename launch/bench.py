@@ -285,6 +285,18 @@ def run_settings(a, recipe: str, name: str, prefix: str, sp: str) -> tuple:
     return stage, sets, cfg
 
 
+def software() -> Dict[str, str]:
+    """The stack that ran: Python, torch, megatron-core and the model class it builds."""
+    import platform as _platform
+
+    import torch
+
+    from megatron_attnedit import compat
+
+    return {"python": _platform.python_version(), "torch": torch.__version__, "megatron_core": ".".join(map(str, compat.MCORE)),
+            "model_class": "HybridModel" if compat.HYBRID_MODEL else "GPTModel"}
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     from megatron_attnedit.errors import ConfigError
@@ -309,7 +321,7 @@ def main(argv=None) -> int:
         trainable = settings["stage2"][2].objective.options.get("trainable", "attention") if "stage2" in settings else "attention"
         logits = bool(settings["teacher_fwd"][2].objective.options.get("output_layer")) if "teacher_fwd" in settings else False
         flops = Flops(hf, target, a.seq).per_token(trainable, logits)
-        result = {"device": device, "nproc": a.nproc, "platform": a.platform, "preset": a.preset, "layers": a.layers, "seq": a.seq,
+        result = {"device": device, "software": software(), "nproc": a.nproc, "platform": a.platform, "preset": a.preset, "layers": a.layers, "seq": a.seq,
                   "global_batch": a.gbs, "micro_batch": a.mbs, "tp": a.tp, "ep": a.ep, "recipe": recipe, "target": target,
                   "stage2_trainable": trainable, "peak_tflops": peak, "overrides": a.sets,
                   "overrides_per_run": {r: getattr(a, f"set_{r}") for r in RUNS if getattr(a, f"set_{r}")}}

@@ -17,13 +17,14 @@ import importlib.metadata as md
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from megatron_attnedit import teacher
-from megatron_attnedit.data import packages
+from megatron_attnedit.data import packages, recall
 from megatron_attnedit.scale_study import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,57 @@ def test_package_corpus_is_deduplicated_split_by_content_and_recorded(tmp_path):
     assert sum(p["train_files"] + p["valid_files"] for p in m["packages"]) == len(seen)
     again = packages.build_package_corpus(str(tmp_path / "b"), max_bytes=400_000, valid_fraction=0.2)
     assert again["splits"] == m["splits"]  # deterministic: same files, same bytes, same hashes
+
+
+DRILL = re.compile(r'^KEY_[0-9]{4} = "[0-9]{5}"\n', re.M)
+
+
+def test_recall_drills_repeat_a_key_line_in_training_files_only(tmp_path):
+    """Drilled training files are the original file plus key lines each stated exactly twice; held-out
+    files are untouched; the same corpus comes out twice; the share drilled follows recall_share."""
+    plain = packages.build_package_corpus(str(tmp_path / "plain"), max_bytes=400_000, valid_fraction=0.2)
+    m = packages.build_package_corpus(str(tmp_path / "a"), max_bytes=400_000, valid_fraction=0.2, recall_share=0.5)
+    read = lambda d, s: [json.loads(line) for line in open(tmp_path / d / f"{s}.jsonl", encoding="utf-8")]  # noqa: E731
+    assert read("a", "valid") == read("plain", "valid")  # held-out files are never drilled
+    drilled, drills = 0, 0
+    for before, after in zip(read("plain", "train"), read("a", "train"), strict=True):
+        assert before["path"] == after["path"]
+        lines = DRILL.findall(after["text"])
+        if not lines:
+            assert after["text"] == before["text"]
+            continue
+        drilled += 1
+        drills += len(lines) // 2
+        original = before["text"] if before["text"].endswith("\n") else before["text"] + "\n"
+        assert DRILL.sub("", after["text"]) == original  # nothing else changed
+        counts = {line: lines.count(line) for line in lines}
+        assert set(counts.values()) == {2}, counts  # each key line stated, then repeated once
+        names = [line.split(" = ")[0] for line in counts]
+        assert len(set(names)) == len(names)  # one value per name within a file
+        digest = hashlib.sha256(before["text"].encode("utf-8")).digest()
+        assert recall.is_drilled(digest, 0.5) and packages.split_of_content(digest, 0.2) == "train"
+    n_train = m["splits"]["train"]["files"]
+    assert m["recall_drills"]["files"] == drilled and m["recall_drills"]["drills"] == drills
+    assert 0.3 * n_train < drilled < 0.7 * n_train, (drilled, n_train)
+    assert plain["recall_drills"]["files"] == 0
+    again = packages.build_package_corpus(str(tmp_path / "b"), max_bytes=400_000, valid_fraction=0.2, recall_share=0.5)
+    assert again["splits"] == m["splits"] and read("b", "train") == read("a", "train")
+
+
+def test_recall_drill_gaps_reach_across_the_file():
+    """Log-uniform gaps: about as many drills span a tenth of a 2000-line file or more as span 10 lines or fewer."""
+    text = "".join(f"x{i} = {i}\n" for i in range(2000))
+    gaps = []
+    for k in range(20):
+        out, n = recall.drill(text, hashlib.sha256(str(k).encode()).digest())
+        assert n == 2000 // recall.LINES_PER_DRILL
+        at: dict = {}
+        for i, line in enumerate(out.splitlines()):
+            if line.startswith("KEY_"):
+                at.setdefault(line, []).append(i)
+        gaps += [b - a for a, b in at.values()]
+    short, far = sum(g <= 11 for g in gaps), sum(g >= 200 for g in gaps)
+    assert far > 0.15 * len(gaps) and short > 0.15 * len(gaps), (short, far, len(gaps))
 
 
 @pytest.mark.skipif(teacher.bundled_teacher("dense") is None, reason="the study uses the bundled teacher's tokenizer")

@@ -37,6 +37,7 @@ import os
 import sys
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from megatron_attnedit.data import recall
 from megatron_attnedit.data.corpus import SPLITS, _read, _write_json, interpreter
 from megatron_attnedit.errors import DataError
 
@@ -97,11 +98,15 @@ def _sample_key(name: str, rel: str) -> bytes:
 
 def build_package_corpus(out_dir: str, max_bytes: Optional[int] = None, valid_fraction: float = VALID_FRACTION,
                          packages: Optional[Iterable[str]] = None, exclude: Iterable[str] = EXCLUDED_DISTRIBUTIONS,
-                         max_file_bytes: int = MAX_FILE_BYTES) -> dict:
+                         max_file_bytes: int = MAX_FILE_BYTES, recall_share: float = 0.0) -> dict:
     """Write ``train.jsonl``, ``valid.jsonl`` ({"path": "dist/rel", "package", "text"} per file) and
-    ``manifest.json`` to ``out_dir`` (temporary names, renamed at the end, the manifest last)."""
+    ``manifest.json`` to ``out_dir`` (temporary names, renamed at the end, the manifest last).
+    ``recall_share``: the share of training files that carry recall drills (data/recall.py; never a
+    held-out file)."""
     if not 0 < valid_fraction < 1:
         raise DataError(f"valid_fraction={valid_fraction} must be between 0 and 1")
+    if not 0 <= recall_share <= 1:
+        raise DataError(f"recall_share={recall_share} must be between 0 and 1")
     dists = distributions(exclude, packages)
     if not dists:
         raise DataError(f"no installed distribution with Python files on sys.path ({sys.prefix}); install some packages")
@@ -135,21 +140,28 @@ def build_package_corpus(out_dir: str, max_bytes: Optional[int] = None, valid_fr
         chosen.append((i, rel, text, split_of_content(digest, valid_fraction)))
         used += len(data)
     chosen.sort(key=lambda c: (c[0], c[1]))
-    return _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_bytes)
+    return _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_bytes, recall_share)
 
 
-def _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_bytes) -> dict:
+def _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_bytes, recall_share=0.0) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     stats = {s: {"files": 0, "chars": 0, "bytes": 0} for s in SPLITS}
     per_pkg = [{"name": d["name"], "version": d["version"], "files_listed": len(d["files"]),
                 **{f"{s}_{k}": 0 for s in SPLITS for k in ("files", "bytes")}} for d in dists]
     digests = {s: hashlib.sha256() for s in SPLITS}
+    drilled = {"files": 0, "drills": 0}
     tmp = {s: os.path.join(out_dir, f"{s}.jsonl.tmp{os.getpid()}") for s in SPLITS}
     try:
         with open(tmp["train"], "w", encoding="utf-8") as tr, open(tmp["valid"], "w", encoding="utf-8") as va:
             handles = {"train": tr, "valid": va}
             for i, rel, text, s in chosen:
                 path = f"{dists[i]['name']}/{rel}"
+                if s == "train" and recall_share > 0:
+                    digest = hashlib.sha256(text.encode("utf-8")).digest()
+                    if recall.is_drilled(digest, recall_share):
+                        text, n = recall.drill(text, digest)
+                        drilled["files"] += n > 0
+                        drilled["drills"] += n
                 handles[s].write(json.dumps({"path": path, "package": dists[i]["name"], "text": text}, ensure_ascii=False) + "\n")
                 data = text.encode("utf-8")
                 st = stats[s]
@@ -179,6 +191,10 @@ def _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_
         "split_rule": "valid iff int.from_bytes(sha256(text).digest()[:8], 'big') % 10000 < round(valid_fraction * 10000)",
         "dedup": "by SHA-256 of the text; the first copy in sampling order (sha256 of dist/path) is kept",
         "skipped": dict(sorted(skipped.items())),
+        "recall_drills": {"share_of_train_files": recall_share, "lines_per_drill": recall.LINES_PER_DRILL, **drilled,
+                          "line": recall.key_line("KEY_" + "d" * recall.NAME_DIGITS, "d" * recall.KEY_DIGITS).strip(),
+                          "rule": "train files only, chosen by content SHA-256 bytes 8..16 (data/recall.py); each drill is one key line "
+                                  "inserted twice, the repeat a log-uniform number of lines further down"},
         "packages": [p for p in per_pkg if p["train_files"] + p["valid_files"] > 0],
         "splits": {s: {**stats[s], "sha256": digests[s].hexdigest()} for s in SPLITS},
     }

@@ -33,7 +33,8 @@ import numpy as np
 
 from megatron_attnedit.errors import EvalError
 
-NAME_DIGITS, KEY_DIGITS = 4, 5
+from megatron_attnedit.data.recall import KEY_DIGITS, key_line, random_name_key  # the drills' format (training)
+
 CHANCE = dict(exact=10.0**-KEY_DIGITS, per_char=0.1)
 MIN_MARGIN = 24  # the key line's tail and the question take ~20 tokens: distances below this do not fit
 
@@ -91,7 +92,7 @@ def build_trials(tokens: np.ndarray, eod: int, encode, decode, context: int, dis
     """``trials`` prompts per distance (see the module docstring). ``encode(text) -> ids`` and
     ``decode(ids) -> text`` are the teacher tokenizer's."""
     check_distances(distances, context)
-    sample = 'KEY_0123 = "45678"\n'
+    sample = key_line("KEY_0123", "45678")
     if decode(encode(sample)) != sample:
         raise EvalError(f"the teacher's tokenizer does not reproduce the probe's key line ({sample.strip()!r} decodes to "
                         f"{decode(encode(sample)).strip()!r}); the retrieval probe needs digits, quotes and line breaks")
@@ -101,11 +102,12 @@ def build_trials(tokens: np.ndarray, eod: int, encode, decode, context: int, dis
     for d in distances:
         for _ in range(trials):
             for _attempt in range(20):
-                name = "KEY_" + "".join(rng.choice(list("0123456789"), NAME_DIGITS))
-                key = "".join(rng.choice(list("0123456789"), KEY_DIGITS))
-                head, tail = encode(f'{name} = "'), encode(f'{key}"\n')
+                name, key = random_name_key(rng)
+                line = key_line(name, key)
+                cut = line.index('"') + 1
+                head, tail = encode(line[:cut]), encode(line[cut:])
                 question = head  # the statement again, up to the value
-                if encode(f'{name} = "{key}"\n') != head + tail:
+                if encode(line) != head + tail:
                     continue  # the tokenizer merges across the quote for this key: draw another
                 a = context - 1 - d - len(head)  # filler before the key line
                 b = context - a - len(head) - len(tail) - len(question)  # filler between it and the question

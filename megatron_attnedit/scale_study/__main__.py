@@ -51,10 +51,14 @@ def parse_args(argv: Optional[List[str]]):
     ap.add_argument("--reuse-teacher", action="store_true", help="keep --out's corpus, datasets and trained teacher; run the "
                     "conversions, evaluation and summary again (e.g. with other --set values)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides for every training run")
+    ap.add_argument("--recall-share", type=float, default=None, help=f"share of training files with recall drills "
+                    f"(data/recall.py; default {plan_lib.RECALL_SHARE}, 0: the files as they are)")
     ap.add_argument("--teacher-iters", type=int, default=None, help="teacher steps (default: study_teacher.yaml's)")
     ap.add_argument("--stage1-iters", type=int, default=None, help="stage-1 steps of both targets (default: the recipes')")
     ap.add_argument("--stage2-iters", type=int, default=None, help="stage-2 steps of all three students (default: the recipes')")
     a = ap.parse_args(argv)
+    if a.recall_share is not None and not 0 <= a.recall_share <= 1:
+        ap.error("--recall-share must be between 0 and 1")
     if a.jobs is not None and a.jobs < 1:
         ap.error("--jobs must be >= 1")
     for flag in ("teacher_iters", "stage1_iters", "stage2_iters"):
@@ -65,6 +69,8 @@ def parse_args(argv: Optional[List[str]]):
 
 def apply_iters(sizes: plan_lib.Sizes, a) -> plan_lib.Sizes:
     """--teacher-iters / --stage1-iters / --stage2-iters as overrides after the size profile's own."""
+    if a.recall_share is not None:
+        sizes.recall_share = a.recall_share
     if a.teacher_iters:
         sizes.teacher_sets = sizes.teacher_sets + [f"training.train_iters={a.teacher_iters}",
                                                    f"optimizer.lr_warmup_iters={max(1, min(40, a.teacher_iters // 14))}"]
@@ -119,7 +125,7 @@ def run(a) -> dict:
     device = _device(a.tiny)
     sizes = apply_iters(plan_lib.tiny_sizes(a.jobs or 1) if a.tiny else plan_lib.gpu_sizes(a.jobs or 3), a)
     budget = a.budget_s if a.budget_s is not None else (None if a.tiny else 540.0)
-    # tokenizer processes: each spends seconds importing transformers, worth it for ~300 MB, not for 3
+    # tokenizer processes: each spends seconds importing transformers, worth it for ~230 MB, not for 3
     workers = 1 if a.tiny else max(1, min(16, os.cpu_count() or 1))
     est = plan_lib.estimate(sizes, workers=16)  # the GPU machine's 16 cores
     if not a.tiny or a.dry_run:

@@ -56,7 +56,8 @@ def prepare_tokenizer(out: str) -> str:
 def data_phase(out: str, sizes: plan_lib.Sizes, workers: int) -> dict:
     corpus_dir, tok_dir, ds_dir = (os.path.join(out, d) for d in ("corpus", "tokenizer", "datasets"))
     t = time.time()
-    manifest = packages.build_package_corpus(corpus_dir, max_bytes=sizes.corpus_max_bytes, valid_fraction=sizes.valid_fraction)
+    manifest = packages.build_package_corpus(corpus_dir, max_bytes=sizes.corpus_max_bytes, valid_fraction=sizes.valid_fraction,
+                                             recall_share=sizes.recall_share)
     t_corpus = time.time() - t
     prepare_tokenizer(tok_dir)
     t = time.time()
