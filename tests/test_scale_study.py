@@ -155,6 +155,8 @@ def test_tiny_study(tmp_path):
     s = json.loads((out / "study.json").read_text())
 
     c = s["corpus"]
+    assert 0 < c["recall_drills"]["files"] < c["splits"]["train"]["files"] and c["recall_drills"]["drills"] >= c["recall_drills"]["files"]
+    assert "Recall drills" in (out / "study.md").read_text()
     assert c["packages"] and all(p["version"] == md.version(p["name"]) for p in c["packages"])
     info = json.loads((out / "datasets" / "datasets.json").read_text())
     for split in ("train", "valid"):

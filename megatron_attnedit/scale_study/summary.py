@@ -143,7 +143,7 @@ def build(out: str, sizes: plan_lib.Sizes, data: dict, results: dict, times: Dic
         "profile": sizes.profile, "device": device, "command": command, "wall_s": round(wall_s, 1),
         "phases": times, "estimate_s": {k: round(v, 1) for k, v in estimate.items()}, "stage_steps_scale": scale,
         "corpus": {"source": m["source"], "interpreter": m["interpreter"]["version"], "packages": m["packages"], "splits": m["splits"],
-                   "skipped": m["skipped"], "max_bytes": m["max_bytes"], "valid_fraction": m["valid_fraction"],
+                   "skipped": m["skipped"], "recall_drills": m.get("recall_drills"), "max_bytes": m["max_bytes"], "valid_fraction": m["valid_fraction"],
                    "split_rule": m["split_rule"], "dedup": m["dedup"], "bytes_per_token": data["bytes_per_token"],
                    "tokenizer": data.get("tokenizer_why"), "seconds": data["seconds"]},
         "teacher": {**teacher_record(os.path.join(out, "teacher"), sizes), **model_record(models["teacher"], results, sizes.window)},
@@ -188,6 +188,11 @@ def markdown(s: dict) -> str:
     lines += ["", f"Corpus: {len(c['packages'])} installed packages' Python sources (Python {c['interpreter']}), "
               f"{sp['train']['files']:,} train / {sp['valid']['files']:,} held-out files, {sp['train']['tokens']:,} / {sp['valid']['tokens']:,} "
               f"tokens ({c['bytes_per_token']['train']:.2f} bytes per token); duplicates dropped: {c['skipped'].get('duplicate', 0)}."]
+    rd = c.get("recall_drills") or {}
+    if rd.get("drills"):
+        lines += ["", f"Recall drills (data/recall.py): {rd['files']:,} of the {sp['train']['files']:,} training files carry {rd['drills']:,} "
+                  f"key lines of the form `{rd['line']}`, each stated and repeated further down the file (held-out files carry none): "
+                  "the teacher and the students learn to copy a value from far back, which the retrieval probe asks of them."]
     for name, m in s["students"].items():
         layers = (m["stages"].get("stage1") or {}).get("layers") or {}
         if layers:
