@@ -125,7 +125,7 @@ def run(a) -> dict:
     device = _device(a.tiny)
     sizes = apply_iters(plan_lib.tiny_sizes(a.jobs or 1) if a.tiny else plan_lib.gpu_sizes(a.jobs or 3), a)
     budget = a.budget_s if a.budget_s is not None else (None if a.tiny else 540.0)
-    # tokenizer processes: each spends seconds importing transformers, worth it for ~230 MB, not for 3
+    # tokenizer processes: each spends seconds importing transformers, worth it for ~180 MB, not for 3
     workers = 1 if a.tiny else max(1, min(16, os.cpu_count() or 1))
     est = plan_lib.estimate(sizes, workers=16)  # the GPU machine's 16 cores
     if not a.tiny or a.dry_run:
