@@ -151,6 +151,37 @@ def _rows(path: str) -> List[dict]:
         return [json.loads(x) for x in f if x.strip().endswith("}")]
 
 
+_RUNNING: List[subprocess.Popen] = []
+"""The training run in flight: stopped with the benchmark (``_stop_runs``)."""
+
+
+def _die_with_parent() -> None:
+    """In the run's process (before exec): SIGTERM when the benchmark process dies, even by SIGKILL
+    (Linux prctl PR_SET_PDEATHSIG). A run lives in its own session so that it can be stopped as a
+    group; without this, a benchmark killed by a time limit left its run holding the GPU's memory,
+    and the next benchmark on that GPU ran out of it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _stop_runs(signum=None, frame=None) -> None:
+    """SIGTERM / SIGINT (a time limit, Ctrl-C): stop the run in flight with its workers, then exit."""
+    for proc in _RUNNING:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    if signum is not None:
+        sys.exit(128 + signum)
+
+
 def launch(name: str, args: List[str], run_dir: str, iters: int, nproc: int) -> dict:
     """One training run; stopped once its last step is logged. Returns the parsed step rows or an error."""
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -166,7 +197,9 @@ def launch(name: str, args: List[str], run_dir: str, iters: int, nproc: int) -> 
     metrics, log_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "output.log")
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        _RUNNING[:] = [proc]
         stopped = False
         while proc.poll() is None:
             if any(r.get("iteration") == iters for r in _rows(metrics)):
@@ -299,6 +332,8 @@ def software() -> Dict[str, str]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_runs)
+    signal.signal(signal.SIGINT, _stop_runs)
     from megatron_attnedit.errors import ConfigError
     from megatron_attnedit import families
 

@@ -37,6 +37,37 @@ def test_bench_sh_cpu_smoke(tmp_path):
     assert r["teacher_fwd"]["flops_per_token"] < r["stage1"]["flops_per_token"]
 
 
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_killed_benchmark_takes_its_training_run_with_it(tmp_path, how):
+    """A run is in its own session (so the benchmark can stop it as a group); a benchmark stopped by a
+    time limit -- SIGTERM from ``timeout``, or SIGKILL -- must not leave it running (on a GPU it held the
+    memory the next benchmark needed)."""
+    import signal
+    import time
+
+    import psutil
+
+    env = dict(os.environ, PRESET="qwen3-debug", PLATFORM="cpu", LAYERS="1", SEQ="32", GBS="2", ITERS="100000",
+               CONFIGS="lm", WORK=str(tmp_path / "work"), PYTHONWARNINGS="ignore")
+    bench_proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "bench.sh")], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)  # bench.sh execs bench.py: this pid is the benchmark
+    metrics = tmp_path / "work" / "lm" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.stat().st_size > 0):  # the run is training
+        assert bench_proc.poll() is None and time.time() < deadline, "the benchmark ended or never started its run"
+        time.sleep(0.5)
+    runs = psutil.Process(bench_proc.pid).children(recursive=True)
+    assert runs, "no training process under the benchmark"
+    bench_proc.send_signal(getattr(signal, how))
+    bench_proc.wait(timeout=60)
+    gone, alive = psutil.wait_procs(runs, timeout=60)
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} training process(es) outlived the benchmark ({how})"
+    if how == "SIGTERM":
+        assert bench_proc.returncode == 128 + signal.SIGTERM
+
+
 def _hf_linear_params(preset):
     """2-D weights of the HF model other than the input embedding; routed experts at top-k / E."""
     import torch
