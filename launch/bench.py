@@ -50,6 +50,7 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from megatron_attnedit.children import die_with_parent  # noqa: E402
 from megatron_attnedit.targets.base import mean_keys  # noqa: E402,F401  (torch only; bench.mean_keys for tests)
 
 RUNS = ("lm", "teacher_fwd", "stage1", "stage2")
@@ -155,17 +156,6 @@ _RUNNING: List[subprocess.Popen] = []
 """The training run in flight: stopped with the benchmark (``_stop_runs``)."""
 
 
-def _die_with_parent() -> None:
-    """In the run's process (before exec): SIGTERM when the benchmark process dies, even by SIGKILL
-    (Linux prctl PR_SET_PDEATHSIG). A run lives in its own session so that it can be stopped as a
-    group; without this, a benchmark killed by a time limit left its run holding the GPU's memory,
-    and the next benchmark on that GPU ran out of it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 def _stop_runs(signum=None, frame=None) -> None:
     """SIGTERM / SIGINT (a time limit, Ctrl-C): stop the run in flight with its workers, then exit."""
     for proc in _RUNNING:
@@ -198,7 +188,7 @@ def launch(name: str, args: List[str], run_dir: str, iters: int, nproc: int) -> 
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)  # a run in its own session dies with the benchmark
         _RUNNING[:] = [proc]
         stopped = False
         while proc.poll() is None:

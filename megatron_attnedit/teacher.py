@@ -112,6 +112,12 @@ def _preprocess(args: List[str]) -> None:
     importlib.import_module("preprocess_data").main(args)
 
 
+POOL_MIN_BYTES = 32_000_000
+"""Splits smaller than this are tokenized in this process: one process encodes ~1 MB/s of library
+code, and a pool of 16 took ~18 s to start on the H100 machine (launch/results/scale_study_h100_drills_unfinished:
+the 4 MB held-out split took 18.8 s with 16 processes)."""
+
+
 def prepare_datasets(corpus_dir: str, tokenizer_dir: str, out_dir: str, workers: int = 1) -> dict:
     """Megatron datasets of the corpus with the tokenizer: ``train``, ``valid`` and ``train_valid``
     (train files, then valid files; ``split`` is the ``data.split`` string that puts exactly the
@@ -134,9 +140,11 @@ def prepare_datasets(corpus_dir: str, tokenizer_dir: str, out_dir: str, workers:
     os.makedirs(out_dir, exist_ok=True)
     train, valid = (os.path.join(corpus_dir, f"{s}.jsonl") for s in corpus.SPLITS)
     prefixes = {name: os.path.join(out_dir, name) for name in ("train", "valid", "train_valid")}
-    common = ["--tokenizer-dir", tokenizer_dir, "--workers", str(workers)]
-    _preprocess(["--input", train, "--output-prefix", prefixes["train"], *common])
-    _preprocess(["--input", valid, "--output-prefix", prefixes["valid"], *common])
+    for split, path in (("train", train), ("valid", valid)):
+        # a pool of tokenizer processes pays for its start (each imports transformers: ~18 s for 16 of
+        # them on the GPU machine) only on a large split; the held-out 2% is tokenized here
+        n = workers if manifest["splits"][split]["bytes"] >= POOL_MIN_BYTES else 1
+        _preprocess(["--input", path, "--output-prefix", prefixes[split], "--tokenizer-dir", tokenizer_dir, "--workers", str(n)])
     n_train, n_valid = (json.load(open(prefixes[s] + ".meta.json"))["documents"] for s in ("train", "valid"))
     _concatenate([prefixes["train"], prefixes["valid"]], prefixes["train_valid"])
     split = f"{n_train},{n_valid},0"

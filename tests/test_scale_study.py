@@ -103,12 +103,13 @@ def test_recall_drill_gaps_reach_across_the_file():
 
 
 @pytest.mark.skipif(teacher.bundled_teacher("dense") is None, reason="the study uses the bundled teacher's tokenizer")
-def test_datasets_with_tokenizer_processes_equal_one_process(tmp_path):
+def test_datasets_with_tokenizer_processes_equal_one_process(tmp_path, monkeypatch):
     """The GPU run tokenizes with 16 processes (spawned: they import preprocess_data by name)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_attnedit.scale_study import study
 
+    monkeypatch.setattr(teacher, "POOL_MIN_BYTES", 0)  # a pool for every split, however small
     packages.build_package_corpus(str(tmp_path / "corpus"), max_bytes=300_000, valid_fraction=0.3)
     tok = study.prepare_tokenizer(str(tmp_path / "tok"))
     one = teacher.prepare_datasets(str(tmp_path / "corpus"), tok, str(tmp_path / "one"), workers=1)
@@ -183,6 +184,33 @@ def test_tiny_study(tmp_path):
         p = s["phases"][name]
         assert p["startup_s"] > 0 and p["train_s"] > 0 and p["wall_s"] >= p["startup_s"] + p["train_s"]
     assert "| mla_no_stage1 " in (out / "study.md").read_text()
+
+
+def test_a_killed_study_takes_its_running_step_with_it(tmp_path):
+    """The study killed by a time limit (SIGKILL: nothing forwards it) must not leave a training step
+    running on the GPU: each step's process gets SIGTERM when the study goes (children.py)."""
+    import signal
+    import time
+
+    import psutil
+
+    pid_file = tmp_path / "step.pid"
+    step = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    driver = ("import sys; from megatron_attnedit.scale_study.runner import Runner; "
+              f"Runner({str(tmp_path)!r})('step', [sys.executable, '-c', {step!r}])")
+    study = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()):
+        assert study.poll() is None and time.time() < deadline, "the step never started"
+        time.sleep(0.2)
+    step_proc = psutil.Process(int(pid_file.read_text()))
+    study.send_signal(signal.SIGKILL)
+    study.wait(timeout=30)
+    try:
+        step_proc.wait(timeout=30)
+    except psutil.TimeoutExpired:
+        step_proc.kill()
+        pytest.fail("the step outlived the study")
 
 
 def test_time_guard_shortens_the_stages_only_when_the_teacher_was_slow():

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from megatron_attnedit.children import die_with_parent
 from megatron_attnedit.errors import StepFailed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,7 +53,7 @@ class Runner:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1, errors="replace")
+                                    text=True, bufsize=1, errors="replace", preexec_fn=die_with_parent)
             for line in proc.stdout:
                 now = time.time()
                 f.write(line)
