@@ -7,7 +7,8 @@
 #
 #   bash launch/scale_study.sh [--out runs/scale_study] [--tiny] [--jobs N] [--budget-s S] [--dry-run]
 #                              [--teacher-iters N] [--stage1-iters N] [--stage2-iters N]
-#                              [--reuse-teacher] [--summary-only] [--set section.key=value ...]
+#                              [--reuse-teacher] [--summary-only] [--recall-share F] [--set section.key=value ...]
+#                              [--set-mla section.key=value ...] [--set-gateswa section.key=value ...]
 #
 # --out       everything goes here (default runs/scale_study): corpus/, datasets/, teacher/, hf/,
 #             mla/, gateswa/ (training runs), report/ (evaluate), logs/, phases.json, and at the end
@@ -18,6 +19,8 @@
 #             if its measured speed says the planned ones would not fit (recorded in study.json)
 # --dry-run   print sizes, steps and the per-phase estimate; run nothing
 # --teacher-iters / --stage1-iters / --stage2-iters   steps instead of the recipes' (the split between stages)
+# --recall-share    share of training files with recall drills (default 0.5; 0: the files as written)
+# --set-mla / --set-gateswa   overrides for one target's runs (e.g. --set-gateswa target.options.window=1024)
 # --reuse-teacher   keep --out's corpus, datasets and teacher; rerun conversions + evaluation (~4 min on a GPU)
 # --summary-only    rewrite study.json / study.md / study_curves.png from --out's finished files
 # Recipes: launch/recipes/study_teacher.yaml, study_mla.yaml, study_gateswa.yaml.

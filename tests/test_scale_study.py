@@ -241,3 +241,18 @@ def test_step_flags_reach_the_plan_and_the_runs():
     assert plan.estimate(sizes)["teacher"] < plan.estimate(plan.gpu_sizes())["teacher"]
     with pytest.raises(SystemExit):
         parse_args(["--stage1-iters", "0"])
+
+
+def test_per_target_overrides_reach_only_that_target():
+    from megatron_attnedit.scale_study.__main__ import apply_iters, parse_args
+
+    a = parse_args(["--set-gateswa", "target.options.window=256", "data.global_batch_size=8", "--set-mla", "target.options.kv_lora_rank=96",
+                    "--recall-share", "0"])
+    sizes = apply_iters(plan.gpu_sizes(), a)
+    assert sizes.target_sets["gateswa"][-2:] == ["target.options.window=256", "data.global_batch_size=8"]
+    assert sizes.target_sets["mla"][-1:] == ["target.options.kv_lora_rank=96"] and sizes.recall_share == 0.0
+    assert sizes.window == 256  # the summary's "beyond W" is measured against the student's window
+    st = plan.steps(sizes)
+    assert st["gateswa_stage1"]["gbs"] == st["gateswa_stage2"]["gbs"] == 8 and st["mla_stage1"]["gbs"] == 16
+    with pytest.raises(SystemExit):
+        parse_args(["--recall-share", "1.5"])

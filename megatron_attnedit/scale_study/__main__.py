@@ -2,7 +2,7 @@
 
   python -m megatron_attnedit.scale_study [--out runs/scale_study] [--tiny] [--jobs N] [--budget-s S]
       [--dry-run] [--reuse-teacher] [--summary-only] [--teacher-iters N] [--stage1-iters N] [--stage2-iters N]
-      [--set section.key=value ...]
+      [--recall-share F] [--set section.key=value ...] [--set-mla ...] [--set-gateswa ...]
 
 Phases (one line each with its wall time; everything under --out):
   data         Python sources of the installed packages (data/packages.py), bundled tokenizer,
@@ -53,6 +53,10 @@ def parse_args(argv: Optional[List[str]]):
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides for every training run")
     ap.add_argument("--recall-share", type=float, default=None, help=f"share of training files with recall drills "
                     f"(data/recall.py; default {plan_lib.RECALL_SHARE}, 0: the files as they are)")
+    ap.add_argument("--set-mla", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the MLA students' runs only "
+                    "(both chains)")
+    ap.add_argument("--set-gateswa", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the GateSWA student's runs only "
+                    "(e.g. target.options.window=1024)")
     ap.add_argument("--teacher-iters", type=int, default=None, help="teacher steps (default: study_teacher.yaml's)")
     ap.add_argument("--stage1-iters", type=int, default=None, help="stage-1 steps of both targets (default: the recipes')")
     ap.add_argument("--stage2-iters", type=int, default=None, help="stage-2 steps of all three students (default: the recipes')")
@@ -68,9 +72,13 @@ def parse_args(argv: Optional[List[str]]):
 
 
 def apply_iters(sizes: plan_lib.Sizes, a) -> plan_lib.Sizes:
-    """--teacher-iters / --stage1-iters / --stage2-iters as overrides after the size profile's own."""
+    """--recall-share, --set-mla / --set-gateswa, --teacher-iters / --stage1-iters / --stage2-iters: after the size profile's own."""
     if a.recall_share is not None:
         sizes.recall_share = a.recall_share
+    sizes.target_sets = {t: sizes.target_sets[t] + getattr(a, f"set_{t}") for t in sizes.target_sets}
+    for kv in a.set_gateswa:  # the window the summary measures "beyond W" against is the student's
+        if kv.startswith("target.options.window="):
+            sizes.window = int(kv.split("=", 1)[1])
     if a.teacher_iters:
         sizes.teacher_sets = sizes.teacher_sets + [f"training.train_iters={a.teacher_iters}",
                                                    f"optimizer.lr_warmup_iters={max(1, min(40, a.teacher_iters // 14))}"]
