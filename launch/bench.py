@@ -156,20 +156,29 @@ _RUNNING: List[subprocess.Popen] = []
 """The training run in flight: stopped with the benchmark (``_stop_runs``)."""
 
 
-def _stop_runs(signum=None, frame=None) -> None:
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """Stop a run and its workers (its own session): SIGTERM, then SIGKILL after ``grace_s``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+        return
+    except ProcessLookupError:  # already gone
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _stop_runs(signum, frame) -> None:
     """SIGTERM / SIGINT (a time limit, Ctrl-C): stop the run in flight with its workers, then exit."""
     for proc in _RUNNING:
         if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-    if signum is not None:
-        sys.exit(128 + signum)
+            _stop(proc, grace_s=30)
+    sys.exit(128 + signum)
 
 
 def launch(name: str, args: List[str], run_dir: str, iters: int, nproc: int) -> dict:
@@ -193,12 +202,7 @@ def launch(name: str, args: List[str], run_dir: str, iters: int, nproc: int) -> 
         stopped = False
         while proc.poll() is None:
             if any(r.get("iteration") == iters for r in _rows(metrics)):
-                os.killpg(proc.pid, signal.SIGTERM)  # its own session: the run and its workers only
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                _stop(proc, grace_s=60)
                 stopped = True
                 break
             time.sleep(0.5)

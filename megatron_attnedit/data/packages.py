@@ -113,7 +113,7 @@ def build_package_corpus(out_dir: str, max_bytes: Optional[int] = None, valid_fr
     candidates = sorted(((_sample_key(d["name"], rel), i, rel) for i, d in enumerate(dists) for rel in d["files"]))
     skipped: Dict[str, int] = {}
     seen_content: set = set()
-    chosen: List[Tuple[int, str, str, str]] = []  # (dist index, rel, text, split)
+    chosen: List[Tuple[int, str, str, str, bytes]] = []  # (dist index, rel, text, split, content SHA-256)
     used = 0
     for _, i, rel in candidates:
         if max_bytes is not None and used >= max_bytes:
@@ -137,7 +137,7 @@ def build_package_corpus(out_dir: str, max_bytes: Optional[int] = None, valid_fr
             skipped["duplicate"] = skipped.get("duplicate", 0) + 1
             continue
         seen_content.add(digest)
-        chosen.append((i, rel, text, split_of_content(digest, valid_fraction)))
+        chosen.append((i, rel, text, split_of_content(digest, valid_fraction), digest))
         used += len(data)
     chosen.sort(key=lambda c: (c[0], c[1]))
     return _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_bytes, recall_share)
@@ -154,14 +154,13 @@ def _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_
     try:
         with open(tmp["train"], "w", encoding="utf-8") as tr, open(tmp["valid"], "w", encoding="utf-8") as va:
             handles = {"train": tr, "valid": va}
-            for i, rel, text, s in chosen:
+            for i, rel, text, s, digest in chosen:
                 path = f"{dists[i]['name']}/{rel}"
-                if s == "train" and recall_share > 0:
-                    digest = hashlib.sha256(text.encode("utf-8")).digest()
-                    if recall.is_drilled(digest, recall_share):
-                        text, n = recall.drill(text, digest)
-                        drilled["files"] += n > 0
-                        drilled["drills"] += n
+                if s == "train" and recall_share > 0 and recall.is_drilled(digest, recall_share):
+                    text, n = recall.drill(text, digest)
+                    drilled["files"] += n > 0
+                    drilled["drills"] += n
+                    digest = hashlib.sha256(text.encode("utf-8")).digest()  # the file as written
                 handles[s].write(json.dumps({"path": path, "package": dists[i]["name"], "text": text}, ensure_ascii=False) + "\n")
                 data = text.encode("utf-8")
                 st = stats[s]
@@ -170,7 +169,7 @@ def _write(out_dir, dists, chosen, skipped, valid_fraction, max_bytes, max_file_
                 st["bytes"] += len(data)
                 per_pkg[i][f"{s}_files"] += 1
                 per_pkg[i][f"{s}_bytes"] += len(data)
-                digests[s].update(path.encode("utf-8") + b"\0" + hashlib.sha256(data).digest())
+                digests[s].update(path.encode("utf-8") + b"\0" + digest)
         if stats["train"]["files"] == 0 or stats["valid"]["files"] == 0:
             raise DataError(f"the package corpus has {stats['train']['files']} train and {stats['valid']['files']} held-out files; "
                               "both must be non-empty (raise max_bytes or valid_fraction)")

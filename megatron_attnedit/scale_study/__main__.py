@@ -76,9 +76,6 @@ def apply_iters(sizes: plan_lib.Sizes, a) -> plan_lib.Sizes:
     if a.recall_share is not None:
         sizes.recall_share = a.recall_share
     sizes.target_sets = {t: sizes.target_sets[t] + getattr(a, f"set_{t}") for t in sizes.target_sets}
-    for kv in a.set_gateswa:  # the window the summary measures "beyond W" against is the student's
-        if kv.startswith("target.options.window="):
-            sizes.window = int(kv.split("=", 1)[1])
     if a.teacher_iters:
         sizes.teacher_sets = sizes.teacher_sets + [f"training.train_iters={a.teacher_iters}",
                                                    f"optimizer.lr_warmup_iters={max(1, min(40, a.teacher_iters // 14))}"]

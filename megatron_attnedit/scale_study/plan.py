@@ -70,7 +70,6 @@ class Sizes:
     corpus_max_bytes: Optional[int]
     valid_fraction: float
     seq: int
-    window: int
     teacher_sets: List[str]
     student_sets: List[str]  # every conversion run
     target_sets: Dict[str, List[str]]  # mla / gateswa runs
@@ -82,11 +81,22 @@ class Sizes:
     jobs: int  # conversions run at once
     recall_share: float = RECALL_SHARE  # training files carrying recall drills (data/recall.py)
 
+    @property
+    def window(self) -> int:
+        """GateSWA's window: the last ``target.options.window`` override of its runs, else its recipe's
+        (the window the summary measures "beyond W" against is the student's)."""
+        w = recipe("gateswa")["target"]["options"]["window"]
+        for kv in self.student_sets + self.target_sets["gateswa"]:
+            key, _, value = kv.partition("=")
+            if key == "target.options.window":
+                w = value
+        return int(w)
+
 
 def gpu_sizes(jobs: int = 3) -> Sizes:
     r = recipe("mla")
     return Sizes("gpu", dict(TEACHER), corpus_max_bytes=180_000_000, valid_fraction=0.02, seq=int(r["data"]["seq_length"]),
-                 window=int(recipe("gateswa")["target"]["options"]["window"]), teacher_sets=[], student_sets=[],
+                 teacher_sets=[], student_sets=[],
                  target_sets={"mla": [], "gateswa": []}, stage_sets={"stage1": [], "stage2": []}, eval_max_tokens=131072, eval_batch=4, decode_tokens=64, probe_args=["--probe-trials", "16"], jobs=jobs)
 
 
@@ -97,7 +107,7 @@ def tiny_sizes(jobs: int = 1) -> Sizes:
     seq = 256
     data = [f"data.seq_length={seq}", "data.micro_batch_size=4"]
     return Sizes(
-        "tiny", dict(TINY_TEACHER), corpus_max_bytes=3_000_000, valid_fraction=0.1, seq=seq, window=32,
+        "tiny", dict(TINY_TEACHER), corpus_max_bytes=3_000_000, valid_fraction=0.1, seq=seq,
         teacher_sets=data + ["data.global_batch_size=8", "training.train_iters=32", "optimizer.lr_warmup_iters=4",
                              "training.log_interval=4", "training.eval_interval=16", "training.eval_iters=1"],
         student_sets=data + ["data.global_batch_size=4"],
